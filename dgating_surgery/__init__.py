@@ -1,0 +1,22 @@
+"""dgating-surgery: structured sparsity for any PyTorch model through D-Gating, then surgery that
+physically removes the dead groups.
+
+    import dgating_surgery as dg
+    gated = dg.gate_model(model, "resnet", example_inputs=torch.randn(1, 3, 224, 224))
+    ...train with dg.param_groups(gated, lam) or loss + dg.penalty(gated, lam)...
+    slim = dg.shrink(gated, example_inputs=...)
+"""
+from .errors import DGatingError, GatingError, RecipeError, ShrinkError, TraceError
+from .gates import DGate, analyze, gate_model, gates
+from .recipe import GroupSpec, Recipe, load_recipe, shipped_recipes
+from .report import sparsity
+from .shrink import plan_cut, shrink
+from .training import param_groups, penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DGate", "DGatingError", "GatingError", "GroupSpec", "Recipe", "RecipeError", "ShrinkError", "TraceError",
+    "analyze", "gate_model", "gates", "load_recipe", "param_groups", "penalty", "plan_cut", "shipped_recipes",
+    "shrink", "sparsity",
+]

@@ -1,0 +1,299 @@
+"""Stage 3: gates. ``gate_model`` inserts one ``DGate`` per selected group set and reparametrizes
+every parameter slice the gate must scale (``torch.nn.utils.parametrize``), so the model stays the
+user's object and class, and the gate costs a scaling of parameters, not a pass over activations.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import groups as groups_mod
+from . import tracing
+from .errors import GatingError
+from .recipe import Recipe, load_recipe
+
+GATES_ATTR = "dgates"
+
+
+@dataclass
+class Cut:
+    """One parameter/buffer slice a gate is tied to: ``index[i]`` is the group (or -1) of position
+    i along ``dim``; ``scale[i]`` the same where the gate scales that slice (else -1). Both are 1-D
+    (length 1 when one group owns the whole dim)."""
+
+    fqn: str
+    role: str
+    dim: int
+    index: torch.Tensor
+    scale: torch.Tensor
+
+
+class DGate(nn.Module):
+    """D-Gating factors of one group set: ``factors`` has shape (D-1, num_groups) and the gate of
+    group j is ``factors[:, j].prod()``. Also records which parameter slices belong to each group,
+    so that ``shrink`` can cut the model without tracing it again."""
+
+    def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
+                 D: int, cuts: list[Cut], positions: list[int] | None = None):
+        super().__init__()
+        self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
+        self.name, self.kind = name, kind
+        self.modules, self.module_types = list(modules), list(module_types)
+        self.cuts = cuts
+        self.positions = positions  # kind "features": which input feature each group is
+
+    @property
+    def D(self) -> int:
+        return self.factors.shape[0] + 1
+
+    @property
+    def num_groups(self) -> int:
+        return self.factors.shape[1]
+
+    def gate(self) -> torch.Tensor:
+        """The gate value of every group: the product of its D-1 factors."""
+        return self.factors.prod(0)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, kind={self.kind}, groups={self.num_groups}, D={self.D}"
+
+    def get_extra_state(self):
+        return {"name": self.name, "kind": self.kind, "modules": self.modules, "module_types": self.module_types,
+                "cuts": [(c.fqn, c.role, c.dim, c.index, c.scale) for c in self.cuts], "positions": self.positions}
+
+    def set_extra_state(self, state):
+        self.name, self.kind = state["name"], state["kind"]
+        self.modules, self.module_types = state["modules"], state["module_types"]
+        self.cuts = [Cut(*c) for c in state["cuts"]]
+        self.positions = state.get("positions")
+
+
+class DGateSet(nn.ModuleDict):
+    """The gates of a model, registered as ``model.dgates`` so that they train, save and load
+    with it. Keeps the recipe they were made from."""
+
+    def __init__(self, gates: dict[str, DGate], recipe: Recipe):
+        super().__init__(gates)
+        self.recipe = recipe
+
+
+class GateScale(nn.Module):
+    """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
+    its group's position in the concatenated gates of ``sources`` (-1: not gated)."""
+
+    def __init__(self, sources: list[DGate], index: torch.Tensor):
+        super().__init__()
+        self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
+        self.register_buffer("index", index + 1, persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        gates = torch.cat([theta.new_ones(1)] + [g.gate().to(theta.dtype) for g in self.sources])
+        return theta * gates[self.index]
+
+
+def gate_set(model: nn.Module) -> DGateSet | None:
+    found = getattr(model, GATES_ATTR, None)
+    return found if isinstance(found, DGateSet) else None
+
+
+def gates(model: nn.Module) -> list[DGate]:
+    """The ``DGate`` modules of a gated model (each knows its name, kind, layers and group count)."""
+    found = gate_set(model)
+    return list(found.values()) if found is not None else []
+
+
+def analyze(model: nn.Module, example_inputs=None, example_kwargs=None) -> groups_mod.Plan:
+    """Trace ``model`` and discover its group sets (what ``dgate inspect`` shows)."""
+    return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs))
+
+
+def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model") -> list[groups_mod.GroupSet]:
+    """The group sets the recipe asks for that have at least one exactly removable group.
+
+    An entry with selectors (modules/names) that matches nothing is an error (a typo is the usual
+    cause), and so is a recipe that matches nothing at all; a bare ``kind`` that a model lacks
+    (neurons in a CNN whose only linear layer is the classifier) is only a warning.
+    """
+    chosen, unmatched = [], []
+    for i, spec in enumerate(recipe.groups):
+        hits = [s for s in plan.sets if spec.matches(s.kind, s.modules, s.module_types) and s.removable.any()]
+        if not hits:
+            unmatched.append((i, spec))
+        chosen.extend(s for s in hits if not any(s is c for c in chosen))
+    for i, spec in unmatched:
+        available = [s.name for s in plan.sets if s.kind == spec.kind and s.removable.any()]
+        hint = (f"exactly removable {spec.kind} sets here: {', '.join(available[:8])}"
+                f"{' ...' if len(available) > 8 else ''}" if available else
+                f"{model_name} has no exactly removable {spec.kind}")
+        message = (f"recipe {recipe.source}: groups[{i}] {spec.describe()} matched nothing in {model_name}; "
+                   f"{hint}")
+        if spec.modules or spec.names or not chosen:
+            raise GatingError(f"{message}. Change the selectors or remove the entry (`dgate inspect` lists "
+                              "every set).")
+        warnings.warn(message, stacklevel=3)
+    chosen.sort(key=lambda s: plan.sets.index(s))
+    return chosen
+
+
+def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=None) -> nn.Module:
+    """Insert D-Gating factors on the groups ``recipe`` selects; returns the same model object.
+
+    The network function is unchanged: with ``init: ones`` every gate is 1; with ``init: balanced``
+    each group's factors and primary weights are rescaled to equal norms, ||theta_j|| = |gamma_j,d|
+    = ||w_j||^(1/D), whose product is the original weight.
+    """
+    recipe = load_recipe(recipe)
+    _refuse_gated(model)
+    return apply_plan(model, analyze(model, example_inputs, example_kwargs), recipe)
+
+
+def _refuse_gated(model: nn.Module) -> None:
+    if gate_set(model) is not None:
+        raise GatingError(f"{type(model).__name__} is already gated (it has model.{GATES_ATTR}); shrink it, "
+                          "or gate a fresh copy")
+
+
+def apply_plan(model: nn.Module, plan: groups_mod.Plan, recipe) -> nn.Module:
+    """Gate ``model`` from a plan ``analyze`` made of it (lets a caller inspect the plan first)."""
+    recipe = load_recipe(recipe)
+    _refuse_gated(model)
+    chosen = select(plan, recipe, type(model).__name__)
+    built = _build_gates(plan, chosen, recipe.D)
+    if recipe.init == "balanced":
+        _balance(model, built.values(), recipe.D)
+    _register_scales(model, built.values())
+    model.add_module(GATES_ATTR, DGateSet(built, recipe))
+    return model
+
+
+def _build_gates(plan, chosen, D) -> dict[str, DGate]:
+    n = plan.root_of.size
+    gate_of = np.full(n, -1, dtype=np.int64)
+    group_of = np.full(n, -1, dtype=np.int64)
+    scaled = {role: np.zeros(n, dtype=bool) for role in ("producer", "affine", "consumer", "stat")}
+    for k, gset in enumerate(chosen):
+        roots = gset.roots[gset.removable]
+        gate_of[roots] = k
+        group_of[roots] = np.arange(roots.size)
+        for r, pol in zip(roots.tolist(), [p for p, ok in zip(gset.policies, gset.removable) if ok]):
+            for role in groups_mod.SCALED_ROLES[pol]:
+                scaled[role][r] = True
+    cuts: list[list[Cut]] = [[] for _ in chosen]
+    for att in plan.attachments:
+        roots = plan.roots(att.ids).numpy()
+        valid = roots >= 0
+        owners = np.unique(gate_of[roots[valid]]) if valid.any() else []
+        for k in owners:
+            if k < 0:
+                continue
+            mine = valid.copy()
+            mine[valid] = gate_of[roots[valid]] == k
+            index = np.where(mine, group_of[np.where(valid, roots, 0)], -1)
+            scale = np.where(mine & scaled[att.role][np.where(valid, roots, 0)], index, -1)
+            dim = _cut_dim(index, att)
+            cuts[k].append(Cut(att.fqn, att.role, dim, _along_dim(index, dim), _along_dim(scale, dim)))
+    built, used = {}, set()
+    for k, gset in enumerate(chosen):
+        key = gset.modules[0].replace(".", "_") or "input"
+        while key in used:
+            key += "_"
+        used.add(key)
+        positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if gset.positions else None
+        built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
+                           cuts[k], positions)
+    return built
+
+
+def _cut_dim(index: np.ndarray, att) -> int:
+    varying = [d for d in range(index.ndim) if index.shape[d] > 1 and not (index == index.take([0], axis=d)).all()]
+    if len(varying) == 1:
+        return varying[0]
+    return att.dim if att.dim is not None else 0
+
+
+def _along_dim(index: np.ndarray, dim: int) -> torch.Tensor:
+    """The 1-D profile of an index map along ``dim`` (the group analysis guarantees the map is
+    constant along every other dim)."""
+    if index.ndim == 0:
+        return torch.from_numpy(index.reshape(1))
+    for d in range(index.ndim):
+        if d != dim:
+            index = index.take([0], axis=d)
+    return torch.from_numpy(np.ascontiguousarray(index.reshape(-1)))
+
+
+def shaped(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """A 1-D per-position vector viewed so that it broadcasts along ``dim`` of an ``ndim``-D tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return vector.reshape(shape)
+
+
+def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
+    module_name, _, attr = fqn.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)
+
+
+def _group_sq_norms(model: nn.Module, dgate: DGate) -> torch.Tensor:
+    """Sum of squares of each group's gated parameter entries (as the model sees them now)."""
+    acc = torch.zeros(dgate.num_groups, dtype=torch.float64)
+    with torch.no_grad():
+        for cut in dgate.cuts:
+            if not (cut.scale >= 0).any():
+                continue
+            value = _tensor(model, cut.fqn).detach()
+            other = [d for d in range(value.ndim) if d != cut.dim]
+            per_pos = value.double().pow(2).sum(dim=other) if other else value.double().pow(2)
+            scale = cut.scale.expand(per_pos.shape)
+            keep = scale >= 0
+            acc.index_add_(0, scale[keep], per_pos[keep])
+    return acc
+
+
+def _balance(model: nn.Module, dgates, D: int) -> None:
+    """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D)."""
+    with torch.no_grad():
+        for dgate in dgates:
+            norm = _group_sq_norms(model, dgate).sqrt()
+            norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+            dgate.factors.copy_(norm.pow(1.0 / D).float().expand_as(dgate.factors))
+            gate = torch.cat([torch.ones(1, dtype=torch.float64), norm.pow((D - 1) / D)])
+            for cut in dgate.cuts:
+                if (cut.scale >= 0).any():
+                    value = _tensor(model, cut.fqn)
+                    value.div_(shaped(gate[cut.scale + 1], cut.dim, value.ndim).to(value.dtype))
+
+
+def _register_scales(model: nn.Module, dgates) -> None:
+    """One ``GateScale`` per gated parameter, combining every gate that scales part of it (a
+    DenseNet BatchNorm reads channels made by many layers)."""
+    per_param: dict[str, list[tuple[DGate, Cut]]] = {}
+    for dgate in dgates:
+        for cut in dgate.cuts:
+            if (cut.scale >= 0).any():
+                per_param.setdefault(cut.fqn, []).append((dgate, cut))
+    for fqn, entries in per_param.items():
+        module_name, _, attr = fqn.rpartition(".")
+        module = model.get_submodule(module_name)
+        shape = getattr(module, attr).shape
+        dims = {cut.dim for _, cut in entries}
+        if len(dims) != 1:
+            raise GatingError(f"parameter '{fqn}' would be scaled along two dims; please report this model")
+        dim = dims.pop()
+        index = torch.full((shape[dim],), -1, dtype=torch.long)
+        sources, offsets = [], {}
+        for dgate, cut in entries:
+            if id(dgate) not in offsets:
+                offsets[id(dgate)] = sum(s.num_groups for s in sources)
+                sources.append(dgate)
+            scale = cut.scale.expand(shape[dim])
+            here = scale >= 0
+            if (index[here] >= 0).any():
+                raise GatingError(f"parameter '{fqn}' would be scaled by two gates at once; please report this model")
+            index[here] = scale[here] + offsets[id(dgate)]
+        parametrize.register_parametrization(module, attr, GateScale(sources, shaped(index, dim, len(shape))))

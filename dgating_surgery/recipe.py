@@ -1,0 +1,197 @@
+"""Recipes: which groups to gate and how (D, lambda, init, threshold), loaded from YAML or a dict.
+
+A recipe is data, not code, so that a user can keep one per model family and share it. Every
+field but ``D`` and ``groups`` has a default; unknown fields are errors, because a misspelt field
+that is silently ignored is the worst kind of configuration bug.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+KINDS = ("channels", "neurons", "features")
+INITS = ("balanced", "ones")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One entry of ``groups:``: a kind plus optional selectors on the producing modules."""
+
+    kind: str
+    modules: tuple[str, ...] = ()  # module class names, e.g. ("Conv2d",); empty: any
+    names: tuple[str, ...] = ()  # fnmatch globs on module names; empty: any
+    exclude: tuple[str, ...] = ()  # fnmatch globs on module names that are never gated
+
+    def matches(self, kind: str, module_names: list[str], module_types: list[str]) -> bool:
+        """True when a group set of ``kind`` produced by these modules is selected by this spec."""
+        if kind != self.kind:
+            return False
+        if any(fnmatch.fnmatchcase(n, g) for n in module_names for g in self.exclude):
+            return False
+        if self.modules and not any(t in self.modules for t in module_types):
+            return False
+        if self.names and not any(fnmatch.fnmatchcase(n, g) for n in module_names for g in self.names):
+            return False
+        return True
+
+    def describe(self) -> str:
+        parts = [f"kind: {self.kind}"]
+        for name in ("modules", "names", "exclude"):
+            if getattr(self, name):
+                parts.append(f"{name}: {list(getattr(self, name))}")
+        return "{" + ", ".join(parts) + "}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``D``: gating depth (>= 2); ``lam``: the L_{2,2/D} strength;
+    ``init``: "balanced" (factors equal, function unchanged) or "ones"; ``threshold``: absolute
+    L2 norm under which a collapsed group counts as dead."""
+
+    D: int
+    groups: tuple[GroupSpec, ...]
+    lam: float = 1e-4
+    init: str = "balanced"
+    threshold: float = 1e-5
+    name: str = ""
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what ``load_recipe`` accepts), for manifests."""
+        groups = []
+        for g in self.groups:
+            entry: dict[str, Any] = {"kind": g.kind}
+            for key in ("modules", "names", "exclude"):
+                if getattr(g, key):
+                    entry[key] = list(getattr(g, key))
+            groups.append(entry)
+        out: dict[str, Any] = {"D": self.D, "lam": self.lam, "init": self.init,
+                               "threshold": self.threshold, "groups": groups}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+_TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "name", "description"}
+_GROUP_FIELDS = {"kind", "modules", "names", "exclude"}
+
+
+def recipe_dir() -> Path:
+    """Where the shipped recipes are: inside an installed wheel, or recipes/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"
+    return installed if installed.is_dir() else here.parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with the package (``load_recipe("resnet")``)."""
+    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def load_recipe(recipe: "str | os.PathLike | dict | Recipe") -> Recipe:
+    """Load and validate a recipe from a path, a shipped recipe's name, a dict or a ``Recipe``.
+
+    Raises ``RecipeError`` naming the file, the field and what to write instead.
+    """
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return _from_dict(recipe, "<dict>")
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise RecipeError(f"a recipe is a path, a shipped recipe name, a dict or a Recipe, not {type(recipe).__name__}")
+    path = Path(recipe)
+    if not path.exists() and isinstance(recipe, str) and os.sep not in recipe and not recipe.endswith((".yaml", ".yml")):
+        shipped = recipe_dir() / f"{recipe}.yaml"
+        if not shipped.is_file():
+            raise RecipeError(
+                f"no recipe file '{recipe}' and no shipped recipe of that name; shipped recipes: "
+                f"{', '.join(shipped_recipes())}")
+        return _from_text(shipped.read_text(), f"{recipe} (shipped)")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    return _from_text(path.read_text(), str(path))
+
+
+def _from_text(text: str, source: str) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{source}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'D' and 'groups', got {type(data).__name__}")
+    return _from_dict(data, source)
+
+
+def _from_dict(data: dict, source: str) -> Recipe:
+    def fail(fieldname: str, msg: str):
+        raise RecipeError(f"{source}: field '{fieldname}': {msg}")
+
+    unknown = sorted(set(data) - _TOP_FIELDS)
+    if unknown:
+        fail(unknown[0], f"unknown field; valid fields are {', '.join(sorted(_TOP_FIELDS))}")
+    if "D" not in data:
+        fail("D", "missing; set the gating depth, e.g. 'D: 3' (D=2 is the group lasso, larger D is sparser)")
+    D = data["D"]
+    if isinstance(D, bool) or not isinstance(D, int) or D < 2:
+        fail("D", f"must be an integer >= 2, got {D!r}")
+    kwargs: dict[str, Any] = {"D": D, "source": source}
+    for key, default in (("lam", 1e-4), ("threshold", 1e-5)):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            fail(key, f"must be a number >= 0, got {value!r}")
+        kwargs[key] = float(value)
+    init = data.get("init", "balanced")
+    if init not in INITS:
+        fail("init", f"must be one of {', '.join(INITS)}, got {init!r}")
+    kwargs["init"] = init
+    name = data.get("name", "")
+    if not isinstance(name, str):
+        fail("name", f"must be a string, got {name!r}")
+    kwargs["name"] = name
+    groups = data.get("groups")
+    if not isinstance(groups, list) or not groups:
+        fail("groups", "must be a non-empty list, e.g. [{kind: channels}, {kind: neurons}]")
+    specs = []
+    for i, entry in enumerate(groups):
+        where = f"groups[{i}]"
+        if isinstance(entry, str):
+            entry = {"kind": entry}
+        if not isinstance(entry, dict):
+            fail(where, f"must be a mapping with a 'kind', got {entry!r}")
+        unknown = sorted(set(entry) - _GROUP_FIELDS)
+        if unknown:
+            fail(f"{where}.{unknown[0]}", f"unknown field; valid fields are {', '.join(sorted(_GROUP_FIELDS))}")
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            fail(f"{where}.kind", f"unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
+        lists = {}
+        for key in ("modules", "names", "exclude"):
+            value = entry.get(key, [])
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                fail(f"{where}.{key}", f"must be a list of strings, got {value!r}")
+            lists[key] = tuple(value)
+        specs.append(GroupSpec(kind=kind, **lists))
+    kwargs["groups"] = tuple(specs)
+    return Recipe(**kwargs)
+
+
+def replace(recipe: Recipe, **changes) -> Recipe:
+    """A copy of ``recipe`` with some fields changed (validated like a loaded recipe)."""
+    data = recipe.to_dict()
+    data.update(changes)
+    return _from_dict(data, recipe.source)
+
+
+__all__ = ["Recipe", "GroupSpec", "load_recipe", "shipped_recipes", "replace", "KINDS"]

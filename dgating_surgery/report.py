@@ -1,0 +1,101 @@
+"""Sparsity of a gated model: dead and alive groups per gate and kind, and what a cut would remove."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .gates import gate_set, _tensor
+from .shrink import plan_cut
+
+
+@dataclass
+class GateRow:
+    key: str
+    name: str
+    kind: str
+    groups: int
+    dead: int
+    params_removable: int  # entries of this gate's own slices that a cut removes
+
+    @property
+    def alive(self) -> int:
+        return self.groups - self.dead
+
+
+@dataclass
+class SparsityReport:
+    """What ``dg.sparsity`` returns: one row per gate plus exact totals for the whole model."""
+
+    rows: list[GateRow] = field(default_factory=list)
+    params_total: int = 0
+    params_removable: int = 0  # exact: every tied parameter counted once
+    threshold: float = 0.0
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for row in self.rows:
+            acc = out.setdefault(row.kind, {"groups": 0, "dead": 0, "alive": 0})
+            acc["groups"] += row.groups
+            acc["dead"] += row.dead
+            acc["alive"] += row.alive
+        return out
+
+    @property
+    def groups(self) -> int:
+        return sum(r.groups for r in self.rows)
+
+    @property
+    def dead(self) -> int:
+        return sum(r.dead for r in self.rows)
+
+    def __str__(self) -> str:
+        lines = [f"{'gate':40s} {'kind':9s} {'groups':>7s} {'dead':>6s} {'params cut':>11s}"]
+        for r in self.rows:
+            lines.append(f"{r.name[:40]:40s} {r.kind:9s} {r.groups:7d} {r.dead:6d} {r.params_removable:11d}")
+        lines.append(f"total: {self.dead}/{self.groups} groups dead, {self.params_removable}/{self.params_total} "
+                     f"parameters removable at threshold {self.threshold:g}")
+        return "\n".join(lines)
+
+
+def model_params(model: nn.Module) -> int:
+    """Parameters of the network itself: gate factors are not counted, gated weights count once."""
+    dset = gate_set(model)
+    skip = {id(p) for p in dset.parameters()} if dset is not None else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport:
+    """Dead/alive groups per gate and kind, and the parameters a ``shrink`` at ``threshold`` removes."""
+    plan = plan_cut(model, threshold)
+    dset = gate_set(model)
+    params = {name for name, _ in _named_tensors(model, parameters=True)}
+    report = SparsityReport(params_total=model_params(model),
+                            threshold=dset.recipe.threshold if threshold is None else float(threshold))
+    for fqn, _ in plan.removed.items():
+        if fqn in params:
+            shape = _tensor(model, fqn).shape
+            report.params_removable += int(torch.Size(shape).numel()) - int(torch.Size(plan.kept_shape(fqn, shape)).numel())
+    for key, dgate in dset.items():
+        dead = plan.dead[key]
+        own = 0
+        for cut in dgate.cuts:
+            if cut.fqn in params:
+                shape = _tensor(model, cut.fqn).shape
+                idx = cut.index.expand(shape[cut.dim])
+                own += int(((idx >= 0) & dead[idx.clamp(min=0)]).sum()) * (shape.numel() // shape[cut.dim])
+        report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own))
+    return report
+
+
+def _named_tensors(model: nn.Module, parameters: bool):
+    """Parameter names as the cut plan writes them (``conv.weight``, also when parametrized)."""
+    for module_name, module in model.named_modules():
+        names = list(module._parameters)
+        if hasattr(module, "parametrizations"):
+            names += list(module.parametrizations.keys())
+        for attr in names:
+            if attr in ("original",) or module_name.endswith("parametrizations") or ".parametrizations." in module_name:
+                continue
+            yield (f"{module_name}.{attr}" if module_name else attr), module

@@ -1,0 +1,206 @@
+"""Stage 1: capture a model as an FX graph and record what every node produces on example inputs.
+
+``torch.fx.symbolic_trace`` is tried first (fast, keeps ``nn`` modules as ``call_module`` nodes and
+sees shape arithmetic as graph nodes, so the analysis can tell a literal size from a computed one);
+``torch.export`` (non-strict) is the fallback for models symbolic tracing cannot follow, such as
+Hugging Face transformers. Either way the result is a ``GraphModule`` whose ``get_attr`` targets
+are the user's own parameter names, so later stages edit the user's modules, never the graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import TraceError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the analysis needs to know of a tensor a node produced."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Capture:
+    """A traced model: its graph, how it was captured, and each node's recorded output."""
+
+    model: nn.Module
+    gm: torch.fx.GraphModule
+    frontend: str  # "fx" (symbolic_trace) or "export"
+    values: dict[torch.fx.Node, Any] = field(default_factory=dict)
+
+    def module(self, node: torch.fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+
+def _summarize(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_summarize(v) for v in value) if not hasattr(value, "_fields") else [
+            _summarize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _summarize(v) for k, v in value.items()}
+    return value
+
+
+def describe_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """A node as a user would name it: the layer and its class, or the function or method."""
+    if node.op == "call_module":
+        return f"layer '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        return f"method '.{node.target}()' at node '{node.name}'"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"function '{name}' at node '{node.name}'"
+    return f"{node.op} '{node.target}'"
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph once and keeps a summary (shapes, small Python values) of every node."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except TraceError:
+            raise
+        except Exception as exc:  # the user's model failed on the user's inputs: say where
+            raise TraceError(
+                f"the model failed on the example inputs at {describe_node(self.module, n)}: "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+                "Pass example_inputs shaped like a real batch for this model (for an image model "
+                "e.g. torch.randn(1, 3, 224, 224))") from exc
+        self.values[n] = _summarize(result)
+        return result
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool):
+    """Temporarily put every submodule in train or eval mode, restoring each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None) -> Capture:
+    """Trace ``model`` and record every node's output on the example inputs.
+
+    Symbolic tracing runs in train mode so that train-only branches (auxiliary classifiers) are in
+    the graph; the recording run is in eval mode and restores every buffer afterwards, so that
+    BatchNorm statistics are not touched.
+    """
+    args = _as_tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if not args and not kwargs:
+        raise TraceError(f"gating {type(model).__name__} needs example_inputs (a batch the model accepts, "
+                         "e.g. torch.randn(1, 3, 224, 224)) to trace and check it")
+    try:
+        with _mode(model, True):
+            gm = torch.fx.symbolic_trace(model)
+        frontend = "fx"
+    except Exception as fx_exc:  # not symbolically traceable: fall back to torch.export
+        gm, frontend = _export(model, args, kwargs, fx_exc), "export"
+    try:
+        values = _record(model, gm, frontend, args, kwargs)
+    except TraceError as train_exc:
+        if frontend != "fx":
+            raise
+        # a train-only branch (an auxiliary classifier) may not fit these inputs: try the eval graph
+        with _mode(model, False):
+            eval_gm = torch.fx.symbolic_trace(model)
+        try:
+            values = _record(model, eval_gm, frontend, args, kwargs)
+        except TraceError:
+            raise train_exc from None
+        warnings.warn(f"{type(model).__name__}: the train-mode graph failed on the example inputs ({train_exc}); "
+                      "traced the eval-mode graph instead, so train-only branches (auxiliary classifiers) are "
+                      "not analysed and the slim model will only run in eval mode", stacklevel=3)
+        gm = eval_gm
+    return Capture(model=model, gm=gm, frontend=frontend, values=values)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> torch.fx.GraphModule:
+    try:
+        with _mode(model, False), torch.no_grad():
+            return torch.export.export(model, args, kwargs, strict=False).module()
+    except Exception as export_exc:
+        raise TraceError(
+            f"could not capture {type(model).__name__} as a graph. torch.fx.symbolic_trace failed: "
+            f"{_first_line(fx_exc)}; torch.export (non-strict) failed: {_first_line(export_exc)}. "
+            "Make the forward traceable (no Python control flow on tensor values), or pass "
+            "example_inputs/example_kwargs that torch.export accepts "
+            "(for Hugging Face decoders: use_cache=False)") from export_exc
+
+
+def _record(model: nn.Module, gm: torch.fx.GraphModule, frontend: str, args: tuple, kwargs: dict) -> dict:
+    recorder = _Recorder(gm)
+    with _mode(model, False), torch.no_grad(), _buffers_restored(model):
+        if frontend == "export":
+            recorder.run(*pytree.tree_flatten((args, kwargs))[0])
+        else:
+            _run_with_kwargs(recorder, gm, args, kwargs, model)
+    return recorder.values
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module):
+    """A graph traced in train mode may bake in BatchNorm updates (functional batch_norm with
+    training=True, ``num_batches_tracked.add_``): the recording run must leave no trace on them."""
+    saved = [(buf, buf.detach().clone()) for buf in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def _run_with_kwargs(recorder: _Recorder, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(args)
+    for node in placeholders[len(args):]:
+        name = node.target.lstrip("*")
+        if name in kwargs:
+            values.append(kwargs.pop(name))
+        elif node.args:
+            values.append(node.args[0])  # the forward's default value
+        else:
+            raise TraceError(f"{type(model).__name__}.forward needs argument '{name}': pass it in example_inputs "
+                             "or example_kwargs")
+    if kwargs:
+        raise TraceError(f"{type(model).__name__}.forward has no argument(s) {sorted(kwargs)} "
+                         f"(it takes {[n.target for n in placeholders]})")
+    if len(values) > len(placeholders):
+        raise TraceError(f"{type(model).__name__}.forward takes {len(placeholders)} input(s) "
+                         f"({[n.target for n in placeholders]}), example_inputs has {len(values)}")
+    recorder.run(*values)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -1,0 +1,27 @@
+import warnings
+
+import pytest
+import torch
+
+from dgating_surgery.selfcheck import random_cut_check
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message=".*matched nothing.*")
+    yield
+
+
+def assert_exact_cut(model, inputs, recipe="default", fraction=0.3, seed=0, min_groups=1, **kwargs):
+    """The core invariant: gating keeps the function, shrinking with dead gates keeps it and
+    removes exactly the dead groups' parameters, and leaves no gate behind."""
+    check = random_cut_check(model, inputs, recipe, fraction=fraction, seed=seed, **kwargs)
+    assert check.groups_gated >= min_groups, check
+    assert check.gate_diff <= 1e-4, check
+    assert check.slim_diff <= 1e-4, check
+    assert check.gates_left == 0, check
+    assert check.params_before - check.params_after == check.params_expected_removed, check
+    if check.groups_cut:
+        assert check.params_after < check.params_before, check
+    return check
