@@ -97,20 +97,38 @@ def _convolution_call(a, node):  # aten.convolution(x, w, b, stride, pad, dil, t
                 transposed=node.args[6])
 
 
-def linear(a, node, x, weight, bias):
-    """Linear over the last dim: consumes input features, produces fresh neurons."""
+def linear(a, node, x, weight, bias, transposed=False):
+    """Linear over the last dim: consumes input features, produces fresh neurons. ``transposed``:
+    the weight is stored (in, out), as in ``x @ W`` or Hugging Face's GPT-2 ``Conv1D``."""
     if weight is None:
         return unknown(a, node)
     out_shape = a.shape(node)
     nd = len(out_shape)
+    w_in, w_out = (0, 1) if transposed else (1, 0)
     lab = a.per_dim(x, nd - 1, node)
     if lab is not None:
-        a.consume(weight, 1, 2, lab, node)
+        a.consume(weight, w_in, 2, lab, node)
     out = a.new_space(out_shape[-1], "neurons", weight, node)
-    a.attach(weight, "producer", along(out, 0, 2), 0)
+    a.attach(weight, "producer", along(out, w_out, 2), w_out)
     if bias is not None:
         a.attach(bias, "producer", out, 0)
     return Labels.fresh(along(out, nd - 1, nd), zaff=False, zall=True)
+
+
+def _matmul_param(a, node):
+    """x @ W with W a parameter is a linear layer stored (in, out); a product of two activations
+    (attention) has no rule yet."""
+    x, w = node.args[0], node.args[1]
+    if a.fqn(w) is None or len(a.param_shape(a.fqn(w))) != 2:
+        return unknown(a, node)
+    return linear(a, node, x, a.fqn(w), None, transposed=True)
+
+
+def _addmm(a, node):  # addmm(bias, x, W): GPT-2's Conv1D
+    bias, x, w = node.args[:3]
+    if a.fqn(w) is None:
+        return unknown(a, node)
+    return linear(a, node, x, a.fqn(w), a.fqn(bias), transposed=True)
 
 
 def _linear_module(a, node):
@@ -545,7 +563,7 @@ if hasattr(nn, "RMSNorm"):
 # functions, tensor methods and ATen ops, by name (``F.relu``, ``x.relu()`` and ``aten.relu`` alike)
 NAME_RULES = {
     "conv1d": _conv_call, "conv2d": _conv_call, "conv3d": _conv_call, "convolution": _convolution_call,
-    "linear": _linear_call,
+    "linear": _linear_call, "addmm": _addmm, "mm": _matmul_param, "matmul": _matmul_param,
     "batch_norm": _bn_call, "_native_batch_norm_legit_no_training": _bn_call, "instance_norm": _bn_call,
     "F.batch_norm": _bn_call_f,
     "layer_norm": _layer_norm_call, "native_layer_norm": _layer_norm_call, "group_norm": _group_norm,
@@ -579,7 +597,8 @@ NAME_RULES = {
 FUNCTION_ALIASES = {operator.add: "add", operator.iadd: "iadd", operator.sub: "sub", operator.isub: "isub",
                     operator.mul: "mul", operator.imul: "imul", operator.truediv: "truediv",
                     operator.itruediv: "itruediv", operator.getitem: "getitem", F.dropout: "dropout",
-                    getattr: "getattr", F.batch_norm: "F.batch_norm", F.instance_norm: "F.batch_norm"}
+                    getattr: "getattr", F.batch_norm: "F.batch_norm", F.instance_norm: "F.batch_norm",
+                    operator.matmul: "matmul"}
 
 
 def rule_for(a, node):

@@ -143,20 +143,27 @@ def _fix_group_norm(m: nn.GroupNorm) -> None:
         m.num_channels = m.weight.shape[0]
 
 
-# shape attributes each layer type keeps beside its tensors, and how to re-derive them
+def _fix_conv1d_hf(m) -> None:  # Hugging Face GPT-2 Conv1D: weight (nx, nf)
+    m.nx, m.nf = m.weight.shape
+
+
+# shape attributes each layer type keeps beside its tensors, and how to re-derive them; a class is
+# named by its type, or by "module.QualName" for libraries that are optional here
 ATTRIBUTE_FIXERS = [
     (nn.modules.conv._ConvNd, _fix_conv),
     (nn.Linear, _fix_linear),
     (nn.modules.batchnorm._NormBase, _fix_norm),
     (nn.LayerNorm, _fix_layer_norm),
     (nn.GroupNorm, _fix_group_norm),
+    ("transformers.pytorch_utils.Conv1D", _fix_conv1d_hf),
 ]
 
 
 def fix_attributes(module: nn.Module) -> None:
     """Re-derive a layer's shape attributes (in/out channels, groups, features) from its tensors."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
     for cls, fix in ATTRIBUTE_FIXERS:
-        if isinstance(module, cls):
+        if isinstance(cls, str) and cls in names or not isinstance(cls, str) and isinstance(module, cls):
             fix(module)
             return
 

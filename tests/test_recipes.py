@@ -1,0 +1,75 @@
+"""Recipes: validation errors name the file and field; every shipped recipe works on its family."""
+import pytest
+import torch
+import torchvision
+
+import dgating_surgery as dg
+
+from conftest import assert_exact_cut
+import models as M
+
+
+def test_smallest_recipe_and_defaults():
+    r = dg.load_recipe({"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}]})
+    assert (r.D, r.lam, r.init, r.threshold) == (3, 1e-4, "balanced", 1e-5)
+    assert dg.load_recipe(r.to_dict()) == dg.load_recipe(r.to_dict())
+
+
+def test_shipped_recipes_are_listed_and_load():
+    names = dg.shipped_recipes()
+    assert {"default", "resnet", "vgg", "mobilenet", "efficientnet", "densenet", "mlp"} <= set(names)
+    for name in names:
+        assert dg.load_recipe(name).groups
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("D: 3\ngroups:\n  - kind: channels\n    modulez: [Conv2d]\n", "field 'groups[0].modulez': unknown field"),
+    ("D: 3\ngroups: [channels]\nlamda: 0.1\n", "field 'lamda': unknown field"),
+    ("D: 1\ngroups: [channels]\n", "field 'D': must be an integer >= 2"),
+    ("groups: [channels]\n", "field 'D': missing"),
+    ("D: 3\ngroups: []\n", "field 'groups': must be a non-empty list"),
+    ("D: 3\ninit: random\ngroups: [channels]\n", "field 'init': must be one of balanced, ones"),
+    ("D: 3\ngroups:\n  - kind: channels\n   names: [a]\n", "YAML syntax error at line 4"),
+])
+def test_bad_recipe_files(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(dg.RecipeError) as err:
+        dg.load_recipe(path)
+    assert str(path) in str(err.value) and fragment in str(err.value)
+
+
+def test_unknown_recipe_name_lists_shipped():
+    with pytest.raises(dg.RecipeError, match="shipped recipes: .*resnet"):
+        dg.load_recipe("resnett")
+
+
+def _gated_modules(model):
+    return {m for g in dg.gates(model) for m in g.modules}
+
+
+@pytest.mark.parametrize("recipe, factory, size, excluded", [
+    ("resnet", torchvision.models.resnet18, 64, "conv1"),
+    ("vgg", torchvision.models.vgg11_bn, 32, None),
+    ("mobilenet", torchvision.models.mobilenet_v3_small, 64, "features.0.0"),
+    ("efficientnet", torchvision.models.efficientnet_b0, 64, "features.0.0"),
+    ("densenet", torchvision.models.densenet121, 64, "features.conv0"),
+])
+def test_family_recipes(recipe, factory, size, excluded):
+    x = torch.randn(1, 3, size, size)
+    model = factory()
+    check = assert_exact_cut(model, x, recipe, min_groups=50)
+    assert check.groups_cut > 0
+    gated = dg.gate_model(factory(), recipe, x)
+    assert excluded is None or excluded not in _gated_modules(gated)
+    assert {g.kind for g in dg.gates(gated)} <= {s.kind for s in dg.load_recipe(recipe).groups}
+
+
+def test_vgg_recipe_gates_classifier_neurons_only_there():
+    gated = dg.gate_model(torchvision.models.vgg11(), "vgg", torch.randn(1, 3, 32, 32))
+    neurons = [g for g in dg.gates(gated) if g.kind == "neurons"]
+    assert [g.modules for g in neurons] == [["classifier.0"], ["classifier.3"]]
+
+
+def test_mlp_recipe():
+    assert_exact_cut(M.MLP(), torch.randn(4, 10), "mlp", min_groups=35)
