@@ -172,6 +172,8 @@ def apply_plan(model: nn.Module, plan: groups_mod.Plan, recipe) -> nn.Module:
 
 
 def _build_gates(plan, chosen, D) -> dict[str, DGate]:
+    """One DGate per chosen set, holding for every tied tensor which group owns each position
+    (``index``) and where the gate scales it (``scale``, by the group's policy)."""
     n = plan.root_of.size
     gate_of = np.full(n, -1, dtype=np.int64)
     group_of = np.full(n, -1, dtype=np.int64)
@@ -187,14 +189,13 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
     for att in plan.attachments:
         roots = plan.roots(att.ids).numpy()
         valid = roots >= 0
-        owners = np.unique(gate_of[roots[valid]]) if valid.any() else []
-        for k in owners:
+        safe = np.where(valid, roots, 0)
+        for k in np.unique(gate_of[roots[valid]]):
             if k < 0:
                 continue
-            mine = valid.copy()
-            mine[valid] = gate_of[roots[valid]] == k
-            index = np.where(mine, group_of[np.where(valid, roots, 0)], -1)
-            scale = np.where(mine & scaled[att.role][np.where(valid, roots, 0)], index, -1)
+            mine = valid & (gate_of[safe] == k)
+            index = np.where(mine, group_of[safe], -1)
+            scale = np.where(mine & scaled[att.role][safe], index, -1)
             dim = _cut_dim(index, att)
             cuts[k].append(Cut(att.fqn, att.role, dim, _along_dim(index, dim), _along_dim(scale, dim)))
     built, used = {}, set()

@@ -150,8 +150,9 @@ class Analysis:
                 self.taint(lab.ids, f"flows into {self.where(node)}, whose arguments the rule could not read "
                                     f"({type(exc).__name__}: {exc})")
             return None
-        info = self.values.get(node)
-        if isinstance(result, Labels) and not isinstance(info, TensorInfo):
+        if isinstance(result, Labels) and not self.is_tensor(node):  # never drop groups silently
+            for lab in self.all_labels((node.args, node.kwargs)):
+                self.taint(lab.ids, f"flows into {self.where(node)}, whose result the tool cannot follow")
             return None
         return result
 

@@ -257,10 +257,6 @@ def _constant(a, value, is_zero: bool) -> Labels:
     return Labels(lab.ids, lab.zaff | is_zero, lab.zall | is_zero)
 
 
-def _rsub(a, node):  # aten.rsub(x, other): other - x, like add for labels and zeros
-    return binary(a, node, "add")
-
-
 # ---------------------------------------------------------------------------------------------
 # data movement: the op itself is run on the label tensors, then a check ties or blocks entries
 
@@ -446,7 +442,7 @@ def spatial(a, node):
     if any(d >= 2 for d in lab.varying_dims()):
         a.taint(lab.ids, f"{a.where(node)} pools over a grouped dim")
         return None
-    return lab
+    return lab if a.is_tensor(node) else [lab, None]  # max_pool2d_with_indices: (values, indices)
 
 
 def reduction(a, node, kind: str, dim_pos=1, keep_pos=2):
@@ -537,7 +533,7 @@ SPATIAL = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
 SPATIAL_FN = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
               "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
               "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "upsample_nearest2d",
-              "upsample_bilinear2d", "_adaptive_avg_pool2d", "mean_spatial", "max_pool2d_with_indices"]
+              "upsample_bilinear2d", "_adaptive_avg_pool2d", "max_pool2d_with_indices"]
 SHAPE_ONLY_FN = ["size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like",
                  "ones_like", "empty_like", "full_like", "randn_like", "rand_like", "sym_size", "getattr",
                  "_assert", "_assert_scalar", "sym_constrain_range_for_size", "_guards_fn", "eq", "ne",
@@ -571,7 +567,7 @@ NAME_RULES = {
     "softmax": _softmax, "_softmax": _softmax, "log_softmax": _softmax, "_log_softmax": _softmax,
     "add": partial(binary, kind="add"), "add_": partial(binary, kind="add"), "iadd": partial(binary, kind="add"),
     "sub": partial(binary, kind="add"), "sub_": partial(binary, kind="add"), "isub": partial(binary, kind="add"),
-    "rsub": _rsub,
+    "rsub": partial(binary, kind="add"),
     "mul": partial(binary, kind="mul"), "mul_": partial(binary, kind="mul"), "imul": partial(binary, kind="mul"),
     "truediv": partial(binary, kind="div"), "div": partial(binary, kind="div"), "div_": partial(binary, kind="div"),
     "itruediv": partial(binary, kind="div"),
