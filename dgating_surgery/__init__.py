@@ -6,8 +6,10 @@ physically removes the dead groups.
     ...train with dg.param_groups(gated, lam) or loss + dg.penalty(gated, lam)...
     slim = dg.shrink(gated, example_inputs=...)
 """
+from .checkpoint import CheckpointError, kept_groups, load_gated, load_slim, read_manifest, save_gated, save_slim
 from .errors import DGatingError, GatingError, RecipeError, ShrinkError, TraceError
 from .gates import DGate, analyze, gate_model, gates
+from .models import ModelSpecError, load_model
 from .recipe import GroupSpec, Recipe, load_recipe, shipped_recipes
 from .report import sparsity
 from .shrink import plan_cut, shrink
@@ -16,6 +18,8 @@ from .training import param_groups, penalty
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError", "ModelSpecError", "kept_groups", "load_gated", "load_model", "load_slim", "read_manifest",
+    "save_gated", "save_slim",
     "DGate", "DGatingError", "GatingError", "GroupSpec", "Recipe", "RecipeError", "ShrinkError", "TraceError",
     "analyze", "gate_model", "gates", "load_recipe", "param_groups", "penalty", "plan_cut", "shipped_recipes",
     "shrink", "sparsity",

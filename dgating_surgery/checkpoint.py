@@ -1,0 +1,294 @@
+"""Checkpoints without pickle: one safetensors file holding the tensors, with a JSON manifest in
+its metadata (key ``dgating_surgery``) that says how to rebuild the architecture.
+
+- gated artefact (``save_gated``/``load_gated``, what ``dgate convert`` writes): the state_dict
+  of a gated model plus the model reference, the recipe and the example-input spec. Loading builds
+  a fresh model, gates it again with the same recipe and inputs (gating is deterministic for a
+  given architecture) and loads the tensors strictly; the user resumes training from it.
+- slim checkpoint (``save_slim``/``load_slim``): the state_dict of a shrunk model plus the
+  reference, the recipe, the kept groups and ``kept_input_features``. Loading builds a fresh model,
+  gives every tensor whose saved shape differs an empty tensor of that shape, re-derives the
+  layers' shape attributes (``shrink.fix_attributes``, as ``shrink`` does) and loads strictly: the
+  outputs are those of the model that was saved.
+
+Files are written to a temporary file beside the target and renamed (atomic); the manifest holds a
+SHA-256 of the tensors so that a corrupted file is an error, not a silently different model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import DGatingError
+from .gates import gate_model, gate_set
+from .models import (InputSpec, ModelRef, ModelSpecError, Origin, as_reference, build, dumps, mismatch,
+                     reference_of)
+from .recipe import load_recipe
+from .shrink import fix_attributes, plan_cut
+
+META_KEY = "dgating_surgery"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(DGatingError, RuntimeError):
+    """A checkpoint cannot be written or read, or does not fit the architecture it names."""
+
+
+# -- gated artefact --------------------------------------------------------------------------------
+def save_gated(model: nn.Module, path, reference=None, example_inputs=None, example_kwargs=None) -> Path:
+    """Write a gated model (as ``dgate convert`` does) so that it can be resumed with ``load_gated``.
+
+    ``reference`` ("pkg.mod:factory", a ``ModelRef`` or its dict) says how to build the original
+    architecture; ``example_inputs``/``example_kwargs`` are recorded as shapes and dtypes to gate it
+    again. Both default to what ``model.dgate_origin`` recorded when it was loaded here.
+    """
+    dset = gate_set(model)
+    if dset is None:
+        raise CheckpointError(f"{type(model).__name__} is not gated: gate it with dg.gate_model first (a shrunk "
+                              "model is saved with dg.save_slim)")
+    origin = _origin(model, reference, example_inputs, example_kwargs)
+    if origin.inputs is None:
+        raise CheckpointError("save_gated needs example_inputs (the batch the model was gated with): loading gates "
+                              "a fresh model again on inputs of the same shape")
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    manifest = {"format": "gated", "model": origin.reference.to_dict(), "inputs": origin.inputs.to_dict(),
+                "recipe": dset.recipe.to_dict()}
+    return _write(path, state, manifest)
+
+
+def load_gated(path, allow_pickle: bool = False, reference=None) -> nn.Module:
+    """The gated model saved at ``path``, in train mode, ready to resume training (its reference
+    and example inputs are kept in ``model.dgate_origin`` for ``save_gated`` and ``shrink``).
+    ``reference`` overrides the architecture the file names."""
+    state, manifest = _read(path, "gated")
+    ref = as_reference(reference) if reference is not None else ModelRef.from_dict(manifest["model"])
+    model = _build(ref, allow_pickle, path)
+    inputs = InputSpec.from_dict(manifest["inputs"])
+    args, kwargs = inputs.make()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convert already showed the recipe's warnings
+            gate_model(model, manifest["recipe"], args, kwargs)
+    except DGatingError as exc:
+        raise CheckpointError(f"{path}: gating a fresh {ref} again failed: {exc}") from None
+    extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+    _load_strict(model, {**state, **extra}, path, ref)
+    model.dgate_origin = Origin(ref, inputs, manifest["recipe"])
+    return model.train()
+
+
+# -- slim checkpoint -------------------------------------------------------------------------------
+def save_slim(model: nn.Module, path, reference=None, example_inputs=None, example_kwargs=None, recipe=None,
+              kept: dict | None = None) -> Path:
+    """Write a shrunk model as safetensors plus the manifest ``load_slim`` rebuilds it from.
+
+    ``reference``: how to build the original architecture (default: ``model.dgate_origin``, else
+    derived from the class, see ``models.reference_of``). ``example_inputs``, ``recipe`` and
+    ``kept`` (from ``kept_groups`` before the cut) are recorded for the record and for checks.
+    """
+    if gate_set(model) is not None:
+        raise CheckpointError(f"{type(model).__name__} still has gates: dg.shrink it first (or save it with "
+                              "dg.save_gated to resume training)")
+    origin = _origin(model, reference, example_inputs, example_kwargs)
+    recipe = load_recipe(recipe).to_dict() if recipe is not None else origin.recipe
+    manifest = {"format": "slim", "model": origin.reference.to_dict(), "recipe": recipe,
+                "inputs": origin.inputs.to_dict() if origin.inputs is not None else None, "kept_groups": kept,
+                "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()}}
+    return _write(path, model.state_dict(), manifest)
+
+
+def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle: bool = False) -> nn.Module:
+    """The slim model saved at ``path``, in eval mode, computing what the saved model computed.
+
+    The architecture is rebuilt from the reference in the file (or ``reference``), or taken from
+    ``model``: a fresh, unpruned instance of the original architecture, which is cut to the saved
+    shapes in place. A file that does not fit the architecture raises ``CheckpointError``.
+    """
+    state, manifest = _read(path, "slim")
+    if model is not None:
+        if gate_set(model) is not None:
+            raise CheckpointError("load_slim needs a fresh model of the original architecture, not a gated one")
+        ref = reference_of_or_none(model)
+        label = ref or type(model).__name__
+    else:
+        ref = as_reference(reference) if reference is not None else ModelRef.from_dict(manifest["model"])
+        model, label = _build(ref, allow_pickle, path), ref
+    _resize(model, state, path, label)
+    for module in model.modules():
+        fix_attributes(module)
+    _load_strict(model, state, path, label)
+    if manifest.get("kept_input_features"):
+        model.kept_input_features = {k: torch.tensor(v, dtype=torch.long)
+                                     for k, v in manifest["kept_input_features"].items()}
+    inputs = InputSpec.from_dict(manifest["inputs"]) if manifest.get("inputs") else None
+    if ref is not None:
+        model.dgate_origin = Origin(ref, inputs, manifest.get("recipe"))
+    return model.eval()
+
+
+def read_manifest(path) -> dict:
+    """The manifest of a checkpoint written here (format, model reference, recipe, inputs...)."""
+    return _read(path, None)[1]
+
+
+def kept_groups(model: nn.Module, threshold: float | None = None) -> dict:
+    """Per gate of a gated model: its kind, group count and the indices of the groups a cut at
+    ``threshold`` keeps (positions among the gate's groups), for ``save_slim(kept=...)``."""
+    plan = plan_cut(model, threshold)
+    return {dgate.name: {"kind": dgate.kind, "groups": dgate.num_groups,
+                         "kept": (~plan.dead[key]).nonzero().reshape(-1).tolist()}
+            for key, dgate in gate_set(model).items()}
+
+
+def reference_of_or_none(model: nn.Module) -> ModelRef | None:
+    try:
+        return reference_of(model)
+    except ModelSpecError:
+        return None
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _origin(model, reference, example_inputs, example_kwargs) -> Origin:
+    recorded = getattr(model, "dgate_origin", None)
+    ref = as_reference(reference) if reference is not None else reference_of(model)
+    if example_inputs is not None or example_kwargs:
+        inputs = InputSpec.of(example_inputs, example_kwargs)
+    else:
+        inputs = recorded.inputs if recorded is not None else None
+    return Origin(ref, inputs, recorded.recipe if recorded is not None else None)
+
+
+def _build(ref: ModelRef, allow_pickle: bool, path) -> nn.Module:
+    try:
+        return build(ref, allow_pickle)
+    except ModelSpecError as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its model {ref}: {exc}") from None
+
+
+def _resize(model: nn.Module, state: dict, path, ref) -> None:
+    """Give every tensor whose saved shape differs an empty tensor of that shape: a cut only
+    shrinks dims, so a saved tensor larger than the fresh one means another architecture."""
+    own = model.state_dict()
+    for key, saved in state.items():
+        if key not in own or tuple(own[key].shape) == tuple(saved.shape):
+            continue  # a missing key is reported by the strict load
+        if own[key].ndim != saved.ndim or any(s > o for s, o in zip(saved.shape, own[key].shape)):
+            raise CheckpointError(f"{path} does not fit {ref}: tensor '{key}' has shape {tuple(saved.shape)} in the "
+                                  f"file but {tuple(own[key].shape)} in the rebuilt model, so it is not a cut of "
+                                  "this architecture")
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._parameters:
+            old = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(torch.empty(saved.shape, dtype=saved.dtype),
+                                                    requires_grad=old.requires_grad)
+        else:
+            module._buffers[attr] = torch.empty(saved.shape, dtype=saved.dtype)
+
+
+def _load_strict(model: nn.Module, state: dict, path, ref) -> None:
+    problem = mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{path} does not fit {ref} ({problem}): it was written for another architecture "
+                              "(or another version of it)")
+    model.load_state_dict(state, strict=True)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _dedupe(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (tied weights): keep one, record the rest as
+    aliases; a partial overlap is stored as a copy."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"state_dict entry '{key}' is a {type(value).__name__}, not a tensor: only tensors "
+                                  "can be saved without pickle")
+        t = value.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        view = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ptr is not None and view in seen:
+            aliases[key] = seen[view]
+            continue
+        shared = ptr is not None and ptr in storages
+        tensors[key] = t.clone().contiguous() if shared or not t.is_contiguous() else t
+        if ptr is not None:
+            seen[view] = key
+            storages.add(ptr)
+    return tensors, aliases
+
+
+def _write(path, state: dict, manifest: dict) -> Path:
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {path}: directory '{parent}' does not exist (create it first)")
+    tensors, aliases = _dedupe(state)
+    import dgating_surgery
+    manifest = {**manifest, "version": FORMAT_VERSION, "aliases": aliases, "sha256": _digest(tensors),
+                "written_by": f"dgating-surgery {dgating_surgery.__version__}, torch {torch.__version__}"}
+    text = dumps(manifest)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: text})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    return path
+
+
+def _read(path, expected: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: it is truncated or corrupt ({exc}); write "
+                              "it again") from None
+    if META_KEY not in metadata:
+        raise CheckpointError(f"{path} has no dgating-surgery manifest: it holds plain weights (load them with "
+                              "--weights or safetensors.torch.load_file)")
+    try:
+        manifest = json.loads(metadata[META_KEY])
+        version, kind = int(manifest["version"]), manifest["format"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: its manifest is corrupt; write the file again") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer dgating-surgery (format {version}); upgrade to read it")
+    if expected is not None and kind != expected:
+        hint = ("load it with dg.load_slim; `dgate report`/`dgate shrink` take the gated file from `dgate convert`"
+                if kind == "slim" else "it is still gated: load it with dg.load_gated, or cut it with `dgate shrink`")
+        raise CheckpointError(f"{path} is a {kind} checkpoint, not a {expected} one: {hint}")
+    if manifest.get("sha256") != _digest(state):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum written with them; write it "
+                              "again")
+    for alias, target in manifest.get("aliases", {}).items():
+        state[alias] = state[target]
+    return state, manifest

@@ -1,0 +1,362 @@
+"""``dgate``: the D-Gating journey from a shell.
+
+    dgate inspect torchvision.models:resnet18 --recipe resnet     # what the recipe would gate
+    dgate convert torchvision.models:resnet18 --recipe resnet -o gated.safetensors
+    ... train in Python: dg.load_gated("gated.safetensors"), then dg.save_gated(model, ...) ...
+    dgate report gated.safetensors                                 # dead/alive groups, norms
+    dgate shrink gated.safetensors -o slim.safetensors --verify    # the slim checkpoint
+    dgate demo                                                     # all of it on a built-in model
+
+Every expected failure (bad MODEL, recipe, file, path) is one ``Error: ...`` line on stderr and
+exit code 1 (2 for bad command-line usage), never a traceback; ``--json`` prints the figures as
+JSON for scripts.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import yaml
+from rich.table import Table
+from torch.utils import _pytree as pytree
+
+from . import display
+from .checkpoint import kept_groups, load_gated, load_slim, save_gated, save_slim
+from .errors import DGatingError
+from .gates import analyze, gate_model, select
+from .measure import evaluating, forward, latency_ms, macs
+from .models import DTYPES, Origin, default_inputs, load_model, parse_shape
+from .recipe import load_recipe
+from .report import model_params, sparsity
+from .shrink import plan_cut, select_features, shrink
+
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The package's own warnings (e.g. a recipe entry that matched nothing) as one line; other
+    libraries' warnings (tracer internals) are not the user's business here."""
+    if str(filename).startswith(PACKAGE_DIR):
+        display.console(stderr=True).print(f"[yellow]warning:[/] {message}")
+
+
+class _Group(click.Group):
+    """Turns the package's errors and OS errors into click's ``Error: ...`` and exit code 1."""
+
+    def invoke(self, ctx):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except DGatingError as exc:
+                raise click.ClickException(str(exc)) from None
+            except OSError as exc:
+                raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dgating-surgery")
+def main():
+    """Structured sparsity for any PyTorch model through D-Gating, and the surgery that cuts the
+    dead structure out. Start with `dgate demo`.
+
+    MODEL is a factory `package.module:callable` (e.g. torchvision.models:resnet18, with --weights
+    and --arg KEY=VALUE), a Hugging Face config or model directory, or a torch.save(model) file
+    (needs --allow-pickle: unpickling runs code from the file).
+    """
+
+
+def _model_options(f):
+    options = [
+        click.option("--recipe", "-r", default="default", show_default=True,
+                     help="Shipped recipe name (default, resnet, mlp, ...) or a YAML file."),
+        click.option("--input-shape", help="Example input shape, e.g. 1,3,224,224. Default: 1xCx224x224 for a "
+                     "model starting with Conv2d, 1xN for Linear, token ids 1x16 for Hugging Face text models."),
+        click.option("--input-dtype", type=click.Choice(list(DTYPES)), help="Example input dtype (default float32; "
+                     "int64 token ids for text models)."),
+        click.option("--weights", help="Weights for a factory: a safetensors or torch.save(state_dict) file."),
+        click.option("--arg", "factory_args", multiple=True, metavar="KEY=VALUE",
+                     help="Keyword argument of the factory (value parsed as YAML), e.g. --arg num_classes=10."),
+        click.option("--allow-pickle", is_flag=True, help="Allow loading a whole-model pickle (runs code from it)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _artefact_options(f):
+    f = click.option("--allow-pickle", is_flag=True, help="Allow rebuilding a model referenced as a pickle file.")(f)
+    f = click.option("--model", "reference", metavar="FACTORY",
+                     help="Rebuild the architecture with this package.module:callable instead of the reference "
+                     "stored in the file.")(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")(f)
+
+
+def _factory_kwargs(items) -> dict:
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"'{item}': write KEY=VALUE, e.g. num_classes=10", param_hint="--arg")
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
+def _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle):
+    """The user's model, its reference and the example-input spec, with a spinner while it loads."""
+    with display.console(stderr=True).status(f"loading {model_spec}"):
+        model, ref = load_model(model_spec, weights, _factory_kwargs(factory_args), allow_pickle)
+    inputs = default_inputs(model, parse_shape(input_shape) if input_shape else None, input_dtype)
+    return model, ref, inputs
+
+
+def _check_output(path: str) -> Path:
+    """Fail before any work when the output could not be written."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise click.ClickException(f"cannot write {out}: directory '{out.parent}' does not exist (create it first)")
+    if out.is_dir():
+        raise click.ClickException(f"cannot write {out}: it is a directory; name the output file")
+    return out
+
+
+def _emit(as_json: bool, data: dict, *renderables) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    con = display.console()
+    for r in renderables:
+        con.print(r)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_spec", metavar="MODEL")
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args, allow_pickle, as_json):
+    """Show the groups the recipe would gate, per layer and kind, with their sizes and the
+    parameters they cover, and what cannot be gated and why."""
+    model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
+    rec = load_recipe(recipe)
+    args, kwargs = inputs.make()
+    with display.console(stderr=True).status("tracing and analysing the graph"):
+        plan = analyze(model, args, kwargs)
+    try:
+        chosen, problem = select(plan, rec, type(model).__name__), None
+    except DGatingError as exc:
+        chosen, problem = [], exc
+    covered, total_covered = _covered_params(model, plan, chosen)
+    total = model_params(model)
+    rows = []
+    for k, gset in enumerate(plan.sets):
+        removable = int(gset.removable.sum())
+        selected = any(gset is c for c in chosen)
+        why = Counter(r for r in gset.reasons if r is not None)
+        rows.append({"name": gset.name, "kind": gset.kind, "modules": gset.modules, "groups": len(gset.reasons),
+                     "removable": removable, "gated": selected, "params_covered": covered[k] if selected else 0,
+                     "not_removable": [{"groups": c, "reason": r} for r, c in why.items()]})
+    data = {"model": str(ref), "inputs": str(inputs), "recipe": rec.to_dict(), "sets": rows,
+            "gated_sets": len(chosen), "gated_groups": sum(r["removable"] for r in rows if r["gated"]),
+            "params_total": total, "params_covered": total_covered}
+    table = Table(title=f"{type(model).__name__} ({ref}) on {inputs}: group sets, recipe {rec.source}",
+                  title_justify="left")
+    for name, justify in (("group set", "left"), ("kind", "left"), ("groups", "right"), ("removable", "right"),
+                          ("gated", "center"), ("params covered", "right"), ("why not removable", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in rows:
+        why = "; ".join(f"{w['groups']}: {w['reason']}" for w in r["not_removable"])
+        gated = "[green]yes[/]" if r["gated"] else ("[dim]no[/]" if r["removable"] else "[red]-[/]")
+        table.add_row(r["name"], r["kind"], display.n(r["groups"]), display.n(r["removable"]), gated,
+                      display.n(r["params_covered"]) if r["gated"] else "", why, style=None if r["gated"] else "dim")
+    summary = (f"[bold]{data['gated_sets']}[/] group sets, [bold]{display.n(data['gated_groups'])}[/] groups gated; "
+               f"they cover {display.n(total_covered)} of {display.n(total)} parameters "
+               f"({display.pct(total_covered, total)}). `dgate convert` gates them.")
+    _emit(as_json, data, table, summary)
+    if problem is not None:
+        raise click.ClickException(str(problem))
+
+
+def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
+    """Parameter entries tied to each set's exactly removable groups (what a cut of all of them
+    would remove), and the union over the chosen sets (an entry can belong to two sets: a conv
+    weight's output and input channel)."""
+    params = dict(model.named_parameters())
+    set_of_root = np.full(plan.root_of.size, -1, dtype=np.int64)
+    for k, gset in enumerate(plan.sets):
+        set_of_root[gset.roots[gset.removable]] = k
+    chosen_ids = {k for k, s in enumerate(plan.sets) if any(s is c for c in chosen)}
+    per_set: dict[tuple[int, str], torch.Tensor] = {}
+    for att in plan.attachments:
+        if att.fqn not in params:
+            continue
+        roots = torch.broadcast_to(plan.roots(att.ids), params[att.fqn].shape).numpy()
+        owner = np.where(roots >= 0, set_of_root[np.clip(roots, 0, None)], -1)
+        for k in np.unique(owner[owner >= 0]).tolist():
+            key = (k, att.fqn)
+            mask = torch.from_numpy(owner == k)
+            per_set[key] = per_set[key] | mask if key in per_set else mask
+    covered = [0] * len(plan.sets)
+    union: dict[str, torch.Tensor] = {}
+    for (k, fqn), mask in per_set.items():
+        covered[k] += int(mask.sum())
+        if k in chosen_ids:
+            union[fqn] = union[fqn] | mask if fqn in union else mask
+    return covered, sum(int(m.sum()) for m in union.values())
+
+
+# -- convert ---------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_spec", metavar="MODEL")
+@_model_options
+@click.option("--output", "-o", required=True, help="The gated artefact to write (.safetensors).")
+def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args, allow_pickle, output):
+    """Gate MODEL with the recipe and write the gated artefact, ready to train in Python
+    (dg.load_gated) and to cut with `dgate shrink`."""
+    out = _check_output(output)
+    model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
+    rec = load_recipe(recipe)
+    args, kwargs = inputs.make()
+    with display.console(stderr=True).status("tracing, finding groups, gating"):
+        gated = gate_model(model, rec, args, kwargs)
+    gated.dgate_origin = Origin(ref, inputs, rec.to_dict())
+    save_gated(gated, out)
+    report = sparsity(gated)
+    con = display.console()
+    con.print(f"gated {type(model).__name__} ({ref}) with recipe {rec.source}: {len(report.rows)} gates, "
+              f"{display.n(report.groups)} groups; network parameters {display.n(report.params_total)}")
+    con.print(f"wrote [bold]{out}[/]. Train it in Python:\n"
+              f"    model = dg.load_gated({str(out)!r})\n"
+              f"    opt = torch.optim.SGD(dg.param_groups(model, lam={rec.lam:g}), lr=..., momentum=0.9)\n"
+              f"    ... your training loop ...\n"
+              f"    dg.save_gated(model, {str(out)!r})\n"
+              f"then: dgate report {out}; dgate shrink {out} -o slim.safetensors")
+
+
+# -- report ----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("gated_path", metavar="GATED")
+@click.option("--threshold", "-t", type=float, help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
+@_artefact_options
+def report(gated_path, threshold, reference, allow_pickle, as_json):
+    """Dead and alive groups per layer, parameters and MACs a cut at the threshold removes, and
+    the histogram of group norms (where the threshold falls)."""
+    model = load_gated(gated_path, allow_pickle, reference)
+    rep = sparsity(model, threshold)
+    inputs = model.dgate_origin.inputs
+    args, kwargs = inputs.make()
+    norms = torch.cat(list(plan_cut(model, threshold).norms.values()))
+    bins = display.histogram(norms, rep.threshold)
+    macs_before = macs(model, args, kwargs)
+    # the MACs after a cut are measured on the cut model itself (this copy in memory is cut; a
+    # deepcopy would share torch's parametrized classes with the original, which the cut edits)
+    macs_after = macs(shrink(model, threshold, args, kwargs), args, kwargs)
+    data = {"threshold": rep.threshold, "groups": rep.groups, "dead": rep.dead, "params_total": rep.params_total,
+            "params_removable": rep.params_removable, "macs_before": macs_before, "macs_after": macs_after,
+            "macs_removable": macs_before - macs_after,
+            "gates": [{"key": r.key, "name": r.name, "kind": r.kind, "groups": r.groups, "alive": r.alive,
+                       "dead": r.dead, "params_removable": r.params_removable} for r in rep.rows],
+            "histogram": bins}
+    summary = (f"at threshold {rep.threshold:g}: {display.n(rep.dead)} of {display.n(rep.groups)} groups dead; a cut "
+               f"removes {display.n(rep.params_removable)} of {display.n(rep.params_total)} parameters "
+               f"({display.pct(rep.params_removable, rep.params_total)}) and {display.n(macs_before - macs_after)} of "
+               f"{display.n(macs_before)} MACs ({display.pct(macs_before - macs_after, macs_before)}) per forward on "
+               f"{inputs}")
+    _emit(as_json, data, display.sparsity_table(rep, f"{gated_path}: groups per gate"),
+          display.histogram_table(bins, rep.threshold), summary)
+
+
+# -- shrink ----------------------------------------------------------------------------------------
+@main.command(name="shrink")
+@click.argument("gated_path", metavar="GATED")
+@click.option("--output", "-o", required=True, help="The slim checkpoint to write (.safetensors).")
+@click.option("--threshold", "-t", type=float, help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
+@click.option("--verify", is_flag=True, help="Reload the written checkpoint (dg.load_slim) and check that its outputs "
+              "are identical to the slim model's.")
+@click.option("--export", "exports", multiple=True, type=click.Choice(["onnx", "torch.export"]),
+              help="Also write a deployment export beside the checkpoint (.onnx, or .pt2 from torch.export).")
+@_artefact_options
+def shrink_cmd(gated_path, output, threshold, verify, exports, reference, allow_pickle, as_json):
+    """Cut the dead groups out of GATED and write the slim checkpoint; prints parameters, MACs and
+    measured latency before and after. The slim model is always checked against the gated one on
+    the example inputs."""
+    out = _check_output(output)
+    model = load_gated(gated_path, allow_pickle, reference)
+    inputs = model.dgate_origin.inputs
+    args, kwargs = inputs.make()
+    before = {"params": model_params(model), "macs": macs(model, args, kwargs), "ms": latency_ms(model, args, kwargs)}
+    kept = kept_groups(model, threshold)
+    dead = sparsity(model, threshold).dead
+    slim = shrink(model, threshold, args, kwargs)
+    after = {"params": model_params(slim), "macs": macs(slim, args, kwargs), "ms": latency_ms(slim, args, kwargs)}
+    save_slim(slim, out, kept=kept)
+    if verify:
+        _verify_reload(slim, out, allow_pickle, args, kwargs)
+    written = [str(out)] + [str(_export(slim, out, fmt, args, kwargs)) for fmt in exports]
+    data = {"output": written, "groups_cut": dead, "verified_reload": verify,
+            **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
+    rows = [("parameters", display.n(before["params"]), display.n(after["params"]),
+             display.ratio(before["params"], after["params"])),
+            ("MACs", display.n(before["macs"]), display.n(after["macs"]), display.ratio(before["macs"], after["macs"])),
+            ("latency (ms, median)", f"{before['ms']:.3f}", f"{after['ms']:.3f}", display.speedup(before["ms"], after["ms"]))]
+    note = (f"cut {display.n(dead)} groups; slim model checked against the gated one on {inputs}"
+            f"{'; reloaded from disk: outputs identical' if verify else ''}. Wrote {', '.join(written)}. "
+            f"Load it with dg.load_slim({str(out)!r}).")
+    _emit(as_json, data, display.before_after_table(rows, f"{gated_path} -> {out}"), note)
+
+
+def _verify_reload(slim, out: Path, allow_pickle: bool, args, kwargs) -> None:
+    """Outputs of the checkpoint as loaded from disk must equal the in-memory slim model's exactly."""
+    reloaded = load_slim(out, allow_pickle=allow_pickle)
+    expected = [t for t in pytree.tree_leaves(forward(slim, args, kwargs)) if isinstance(t, torch.Tensor)]
+    got = [t for t in pytree.tree_leaves(forward(reloaded, args, kwargs)) if isinstance(t, torch.Tensor)]
+    if len(expected) != len(got) or not all(torch.equal(a, b) for a, b in zip(expected, got)):
+        out.unlink()
+        raise click.ClickException(f"{out}: the reloaded checkpoint's outputs differ from the slim model's; the file "
+                                   "was removed. Please report the model.")
+
+
+def _export(slim, out: Path, fmt: str, args, kwargs) -> Path:
+    """A deployment export of the slim model; written atomically like the checkpoint."""
+    target = out.with_suffix(".onnx" if fmt == "onnx" else ".pt2")
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # torch.export insists on the suffix
+    sel_args, sel_kwargs = select_features(slim, args, kwargs)
+    try:
+        with evaluating(slim), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                torch.onnx.export(slim, sel_args, str(tmp), kwargs=sel_kwargs, dynamo=True, external_data=False,
+                                  verbose=False)
+            else:
+                torch.export.save(torch.export.export(slim, sel_args, sel_kwargs, strict=False), str(tmp))
+        tmp.replace(target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"{fmt} export of the slim model failed ({type(exc).__name__}: "
+                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); the slim "
+                                   f"checkpoint {out} was written and is usable") from None
+    return target
+
+
+# -- demo ------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), help="Keep the slim checkpoint in this directory "
+              "(default: a temporary one).")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--lam", default=7e-3, show_default=True, type=click.FloatRange(min=0), help="D-Gating strength.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(out, epochs, lam, seed):
+    """The whole journey on a built-in model and scikit-learn's digits: gate, train (progress
+    bar), report, cut, save, reload, check; ends with a before/after table (about 10 s)."""
+    from .demo import run_demo
+    run_demo(out, epochs, lam, seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Resolving MODEL specs: what users have (a factory, a pickled model, a Hugging Face directory)
+turned into an ``nn.Module`` plus a ``ModelRef`` that a checkpoint manifest can store and that
+builds the same architecture again later, without pickle.
+
+A MODEL spec is one of
+
+- ``package.module:callable`` (a factory or class, e.g. ``torchvision.models:resnet18``), called
+  with optional keyword arguments; ``--weights`` (safetensors or a ``state_dict`` file) fills it;
+- a Hugging Face directory: ``config.json`` alone (architecture only, ``from_config``) or a saved
+  model (``from_pretrained``, local files only); the manifest keeps the config itself;
+- a file from ``torch.save(model)``: a whole-model pickle can run arbitrary code when loaded, so it
+  is only read with ``allow_pickle=True`` (``--allow-pickle``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DGatingError
+
+PICKLE_FLAG = "--allow-pickle (allow_pickle=True in Python)"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+HF_TEXT_SHAPE = (1, 16)  # default token-id input of a Hugging Face text model
+
+
+class ModelSpecError(DGatingError, ValueError):
+    """A MODEL spec or weights file could not be resolved; the message names it and says what to pass."""
+
+
+@dataclass
+class ModelRef:
+    """How to build the original architecture again. ``kind``: "factory" (``spec`` is
+    "pkg.mod:callable", called with ``kwargs``), "pickle" (``spec`` is the file; needs
+    allow_pickle) or "hf" (``spec`` is the transformers class name, ``config`` its config dict)."""
+
+    kind: str
+    spec: str
+    kwargs: dict = field(default_factory=dict)
+    config: dict | None = None
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "spec": self.spec}
+        if self.kwargs:
+            out["kwargs"] = self.kwargs
+        if self.config is not None:
+            out["config"] = self.config
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelRef":
+        if not isinstance(data, dict) or data.get("kind") not in ("factory", "pickle", "hf") or "spec" not in data:
+            raise ModelSpecError(f"not a model reference: {data!r}")
+        return cls(data["kind"], data["spec"], dict(data.get("kwargs") or {}), data.get("config"))
+
+    def __str__(self) -> str:
+        if self.kind == "hf":
+            return f"transformers.{self.spec} (config stored in the file)"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.spec}({args})" if self.kind == "factory" else f"pickled model {self.spec}"
+
+
+@dataclass
+class InputSpec:
+    """Example inputs as data (shape and dtype per tensor; JSON scalars for other keyword
+    arguments), so that a manifest can regenerate them: floats are seeded normal noise, integers
+    (token ids) and booleans are ones."""
+
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, example_inputs, example_kwargs=None) -> "InputSpec":
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        return cls([_describe(v, f"example_inputs[{i}]") for i, v in enumerate(example_inputs or ())],
+                   {k: _describe(v, k) for k, v in (example_kwargs or {}).items()})
+
+    def make(self, seed: int = 0) -> tuple[tuple, dict]:
+        gen = torch.Generator().manual_seed(seed)
+        return tuple(_make(a, gen) for a in self.args), {k: _make(v, gen) for k, v in self.kwargs.items()}
+
+    def to_dict(self) -> dict:
+        return {"args": self.args, "kwargs": self.kwargs}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputSpec":
+        return cls(list(data.get("args", [])), dict(data.get("kwargs", {})))
+
+    def __str__(self) -> str:
+        parts = [f"{'x'.join(map(str, a['shape']))} {a['dtype']}" for a in self.args]
+        parts += [f"{k}={v['shape'] if 'shape' in v else v['value']}" for k, v in self.kwargs.items()]
+        return ", ".join(parts)
+
+
+@dataclass
+class Origin:
+    """What a checkpoint needs to know of a model beyond its tensors, kept on the model as
+    ``model.dgate_origin`` by ``load_gated``/``load_slim`` and the CLI, so that saving it again
+    needs no arguments."""
+
+    reference: ModelRef
+    inputs: InputSpec | None = None
+    recipe: dict | None = None
+
+
+def _describe(value, where: str) -> dict:
+    if isinstance(value, torch.Tensor):
+        name = next((n for n, d in DTYPES.items() if d == value.dtype), None)
+        if name is None:
+            raise ModelSpecError(f"{where}: dtype {value.dtype} cannot be recorded; use one of {', '.join(DTYPES)}")
+        return {"shape": list(value.shape), "dtype": name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise ModelSpecError(f"{where}: only tensors and plain values (bool, int, float, str) can be recorded as "
+                         f"example inputs, not {type(value).__name__}")
+
+
+def _make(desc: dict, gen: torch.Generator):
+    if "value" in desc:
+        return desc["value"]
+    dtype = DTYPES[desc["dtype"]]
+    if dtype.is_floating_point:
+        return torch.randn(desc["shape"], generator=gen).to(dtype)
+    return torch.ones(desc["shape"], dtype=dtype)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"1,3,224,224" (or "1x3x224x224") -> (1, 3, 224, 224)."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise ModelSpecError(f"input shape {text!r}: write positive sizes separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+# -- resolving a spec ------------------------------------------------------------------------------
+def load_model(spec: str, weights: str | os.PathLike | None = None, kwargs: dict | None = None,
+               allow_pickle: bool = False) -> tuple[nn.Module, ModelRef]:
+    """The model a MODEL spec names, and the reference that rebuilds its architecture."""
+    path = Path(spec)
+    if path.is_dir():
+        model, ref = _load_hf(path)
+    elif path.is_file():
+        model, ref = _load_pickle(path, allow_pickle), ModelRef("pickle", str(path.resolve()))
+    elif ":" in spec and not spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        ref = ModelRef("factory", spec, dict(kwargs or {}))
+        model = build(ref)
+    else:
+        raise ModelSpecError(f"MODEL '{spec}': no such file or directory, and not a factory 'package.module:callable' "
+                             "(e.g. torchvision.models:resnet18)")
+    if kwargs and ref.kind != "factory":
+        raise ModelSpecError(f"MODEL '{spec}': keyword arguments (--arg) only apply to a factory 'package.module:callable'")
+    if weights is not None:
+        load_weights(model, read_state_dict(weights), str(weights))
+    return model, ref
+
+
+def build(ref: ModelRef, allow_pickle: bool = False) -> nn.Module:
+    """A fresh model of the referenced architecture (random weights for factories and HF configs)."""
+    if ref.kind == "pickle":
+        return _load_pickle(Path(ref.spec), allow_pickle)
+    if ref.kind == "hf":
+        return _hf_from_config(ref.spec, ref.config)
+    module_name, _, attr = ref.spec.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"factory '{ref.spec}': write it as package.module:callable")
+    if os.getcwd() not in sys.path:  # like uvicorn/gunicorn: a user's own module in the current directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(f"factory '{ref.spec}': cannot import module '{module_name}' ({exc}); is it installed or "
+                             "in the current directory?") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelSpecError(f"factory '{ref.spec}': module '{module_name}' has no attribute '{attr}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelSpecError(f"factory '{ref.spec}' is not callable")
+    try:
+        model = target(**ref.kwargs)
+    except TypeError as exc:
+        raise ModelSpecError(f"factory '{ref.spec}' rejected its arguments {ref.kwargs}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"factory '{ref.spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def reference_of(model: nn.Module) -> ModelRef:
+    """The reference recorded when the model was loaded or gated here, else one derived from its
+    class: a transformers model keeps its config; another class is rebuilt by calling it with no
+    arguments (pass ``reference=`` when its constructor needs some)."""
+    origin = getattr(model, "dgate_origin", None)
+    if origin is not None:
+        return origin.reference
+    cls = type(model)
+    while cls.__module__.startswith("torch.nn.utils.parametrize"):  # a parametrized class: its original
+        cls = cls.__bases__[0]
+    config = getattr(model, "config", None)
+    if cls.__module__.startswith("transformers.") and hasattr(config, "to_dict"):
+        return ModelRef("hf", cls.__name__, config=config.to_dict())
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise ModelSpecError(f"{cls.__qualname__} is defined in a script or function, so a checkpoint cannot name "
+                             "it: move it to an importable module, or pass reference='package.module:factory'")
+    return ModelRef("factory", f"{cls.__module__}:{cls.__qualname__}")
+
+
+def as_reference(reference) -> ModelRef:
+    """A ``ModelRef`` from a ModelRef, a manifest dict or a factory string."""
+    if isinstance(reference, ModelRef):
+        return reference
+    if isinstance(reference, dict):
+        return ModelRef.from_dict(reference)
+    if isinstance(reference, str) and ":" in reference:
+        return ModelRef("factory", reference)
+    raise ModelSpecError(f"reference {reference!r}: pass 'package.module:callable', a ModelRef or its dict")
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
+    if path.suffix == ".safetensors":
+        raise ModelSpecError(f"{path} holds weights, not a model: pass the architecture as MODEL "
+                             "(package.module:factory) and this file as --weights")
+    if not path.is_file():
+        raise ModelSpecError(f"pickled model {path} not found (the reference in the checkpoint names it)")
+    if not allow_pickle:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise ModelSpecError(f"{path} is a pickled model: loading it runs arbitrary code stored in the file. If "
+                                 f"you trust it, pass {PICKLE_FLAG}; safer: pass the architecture as "
+                                 "package.module:factory and the weights with --weights") from None
+        raise ModelSpecError(f"{path} holds weights (a state_dict), not a model: pass the architecture as MODEL "
+                             "(package.module:factory) and this file as --weights")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelSpecError(f"could not unpickle {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module (for a state_dict: pass "
+                             "the architecture as MODEL and this file as --weights)")
+    return model
+
+
+def _load_hf(path: Path) -> tuple[nn.Module, ModelRef]:
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"{path} is a directory without config.json: a Hugging Face model directory has one")
+    try:
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelSpecError(f"{path}/config.json: not a Hugging Face config transformers can read ({exc})") from None
+    name = _hf_class_name(config)
+    cls = getattr(transformers, name)
+    has_weights = any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
+                                                     "pytorch_model.bin"))
+    try:
+        model = cls.from_pretrained(path, local_files_only=True) if has_weights else cls(config)
+    except Exception as exc:
+        raise ModelSpecError(f"{path}: transformers could not build {name} ({type(exc).__name__}: {exc})") from None
+    return model, ModelRef("hf", name, config=model.config.to_dict())
+
+
+def _hf_class_name(config) -> str:
+    import transformers
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return name
+    mapping = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES
+    if config.model_type in mapping:
+        return mapping[config.model_type]
+    raise ModelSpecError(f"transformers has no model class for config type '{config.model_type}'")
+
+
+def _hf_from_config(name: str, config: dict | None) -> nn.Module:
+    try:
+        import transformers
+        cls = getattr(transformers, name)
+        return cls(cls.config_class.from_dict(dict(config or {})))
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"cannot rebuild transformers.{name}: {exc} (is the right transformers installed?)") from None
+
+
+def is_hf(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") or any(
+        c.__module__.startswith("transformers.") for c in type(model).__mro__[1:3])
+
+
+# -- example inputs --------------------------------------------------------------------------------
+def default_inputs(model: nn.Module, shape: tuple[int, ...] | None = None, dtype: str | None = None) -> InputSpec:
+    """Example inputs when none are given. Hugging Face: token ids of shape 1x16 (pixel values
+    1 x num_channels x image_size^2 for vision configs), with ``use_cache=False`` where the model
+    has a cache. Otherwise the first Conv/Linear/Embedding layer decides: 1xCx224x224 for Conv2d
+    (1xCx224 for Conv1d, 1xCx16x112x112 for Conv3d), 1 x in_features for Linear, 1x16 token ids
+    for Embedding. ``shape``/``dtype`` override the guess."""
+    kwargs = {}
+    guess, guess_dtype = None, "float32"
+    config = getattr(model, "config", None)
+    if is_hf(model) and config is not None:
+        if getattr(config, "use_cache", None) is not None:
+            kwargs["use_cache"] = {"value": False}
+        if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+            size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+            guess = (1, config.num_channels, size, size)
+        else:
+            guess, guess_dtype = HF_TEXT_SHAPE, "int64"
+    else:
+        for module in model.modules():
+            if isinstance(module, nn.modules.conv._ConvNd):
+                spatial = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}[len(module.kernel_size)]
+                guess = (1, module.in_channels, *spatial)
+                break
+            if isinstance(module, nn.Linear):
+                guess = (1, module.in_features)
+                break
+            if isinstance(module, nn.Embedding):
+                guess, guess_dtype = HF_TEXT_SHAPE, "int64"
+                break
+    shape = shape or guess
+    if shape is None:
+        raise ModelSpecError(f"cannot guess an input shape for {type(model).__name__}: pass --input-shape, "
+                             "e.g. 1,3,224,224")
+    dtype = dtype or (guess_dtype if shape == guess else "float32")
+    if dtype not in DTYPES:
+        raise ModelSpecError(f"input dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return InputSpec([{"shape": list(shape), "dtype": dtype}], kwargs)
+
+
+# -- weights ---------------------------------------------------------------------------------------
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file or a ``torch.save(state_dict)`` file (read with
+    ``weights_only=True``: no code runs); a {"state_dict": ...} or {"model": ...} wrapper is opened."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelSpecError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(path)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelSpecError(f"cannot read weights from {path}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
+                             "(a safetensors file or a torch.save(model.state_dict()) file is expected)") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ModelSpecError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return data
+
+
+def mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not fit ``model`` exactly (first keys of each kind), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and isinstance(own[k], torch.Tensor) and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs (file vs model)", shapes)):
+        if keys:
+            parts.append(f"{label}: {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}")
+    return "; ".join(parts) or None
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file and the first mismatches."""
+    problem = mismatch(model, state)
+    if problem:
+        raise ModelSpecError(f"{source} does not fit {type(model).__name__} ({problem}): is it the weights of this "
+                             "architecture?")
+    model.load_state_dict(state, strict=True)
+
+
+def dumps(data) -> str:
+    """JSON for manifests; refuses what would not come back as written (e.g. a tensor in kwargs)."""
+    try:
+        return json.dumps(data, sort_keys=True)
+    except TypeError as exc:
+        raise ModelSpecError(f"cannot record {exc}: factory arguments and configs must be plain JSON data") from None
