@@ -136,7 +136,7 @@ def _emit(as_json: bool, data: dict, *renderables) -> None:
 
 
 # -- inspect ---------------------------------------------------------------------------------------
-@main.command()
+@main.command(short_help="Show what a recipe would gate, and what not and why.")
 @click.argument("model_spec", metavar="MODEL")
 @_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
@@ -212,7 +212,7 @@ def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
 
 
 # -- convert ---------------------------------------------------------------------------------------
-@main.command()
+@main.command(short_help="Gate a model; write the gated artefact.")
 @click.argument("model_spec", metavar="MODEL")
 @_model_options
 @click.option("--output", "-o", required=True, help="The gated artefact to write (.safetensors).")
@@ -240,7 +240,7 @@ def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
 
 
 # -- report ----------------------------------------------------------------------------------------
-@main.command()
+@main.command(short_help="Dead/alive groups, removable params and MACs.")
 @click.argument("gated_path", metavar="GATED")
 @click.option("--threshold", "-t", type=float, help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
 @_artefact_options
@@ -273,7 +273,7 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
 
 
 # -- shrink ----------------------------------------------------------------------------------------
-@main.command(name="shrink")
+@main.command(name="shrink", short_help="Cut the dead groups; write the slim checkpoint.")
 @click.argument("gated_path", metavar="GATED")
 @click.option("--output", "-o", required=True, help="The slim checkpoint to write (.safetensors).")
 @click.option("--threshold", "-t", type=float, help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
@@ -290,11 +290,11 @@ def shrink_cmd(gated_path, output, threshold, verify, exports, reference, allow_
     model = load_gated(gated_path, allow_pickle, reference)
     inputs = model.dgate_origin.inputs
     args, kwargs = inputs.make()
-    before = {"params": model_params(model), "macs": macs(model, args, kwargs), "ms": latency_ms(model, args, kwargs)}
+    before = {"params": model_params(model), "macs": macs(model, args, kwargs), "latency_ms": latency_ms(model, args, kwargs)}
     kept = kept_groups(model, threshold)
     dead = sparsity(model, threshold).dead
     slim = shrink(model, threshold, args, kwargs)
-    after = {"params": model_params(slim), "macs": macs(slim, args, kwargs), "ms": latency_ms(slim, args, kwargs)}
+    after = {"params": model_params(slim), "macs": macs(slim, args, kwargs), "latency_ms": latency_ms(slim, args, kwargs)}
     save_slim(slim, out, kept=kept)
     if verify:
         _verify_reload(slim, out, allow_pickle, args, kwargs)
@@ -304,7 +304,8 @@ def shrink_cmd(gated_path, output, threshold, verify, exports, reference, allow_
     rows = [("parameters", display.n(before["params"]), display.n(after["params"]),
              display.ratio(before["params"], after["params"])),
             ("MACs", display.n(before["macs"]), display.n(after["macs"]), display.ratio(before["macs"], after["macs"])),
-            ("latency (ms, median)", f"{before['ms']:.3f}", f"{after['ms']:.3f}", display.speedup(before["ms"], after["ms"]))]
+            ("latency (ms, median)", f"{before['latency_ms']:.3f}", f"{after['latency_ms']:.3f}",
+             display.speedup(before["latency_ms"], after["latency_ms"]))]
     note = (f"cut {display.n(dead)} groups; slim model checked against the gated one on {inputs}"
             f"{'; reloaded from disk: outputs identical' if verify else ''}. Wrote {', '.join(written)}. "
             f"Load it with dg.load_slim({str(out)!r}).")
@@ -345,7 +346,7 @@ def _export(slim, out: Path, fmt: str, args, kwargs) -> Path:
 
 
 # -- demo ------------------------------------------------------------------------------------------
-@main.command()
+@main.command(short_help="The whole journey on a built-in model (~10 s).")
 @click.option("--out", type=click.Path(file_okay=False), help="Keep the slim checkpoint in this directory "
               "(default: a temporary one).")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(1))
