@@ -8,6 +8,7 @@ checkpoint, loaded back and checked to give identical outputs and accuracy.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -110,8 +111,8 @@ def _journey(out, epochs, lam, seed, console, start) -> DemoResult:
     before = _measure(gated, Xte, yte)
     kept = kept_groups(gated)
     slim = shrink(gated, example_inputs=Xte)  # raises if the slim model differs from the gated one
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(out if out is not None else tmp) / "digits_slim.safetensors"
+    with tempfile.TemporaryDirectory() if out is None else contextlib.nullcontext(out) as where:
+        path = Path(where) / "digits_slim.safetensors"
         save_slim(slim, path, kept=kept)
         loaded = load_slim(path)
         with evaluating(slim), evaluating(loaded):

@@ -149,18 +149,19 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, kwargs: dict
                allow_pickle: bool = False) -> tuple[nn.Module, ModelRef]:
     """The model a MODEL spec names, and the reference that rebuilds its architecture."""
     path = Path(spec)
-    if path.is_dir():
-        model, ref = _load_hf(path)
-    elif path.is_file():
-        model, ref = _load_pickle(path, allow_pickle), ModelRef("pickle", str(path.resolve()))
-    elif ":" in spec and not spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        ref = ModelRef("factory", spec, dict(kwargs or {}))
-        model = build(ref)
-    else:
+    is_factory = not path.exists() and ":" in spec and not spec.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if not path.exists() and not is_factory:
         raise ModelSpecError(f"MODEL '{spec}': no such file or directory, and not a factory 'package.module:callable' "
                              "(e.g. torchvision.models:resnet18)")
-    if kwargs and ref.kind != "factory":
+    if kwargs and not is_factory:
         raise ModelSpecError(f"MODEL '{spec}': keyword arguments (--arg) only apply to a factory 'package.module:callable'")
+    if is_factory:
+        ref = ModelRef("factory", spec, dict(kwargs or {}))
+        model = build(ref)
+    elif path.is_dir():
+        model, ref = _load_hf(path)
+    else:
+        model, ref = _load_pickle(path, allow_pickle), ModelRef("pickle", str(path.resolve()))
     if weights is not None:
         load_weights(model, read_state_dict(weights), str(weights))
     return model, ref
@@ -292,8 +293,8 @@ def _hf_from_config(name: str, config: dict | None) -> nn.Module:
 
 
 def is_hf(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") or any(
-        c.__module__.startswith("transformers.") for c in type(model).__mro__[1:3])
+    """A transformers model (its class, or the class a parametrization wrapped)."""
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
 # -- example inputs --------------------------------------------------------------------------------
