@@ -13,7 +13,9 @@ from .models import ModelSpecError, load_model
 from .recipe import GroupSpec, Recipe, load_recipe, shipped_recipes
 from .report import sparsity
 from .shrink import plan_cut, shrink
-from .training import param_groups, penalty
+from .search import SearchResult, count_macs, removed_fraction, search_lambda
+from .training import (SparsityMonitor, check_optimizer, group_norms, imbalance, param_groups, penalty,
+                       track)
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,6 @@ __all__ = [
     "DGate", "DGatingError", "GatingError", "GroupSpec", "Recipe", "RecipeError", "ShrinkError", "TraceError",
     "analyze", "gate_model", "gates", "load_recipe", "param_groups", "penalty", "plan_cut", "shipped_recipes",
     "shrink", "sparsity",
+    "SearchResult", "SparsityMonitor", "check_optimizer", "count_macs", "group_norms", "imbalance",
+    "removed_fraction", "search_lambda", "track",
 ]

@@ -1,4 +1,5 @@
-"""Training helpers: the D-Gating regularizer for any optimizer.
+"""Training helpers: the D-Gating regularizer for any optimizer, a sparsity monitor for any loop,
+and a check that an optimizer really optimizes the paper's objective.
 
 The paper's objective is L0 + (lambda / D) * (sum_j ||theta_j||^2 + sum_{j,d} gamma_{j,d}^2). PyTorch's
 ``weight_decay=wd`` adds ``wd * p`` to the gradient, which is the gradient of (wd / 2) * ||p||^2, so the
@@ -8,19 +9,21 @@ to the loss and works with any optimizer.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
-from .gates import GateScale, gate_set
+from .gates import DGate, GateScale, gate_set
+from .report import sparsity
 
 
 def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(primary weights theta, gate factors) of a gated model. A theta is the stored ``original``
     of every parameter a gate scales; its entries outside any gated group (rare: a layer only part
     of whose channels are exactly removable) get the same decay."""
-    dset = gate_set(model)
-    if dset is None:
-        raise ValueError(f"{type(model).__name__} is not gated: call dg.gate_model first")
+    dset = _require_gated(model)
     thetas = []
     for module in model.modules():
         for name, plist in getattr(module, "parametrizations", {}).items():
@@ -29,14 +32,30 @@ def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return thetas, [g.factors for g in dset.values()]
 
 
+def _require_gated(model: nn.Module):
+    dset = gate_set(model)
+    if dset is None:
+        raise ValueError(f"{type(model).__name__} is not gated: call dg.gate_model first")
+    return dset
+
+
+def _lam_D(model: nn.Module, lam: float | None) -> tuple[float, int]:
+    dset = _require_gated(model)
+    return (dset.recipe.lam if lam is None else float(lam)), dset.recipe.D
+
+
 def param_groups(model: nn.Module, lam: float | None = None, weight_decay: float = 0.0) -> list[dict]:
     """Parameter groups for any ``torch.optim`` optimizer: weight decay ``2 * lam / D`` on the gated
     primary weights and the gates (the paper's L_{2,2/D} objective), ``weight_decay`` on the rest.
-    ``lam=None`` takes the recipe's lambda."""
-    dset = gate_set(model)
+    ``lam=None`` takes the recipe's lambda.
+
+    Why 2*lam/D: coupled ``weight_decay=wd`` is the gradient of (wd/2)||p||^2, and the paper's
+    penalty is (lam/D)||p||^2 on every theta and gamma. Give the rest some decay too when the gated
+    layer is followed by a positively homogeneous activation (ReLU): otherwise the network can move
+    a group's scale into the next, unpenalized layer instead of letting the group die.
+    """
     thetas, factors = gated_parameters(model)
-    lam = dset.recipe.lam if lam is None else float(lam)
-    D = dset.recipe.D
+    lam, D = _lam_D(model, lam)
     gated_ids = {id(p) for p in thetas + factors}
     rest = [p for p in model.parameters() if id(p) not in gated_ids and p.requires_grad]
     groups = [{"params": thetas + factors, "weight_decay": 2.0 * lam / D, "name": "dgating"}]
@@ -48,8 +67,146 @@ def param_groups(model: nn.Module, lam: float | None = None, weight_decay: float
 def penalty(model: nn.Module, lam: float | None = None) -> torch.Tensor:
     """(lam / D) * (sum ||theta||^2 + sum gamma^2): the D-Gating regularizer as a loss term.
     ``lam=None`` takes the recipe's lambda."""
-    dset = gate_set(model)
     thetas, factors = gated_parameters(model)
-    lam = dset.recipe.lam if lam is None else float(lam)
+    lam, D = _lam_D(model, lam)
     total = sum(p.pow(2).sum() for p in thetas + factors)
-    return (lam / dset.recipe.D) * total
+    return (lam / D) * total
+
+
+def _group_sq(model: nn.Module, dgate: DGate, of: str) -> torch.Tensor:
+    """Differentiable sum of squares per group, of the primary weights ("theta") or of the
+    weights the network uses ("weights", gates multiplied in)."""
+    acc = dgate.factors.new_zeros(dgate.num_groups)
+    for cut in dgate.cuts:
+        if not (cut.scale >= 0).any():
+            continue
+        module_name, _, attr = cut.fqn.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = module.parametrizations[attr].original if of == "theta" else getattr(module, attr)
+        other = [d for d in range(value.ndim) if d != cut.dim]
+        per_pos = (value.pow(2).sum(dim=other) if other else value.pow(2)).to(acc.dtype)
+        scale = cut.scale.to(per_pos.device).expand(per_pos.shape)
+        keep = scale >= 0
+        acc = acc.index_add(0, scale[keep], per_pos[keep])
+    return acc
+
+
+def group_norms(model: nn.Module, of: str = "weights") -> dict[str, torch.Tensor]:
+    """L2 norm of every group, per gate key (differentiable). ``of="weights"``: the collapsed
+    weights w_j (what the threshold compares); ``of="theta"``: the primary weights alone."""
+    if of not in ("weights", "theta"):
+        raise ValueError(f"of must be 'weights' or 'theta', got {of!r}")
+    dset = _require_gated(model)
+    return {key: _group_sq(model, dgate, of).sqrt() for key, dgate in dset.items()}
+
+
+def imbalance(model: nn.Module, threshold: float | None = None) -> float:
+    """Mean over alive groups of log(max / min) of the D factor magnitudes (||theta_j||,
+    |gamma_j,1|, ..., |gamma_j,D-1|). 0 is perfectly balanced: only then does the smooth objective
+    equal the L_{2,2/D} penalty (AM-GM), and under weight decay it shrinks geometrically."""
+    dset = _require_gated(model)
+    threshold = dset.recipe.threshold if threshold is None else float(threshold)
+    with torch.no_grad():
+        thetas, weights = group_norms(model, "theta"), group_norms(model, "weights")
+        values = []
+        for key, dgate in dset.items():
+            mags = torch.cat([thetas[key][None], dgate.factors.detach().abs()]).clamp(min=1e-30).log()
+            alive = weights[key] >= threshold
+            values.append((mags.max(0).values - mags.min(0).values)[alive])
+        spread = torch.cat(values) if values else torch.zeros(0)
+    return float(spread.mean()) if spread.numel() else 0.0
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: float | None = None,
+                    uses_penalty: bool = False) -> list[str]:
+    """Warn where an optimizer silently does not optimize the D-Gating objective; returns the
+    messages. ``uses_penalty=True``: the loss already contains ``dg.penalty`` (then gated
+    parameters must have no weight decay, else they are regularized twice)."""
+    thetas, factors = gated_parameters(model)
+    lam, D = _lam_D(model, lam)
+    want = 0.0 if uses_penalty else 2.0 * lam / D
+    where = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            where[id(p)] = group
+    problems = []
+    named = {id(p): n for n, p in model.named_parameters()}
+    missing = [named.get(id(p), "?") for p in thetas + factors if id(p) not in where]
+    if missing:
+        problems.append(f"{len(missing)} gated parameters are not in the optimizer (e.g. {missing[0]}): they never "
+                        "train or decay, so their groups cannot die. Build the optimizer from dg.param_groups(model, "
+                        "lam) or model.parameters() after dg.gate_model.")
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    seen = set()
+    for p in thetas + factors:
+        group = where.get(id(p))
+        if group is None or id(group) in seen:
+            continue
+        seen.add(id(group))
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and (decoupled or group.get("decoupled_weight_decay", False)):
+            problems.append(f"{type(optimizer).__name__} applies decoupled weight decay ({wd:g}) to gated parameters: "
+                            "that is not the L2 penalty D-Gating needs (its sparsity guarantee is lost). Use coupled "
+                            "decay (SGD, Adam with decoupled_weight_decay=False) via dg.param_groups, or set "
+                            "weight_decay=0 on them and add dg.penalty(model, lam) to the loss.")
+        elif not math.isclose(wd, want, rel_tol=1e-6, abs_tol=1e-12):
+            if uses_penalty:
+                hint = "the loss already has dg.penalty, so set weight_decay=0 on them"
+            elif wd == 0:
+                hint = ("nothing regularizes the gates, so no group will die; use dg.param_groups(model, lam) or add "
+                        "dg.penalty(model, lam) to the loss (and pass uses_penalty=True here)")
+            else:
+                hint = "use dg.param_groups(model, lam)"
+            problems.append(f"gated parameters have weight_decay={wd:g}, but lam={lam:g}, D={D} needs 2*lam/D="
+                            f"{want:g}: {hint}.")
+    for message in problems:
+        warnings.warn(message, stacklevel=2)
+    return problems
+
+
+class SparsityMonitor:
+    """Follows sparsity during training from any loop: call ``step(epoch)`` once per epoch (it
+    reads the weights; no forward pass). Each step appends to ``history`` a dict with dead/total
+    groups per kind, the removable parameter fraction and the factor ``imbalance``.
+
+    With an ``optimizer``, the first step also runs ``check_optimizer`` on it.
+    """
+
+    def __init__(self, model: nn.Module, threshold: float | None = None, optimizer=None, lam: float | None = None,
+                 uses_penalty: bool = False, verbose: bool = False):
+        _require_gated(model)
+        self.model, self.threshold, self.verbose = model, threshold, verbose
+        self._check = (optimizer, lam, uses_penalty) if optimizer is not None else None
+        self.history: list[dict] = []
+
+    def step(self, epoch: int | None = None) -> dict:
+        if self._check is not None:
+            optimizer, lam, uses_penalty = self._check
+            check_optimizer(self.model, optimizer, lam, uses_penalty)
+            self._check = None
+        report = sparsity(self.model, self.threshold)
+        kinds = report.by_kind()
+        entry = {
+            "epoch": len(self.history) if epoch is None else epoch,
+            "dead": {k: v["dead"] for k, v in kinds.items()},
+            "groups": {k: v["groups"] for k, v in kinds.items()},
+            "dead_fraction": report.dead / max(report.groups, 1),
+            "params_removable_fraction": report.params_removable / max(report.params_total, 1),
+            "imbalance": imbalance(self.model, self.threshold),
+        }
+        self.history.append(entry)
+        if self.verbose:
+            print(self.format(entry))
+        return entry
+
+    @staticmethod
+    def format(entry: dict) -> str:
+        kinds = " ".join(f"{k} {entry['dead'][k]}/{entry['groups'][k]} dead" for k in entry["groups"])
+        return (f"epoch {entry['epoch']}: {kinds}; params removable {entry['params_removable_fraction']:.1%}; "
+                f"imbalance {entry['imbalance']:.3f}")
+
+
+def track(model: nn.Module, optimizer=None, threshold: float | None = None, lam: float | None = None,
+          uses_penalty: bool = False, verbose: bool = False) -> SparsityMonitor:
+    """A ``SparsityMonitor`` for ``model`` (checks ``optimizer`` on its first step)."""
+    return SparsityMonitor(model, threshold, optimizer, lam, uses_penalty, verbose)
