@@ -81,6 +81,10 @@ class DGateSet(nn.ModuleDict):
         super().__init__(gates)
         self.recipe = recipe
 
+    def forward(self, x):
+        """Identity: a gated ``nn.Sequential`` calls its children in turn, this one included."""
+        return x
+
 
 class GateScale(nn.Module):
     """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
@@ -271,21 +275,18 @@ def _balance(model: nn.Module, dgates, D: int) -> None:
 
 
 def _register_scales(model: nn.Module, dgates) -> None:
-    """One ``GateScale`` per gated parameter, combining every gate that scales part of it (a
-    DenseNet BatchNorm reads channels made by many layers)."""
-    per_param: dict[str, list[tuple[DGate, Cut]]] = {}
+    """One ``GateScale`` per gated parameter and dim, combining every gate that scales part of it
+    (a DenseNet BatchNorm reads channels made by many layers; a first linear layer can have its
+    input features and its neurons gated at once, one dim each)."""
+    per_param: dict[tuple[str, int], list[tuple[DGate, Cut]]] = {}
     for dgate in dgates:
         for cut in dgate.cuts:
             if (cut.scale >= 0).any():
-                per_param.setdefault(cut.fqn, []).append((dgate, cut))
-    for fqn, entries in per_param.items():
+                per_param.setdefault((cut.fqn, cut.dim), []).append((dgate, cut))
+    for (fqn, dim), entries in per_param.items():
         module_name, _, attr = fqn.rpartition(".")
         module = model.get_submodule(module_name)
         shape = getattr(module, attr).shape
-        dims = {cut.dim for _, cut in entries}
-        if len(dims) != 1:
-            raise GatingError(f"parameter '{fqn}' would be scaled along two dims; please report this model")
-        dim = dims.pop()
         index = torch.full((shape[dim],), -1, dtype=torch.long)
         sources, offsets = [], {}
         for dgate, cut in entries:

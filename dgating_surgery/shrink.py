@@ -91,13 +91,32 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
 
 
 def _collapse(model: nn.Module) -> None:
-    """Multiply every gate into its weights and drop the gates."""
+    """Multiply every gate into its weights and drop the gates.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` edits the class it made for the module,
+    which ``copy.deepcopy`` shares between a model and its copy; shrinking a copy must not break
+    the original, so a module whose only parametrizations are gates gets its own class back here.
+    """
     for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                if any(isinstance(p, GateScale) for p in module.parametrizations[name]):
-                    with torch.no_grad():
-                        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        if not parametrize.is_parametrized(module):
+            continue
+        ours = {name: plist for name, plist in module.parametrizations.items()
+                if any(isinstance(p, GateScale) for p in plist)}
+        if len(ours) == len(module.parametrizations):
+            with torch.no_grad():
+                values = {name: (getattr(module, name).detach().clone(), plist.original)
+                          for name, plist in ours.items()}
+            module.__class__ = type(module).__bases__[0]
+            del module._modules["parametrizations"]
+            for name, (value, original) in values.items():
+                if isinstance(original, nn.Parameter):
+                    module._parameters[name] = nn.Parameter(value, requires_grad=original.requires_grad)
+                else:
+                    module._buffers[name] = value
+        else:
+            for name in ours:
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     delattr(model, GATES_ATTR)
 
 

@@ -137,3 +137,35 @@ def test_threshold_decides_dead_groups():
         dg.gates(gated)[0].factors[0, :5] = 1e-3
     assert dg.sparsity(gated).dead == 0
     assert dg.sparsity(gated, threshold=1.0).dead >= 5
+
+
+def test_gated_sequential_still_runs():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    assert_exact_cut(model, torch.randn(4, 6), "mlp")
+
+
+def test_features_and_neurons_on_the_same_layer():
+    x = torch.randn(5, 10)
+    model = M.MLP().eval()
+    ref = model(x)
+    gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "features"}, {"kind": "neurons"}]}, x)
+    assert max_rel_diff(ref, gated(x)) < 1e-5
+    kinds = {g.kind: g for g in dg.gates(gated)}
+    with torch.no_grad():
+        kinds["features"].factors[0, [2, 5]] = 0
+        dg.gates(gated)[1].factors[0, [0, 1]] = 0
+    before = gated(x)
+    slim = dg.shrink(gated, example_inputs=x)
+    assert slim.fc1.weight.shape == (18, 8)
+    assert max_rel_diff(before, slim(x[:, slim.kept_input_features["x"]])) < 1e-5
+
+
+def test_shrinking_a_copy_leaves_the_gated_model_intact():
+    import copy
+    x = torch.randn(2, 3, 16, 16)
+    gated = dg.gate_model(M.Residual().eval(), "default", x)
+    kill_random_groups(gated, 0.3)
+    before = gated(x)
+    slim = dg.shrink(copy.deepcopy(gated), example_inputs=x)
+    assert torch.equal(gated(x), before) and max_rel_diff(before, slim(x)) < 1e-5
+    assert dg.sparsity(gated).dead > 0
