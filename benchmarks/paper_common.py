@@ -203,8 +203,6 @@ def run_magnitude(make_net, data, groups, fractions, epochs, lr, seed, loss_fn=N
     fit(dense, plain_groups(dense, REST_WD), Xtr, ytr, dense_epochs, lr, seed, loss_fn=loss_fn)
     state, out = dense.state_dict(), []
     for fraction in fractions:
-        # a fresh model, not copy.deepcopy: a deep copy shares the parametrized class with the
-        # original, and shrinking the copy would break the original
         model = frozen_ones(make_net(), groups, Xtr)
         model.load_state_dict(state)
         with torch.no_grad():
