@@ -7,7 +7,7 @@ the gated one (max abs diff <= 1e-4 of the output's max abs value), that the par
 by exactly the removed groups' parameters, and that no gate is left. Then the groups that could not
 be gated, with the reason.
 
-    python benchmarks/zoo.py                # all 80 models (about 10 minutes on 2 cores)
+    python benchmarks/zoo.py                # all 80 models (about 12 minutes on 2 cores, mostly building the models)
     python benchmarks/zoo.py resnet18 vit_b_16
 """
 from __future__ import annotations

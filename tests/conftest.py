@@ -13,6 +13,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_exact_cut(model, inputs, recipe="default", fraction=0.3, seed=0, min_groups=1, **kwargs):
     """The core invariant: gating keeps the function, shrinking with dead gates keeps it and
     removes exactly the dead groups' parameters, and leaves no gate behind."""

@@ -7,16 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from models import MLP
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gated_mlp(seed=0):

@@ -8,19 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import dgating_surgery as dg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from dgating_surgery.training import gated_parameters
 from models import MLP
 
 LAM = 0.01
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gated_mlp(D=3, init="balanced", lam=LAM):
