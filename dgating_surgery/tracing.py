@@ -127,21 +127,34 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
         gm, frontend = _export(model, args, kwargs, fx_exc), "export"
     try:
         values = _record(model, gm, frontend, args, kwargs)
-    except TraceError as train_exc:
+    except TraceError as fx_run_exc:
         if frontend != "fx":
             raise
-        # a train-only branch (an auxiliary classifier) may not fit these inputs: try the eval graph
-        with _mode(model, False):
-            eval_gm = torch.fx.symbolic_trace(model)
-        try:
-            values = _record(model, eval_gm, frontend, args, kwargs)
-        except TraceError:
-            raise train_exc from None
-        warnings.warn(f"{type(model).__name__}: the train-mode graph failed on the example inputs ({train_exc}); "
-                      "traced the eval-mode graph instead, so train-only branches (auxiliary classifiers) are "
-                      "not analysed and the slim model will only run in eval mode", stacklevel=3)
-        gm = eval_gm
+        gm, frontend, values = _after_failed_run(model, args, kwargs, fx_run_exc)
     return Capture(model=model, gm=gm, frontend=frontend, values=values)
+
+
+def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: TraceError):
+    """The symbolically traced train-mode graph did not run on the inputs. A train-only branch (an
+    auxiliary classifier) may not fit them: try the eval graph. The graph itself may not run where
+    the model does (a wrapped function that mutates its arguments): try torch.export. If neither
+    runs, the inputs are wrong, and the first error names the layer."""
+    with _mode(model, False):
+        eval_gm = torch.fx.symbolic_trace(model)
+    try:
+        values = _record(model, eval_gm, "fx", args, kwargs)
+    except TraceError:
+        pass
+    else:
+        warnings.warn(f"{type(model).__name__}: the train-mode graph failed on the example inputs ({fx_run_exc}); "
+                      "traced the eval-mode graph instead, so train-only branches (auxiliary classifiers) are "
+                      "not analysed and the slim model will only run in eval mode", stacklevel=4)
+        return eval_gm, "fx", values
+    try:
+        gm = _export(model, args, kwargs, fx_run_exc)
+        return gm, "export", _record(model, gm, "export", args, kwargs)
+    except TraceError:
+        raise fx_run_exc from None
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> torch.fx.GraphModule:

@@ -207,3 +207,24 @@ class FixedView(nn.Module):
     def forward(self, x):
         x = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 4)
         return self.fc(x.view(x.size(0), 96))
+
+
+def _doubled(x, factors):
+    factors[0] = factors[0] * 2  # mutates its list argument: fine eagerly, not on an fx graph
+    return x * factors[0]
+
+
+torch.fx.wrap("_doubled")
+
+
+class GraphWontRun(nn.Module):
+    """Symbolic tracing succeeds but its graph cannot run (torchvision's swin3d has such a
+    function); the capture falls back to torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn(3, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(_doubled(self.body(x), [1.0]).mean((2, 3)))

@@ -130,6 +130,12 @@ def test_export_fallback_when_symbolic_tracing_fails():
     assert_exact_cut(model, torch.randn(2, 3, 8, 8))
 
 
+def test_export_fallback_when_the_traced_graph_does_not_run():
+    from dgating_surgery.tracing import capture
+    assert capture(M.GraphWontRun(), torch.randn(1, 3, 8, 8)).frontend == "export"
+    assert_exact_cut(M.GraphWontRun(), torch.randn(2, 3, 8, 8))
+
+
 def test_threshold_decides_dead_groups():
     x = torch.randn(4, 10)
     gated = dg.gate_model(M.MLP(), {"D": 2, "init": "ones", "threshold": 0.0, "groups": ["neurons"]}, x)
