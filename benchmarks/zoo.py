@@ -13,7 +13,6 @@ be gated, with the reason.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torchvision

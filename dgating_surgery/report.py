@@ -1,6 +1,8 @@
 """Sparsity of a gated model: dead and alive groups per gate and kind, and what a cut would remove."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +72,7 @@ def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport
     """Dead/alive groups per gate and kind, and the parameters a ``shrink`` at ``threshold`` removes."""
     plan = plan_cut(model, threshold)
     dset = gate_set(model)
-    params = {name for name, _ in _named_tensors(model, parameters=True)}
+    params = _parameter_names(model)
     report = SparsityReport(params_total=model_params(model),
                             threshold=dset.recipe.threshold if threshold is None else float(threshold))
     for fqn, _ in plan.removed.items():
@@ -89,13 +91,8 @@ def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport
     return report
 
 
-def _named_tensors(model: nn.Module, parameters: bool):
-    """Parameter names as the cut plan writes them (``conv.weight``, also when parametrized)."""
-    for module_name, module in model.named_modules():
-        names = list(module._parameters)
-        if hasattr(module, "parametrizations"):
-            names += list(module.parametrizations.keys())
-        for attr in names:
-            if attr in ("original",) or module_name.endswith("parametrizations") or ".parametrizations." in module_name:
-                continue
-            yield (f"{module_name}.{attr}" if module_name else attr), module
+def _parameter_names(model: nn.Module) -> set[str]:
+    """Parameter names as cuts write them: ``conv.weight`` also when it is stored as
+    ``conv.parametrizations.weight.original``."""
+    return {re.sub(r"(^|\.)parametrizations\.([^.]+)\.original$", r"\1\2", name)
+            for name, _ in model.named_parameters()}
