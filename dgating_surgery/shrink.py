@@ -241,8 +241,9 @@ def _verify(reference, slim, rtol: float) -> None:
         diff = max_rel_diff(r, g)
         if diff > rtol:
             raise ShrinkError(f"output {i} of the slim model differs from the gated model by {diff:.3g} of its "
-                              f"largest value (tolerance {rtol:g}): a group above the threshold was cut, or a "
-                              "layer is not exactly removable. Lower the threshold or report the model.")
+                              f"largest value (tolerance {rtol:g}): the groups cut were not exactly zero. Lower "
+                              "the threshold, or pass a larger rtol if near-zero groups are meant to go; if the "
+                              "gates were exactly zero, please report the model.")
 
 
 def max_rel_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
