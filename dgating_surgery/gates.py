@@ -39,13 +39,14 @@ class DGate(nn.Module):
     so that ``shrink`` can cut the model without tracing it again."""
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
-                 D: int, cuts: list[Cut], positions: list[int] | None = None):
+                 D: int, cuts: list[Cut], positions: list[int] | None = None, width: int | None = None):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
         self.modules, self.module_types = list(modules), list(module_types)
         self.cuts = cuts
         self.positions = positions  # kind "features": which input feature each group is
+        self.width = width  # kind "features": how many features the input has
 
     @property
     def D(self) -> int:
@@ -64,13 +65,14 @@ class DGate(nn.Module):
 
     def get_extra_state(self):
         return {"name": self.name, "kind": self.kind, "modules": self.modules, "module_types": self.module_types,
-                "cuts": [(c.fqn, c.role, c.dim, c.index, c.scale) for c in self.cuts], "positions": self.positions}
+                "cuts": [(c.fqn, c.role, c.dim, c.index, c.scale) for c in self.cuts], "positions": self.positions,
+                "width": self.width}
 
     def set_extra_state(self, state):
         self.name, self.kind = state["name"], state["kind"]
         self.modules, self.module_types = state["modules"], state["module_types"]
         self.cuts = [Cut(*c) for c in state["cuts"]]
-        self.positions = state.get("positions")
+        self.positions, self.width = state.get("positions"), state.get("width")
 
 
 class DGateSet(nn.ModuleDict):
@@ -210,7 +212,7 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
         used.add(key)
         positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if gset.positions else None
         built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
-                           cuts[k], positions)
+                           cuts[k], positions, gset.width)
     return built
 
 

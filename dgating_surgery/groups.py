@@ -68,6 +68,7 @@ class GroupSet:
     reasons: list  # per group: None when exactly removable, else why not
     policies: list  # per group: which roles its gate scales ("affine", "producer", "consumer")
     positions: list | None = None  # kind "features": each group's position along the input's dim 1
+    width: int | None = None  # kind "features": the input's size along dim 1
 
     @property
     def name(self) -> str:
@@ -218,7 +219,6 @@ class Analysis:
             return self._materialize(state.fqn, arg)
         return state if isinstance(state, Labels) else None
 
-    operand = labels
 
     def all_labels(self, structure):
         out = []
@@ -401,9 +401,11 @@ def _resolve(a: Analysis) -> Plan:
             if a.spaces[s].module not in modules:
                 modules.append(a.spaces[s].module)
                 types.append(a.spaces[s].module_type)
-        positions = [first_elem[r] - a.spaces[key[0]].start for r in roots] if kind == "features" else None
+        space = a.spaces[key[0]]
+        positions = [first_elem[r] - space.start for r in roots] if kind == "features" else None
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
-                             [reason.get(r) for r in roots], [policy.get(r) for r in roots], positions))
+                             [reason.get(r) for r in roots], [policy.get(r) for r in roots], positions,
+                             space.size if kind == "features" else None))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return Plan(sets, a.attachments, root_of, a.frontend)
 

@@ -219,9 +219,9 @@ def _softmax_module(a, node):
 # element-wise rules
 
 
-def unary(a, node, keeps_zero: bool, x=None):
+def unary(a, node, keeps_zero: bool):
     """Element-wise: labels pass unchanged; the zero flag survives iff f(0) == 0."""
-    lab = a.labels(node.args[0] if x is None else x)
+    lab = a.labels(node.args[0])
     if lab is None or keeps_zero:
         return lab
     return Labels(lab.ids, lab.zaff & False, lab.zall & False)
@@ -231,7 +231,7 @@ def binary(a, node, kind: str):
     """Element-wise arithmetic of two operands: entries that meet are tied into one group.
     add/sub is zero when both sides are; mul when either is; div when the numerator is."""
     x, y = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-    lx, ly = a.operand(x), a.operand(y)
+    lx, ly = a.labels(x), a.labels(y)
     if lx is None and ly is None:
         return None
     scalar_zero = lambda v: isinstance(v, (int, float)) and v == 0  # noqa: E731
@@ -306,7 +306,7 @@ def _check_reshape(a, node, out, sizes):
         big = [d for d in outs if dst[d] > 1]
         fixed = [d for d in big if literal[d]]
         free = [d for d in big if not literal[d]]
-        if len(big) <= 1 and fixed or (big and not free):
+        if big and not free:
             a.taint(lab.ids, f"the forward code fixes the size of a grouped dim to {[dst[d] for d in fixed]} "
                              f"at {a.where(node)}, so it cannot shrink")
             continue

@@ -23,7 +23,7 @@ class CutPlan:
     dead: dict[str, torch.Tensor]  # gate key -> bool per group
     norms: dict[str, torch.Tensor]  # gate key -> collapsed L2 norm per group
     removed: dict[str, dict[int, torch.Tensor]]  # tensor name -> dim -> bool per position
-    removed_inputs: dict[str, list[int]]  # input name -> feature positions (dim 1) removed
+    kept_inputs: dict[str, list[int]]  # input name -> feature positions (dim 1) kept, where some go
 
     def kept_shape(self, fqn: str, shape) -> tuple[int, ...]:
         drop = self.removed.get(fqn, {})
@@ -38,22 +38,22 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
         raise ShrinkError(f"{type(model).__name__} is not gated: there is nothing to shrink (gate it with "
                           "dg.gate_model first)")
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
-    dead, norms, removed, removed_inputs = {}, {}, {}, {}
+    dead, norms, removed, kept_inputs = {}, {}, {}, {}
     for key, dgate in dset.items():
         norm = _group_sq_norms(model, dgate).sqrt()
         is_dead = norm < threshold
         if is_dead.all():
             is_dead[norm.argmax()] = False
         dead[key], norms[key] = is_dead, norm
-        if dgate.positions is not None:
-            removed_inputs.setdefault(dgate.modules[0], []).extend(
-                p for p, gone in zip(dgate.positions, is_dead.tolist()) if gone)
+        gone = {p for p, d in zip(dgate.positions or [], is_dead.tolist()) if d}
+        if gone:
+            kept_inputs[dgate.modules[0]] = [p for p in range(dgate.width) if p not in gone]
         for cut in dgate.cuts:
             along = cut.index.expand(_tensor(model, cut.fqn).shape[cut.dim])
             gone = (along >= 0) & is_dead[along.clamp(min=0)]
             per_dim = removed.setdefault(cut.fqn, {})
             per_dim[cut.dim] = per_dim.get(cut.dim, torch.zeros_like(gone)) | gone
-    return CutPlan(dead, norms, removed, {k: sorted(v) for k, v in removed_inputs.items()})
+    return CutPlan(dead, norms, removed, kept_inputs)
 
 
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
@@ -69,16 +69,13 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     check = example_inputs is not None or bool(kwargs)
     if check:
         reference = _run(model, example_inputs, kwargs)
-    widths = _input_widths(model, example_inputs, kwargs) if plan.removed_inputs else {}
     _collapse(model)
     for fqn, drop in plan.removed.items():
         _slice(model, fqn, drop)
     for module in model.modules():
         fix_attributes(module)
-    if plan.removed_inputs:
-        model.kept_input_features = {
-            name: torch.tensor([p for p in range(widths[name]) if p not in set(gone)])
-            for name, gone in plan.removed_inputs.items()}
+    if plan.kept_inputs:
+        model.kept_input_features = {name: torch.tensor(kept) for name, kept in plan.kept_inputs.items()}
     if check:
         try:
             slim = _run(model, *_select_features(model, example_inputs, kwargs))
@@ -182,22 +179,13 @@ def fix_attributes(module: nn.Module) -> None:
     """Re-derive a layer's shape attributes (in/out channels, groups, features) from its tensors."""
     names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
     for cls, fix in ATTRIBUTE_FIXERS:
-        if isinstance(cls, str) and cls in names or not isinstance(cls, str) and isinstance(module, cls):
+        if (cls in names) if isinstance(cls, str) else isinstance(module, cls):
             fix(module)
             return
 
 
 def _input_names(model: nn.Module) -> list[str]:
     return list(inspect.signature(model.forward).parameters)
-
-
-def _input_widths(model: nn.Module, example_inputs, kwargs) -> dict[str, int]:
-    """Width (dim 1) of each named input, to list the kept features; needs the example inputs."""
-    if example_inputs is None and not kwargs:
-        raise ShrinkError("input features were gated: pass example_inputs to shrink so that the slim model's "
-                          "input width is known")
-    named = dict(zip(_input_names(model), _as_tuple(example_inputs)), **kwargs)
-    return {name: value.shape[1] for name, value in named.items() if isinstance(value, torch.Tensor) and value.ndim > 1}
 
 
 def select_features(model: nn.Module, example_inputs, kwargs=None):
@@ -230,20 +218,25 @@ def _flatten_outputs(out) -> list[torch.Tensor]:
     return []
 
 
-def _verify(reference, slim, rtol: float) -> None:
-    ref, got = _flatten_outputs(reference), _flatten_outputs(slim)
+def output_diff(reference, other) -> float:
+    """The largest ``max_rel_diff`` over two models' outputs (tensors, tuples, dicts of them)."""
+    ref, got = _flatten_outputs(reference), _flatten_outputs(other)
     if len(ref) != len(got):
         raise ShrinkError(f"the slim model returns {len(got)} tensors, the gated one {len(ref)}")
     for i, (r, g) in enumerate(zip(ref, got)):
         if r.shape != g.shape:
             raise ShrinkError(f"output {i} of the slim model has shape {tuple(g.shape)}, the gated one "
                               f"{tuple(r.shape)}")
-        diff = max_rel_diff(r, g)
-        if diff > rtol:
-            raise ShrinkError(f"output {i} of the slim model differs from the gated model by {diff:.3g} of its "
-                              f"largest value (tolerance {rtol:g}): the groups cut were not exactly zero. Lower "
-                              "the threshold, or pass a larger rtol if near-zero groups are meant to go; if the "
-                              "gates were exactly zero, please report the model.")
+    return max(max_rel_diff(r, g) for r, g in zip(ref, got))
+
+
+def _verify(reference, slim, rtol: float) -> None:
+    diff = output_diff(reference, slim)
+    if diff > rtol:
+        raise ShrinkError(f"the slim model's output differs from the gated model's by {diff:.3g} of its largest "
+                          f"value (tolerance {rtol:g}): the groups cut were not exactly zero. Lower the threshold, "
+                          "or pass a larger rtol if near-zero groups are meant to go; if the gates were exactly "
+                          "zero, please report the model.")
 
 
 def max_rel_diff(reference: torch.Tensor, other: torch.Tensor) -> float:

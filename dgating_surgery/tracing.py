@@ -46,8 +46,7 @@ def _summarize(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return TensorInfo(tuple(value.shape), value.dtype)
     if isinstance(value, (tuple, list)):
-        return type(value)(_summarize(v) for v in value) if not hasattr(value, "_fields") else [
-            _summarize(v) for v in value]
+        return [_summarize(v) for v in value]  # namedtuples too: only the items matter
     if isinstance(value, dict):
         return {k: _summarize(v) for k, v in value.items()}
     return value
