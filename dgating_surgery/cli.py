@@ -14,6 +14,7 @@ JSON for scripts.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch.utils import _pytree as pytree
 from . import display
 from .checkpoint import kept_groups, load_gated, load_slim, save_gated, save_slim
 from .errors import DGatingError
-from .gates import analyze, gate_model, select
+from .gates import _along_dim, _cut_dim, analyze, gate_model, select
 from .measure import evaluating, forward, latency_ms, macs
 from .models import DTYPES, Origin, default_inputs, load_model, parse_shape
 from .recipe import load_recipe
@@ -186,29 +187,33 @@ def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
 def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
     """Parameter entries tied to each set's exactly removable groups (what a cut of all of them
     would remove), and the union over the chosen sets (an entry can belong to two sets: a conv
-    weight's output and input channel)."""
+    weight's output and input channel). Counted per dim, as a cut removes whole slices."""
     params = dict(model.named_parameters())
     set_of_root = np.full(plan.root_of.size, -1, dtype=np.int64)
     for k, gset in enumerate(plan.sets):
         set_of_root[gset.roots[gset.removable]] = k
     chosen_ids = {k for k, s in enumerate(plan.sets) if any(s is c for c in chosen)}
-    per_set: dict[tuple[int, str], torch.Tensor] = {}
+    lines: dict[tuple[int | None, str], dict[int, torch.Tensor]] = {}  # (set or None: chosen, tensor) -> dim -> owned
     for att in plan.attachments:
         if att.fqn not in params:
             continue
-        roots = torch.broadcast_to(plan.roots(att.ids), params[att.fqn].shape).numpy()
+        roots = plan.roots(att.ids).numpy()
         owner = np.where(roots >= 0, set_of_root[np.clip(roots, 0, None)], -1)
+        dim = _cut_dim(owner, att)
+        along = _along_dim(owner, dim).expand(params[att.fqn].shape[dim])
         for k in np.unique(owner[owner >= 0]).tolist():
-            key = (k, att.fqn)
-            mask = torch.from_numpy(owner == k)
-            per_set[key] = per_set[key] | mask if key in per_set else mask
-    covered = [0] * len(plan.sets)
-    union: dict[str, torch.Tensor] = {}
-    for (k, fqn), mask in per_set.items():
-        covered[k] += int(mask.sum())
-        if k in chosen_ids:
-            union[fqn] = union[fqn] | mask if fqn in union else mask
-    return covered, sum(int(m.sum()) for m in union.values())
+            for key in [(k, att.fqn)] + ([(None, att.fqn)] if k in chosen_ids else []):
+                per_dim = lines.setdefault(key, {})
+                per_dim[dim] = per_dim.get(dim, torch.zeros_like(along, dtype=torch.bool)) | (along == k)
+    covered, union = [0] * len(plan.sets), 0
+    for (k, fqn), per_dim in lines.items():
+        shape = params[fqn].shape
+        kept = math.prod(size - int(per_dim[d].sum()) if d in per_dim else size for d, size in enumerate(shape))
+        if k is None:
+            union += shape.numel() - kept
+        else:
+            covered[k] += shape.numel() - kept
+    return covered, union
 
 
 # -- convert ---------------------------------------------------------------------------------------

@@ -246,19 +246,23 @@ def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
     return getattr(model.get_submodule(module_name), attr)
 
 
-def _group_sq_norms(model: nn.Module, dgate: DGate) -> torch.Tensor:
-    """Sum of squares of each group's gated parameter entries (as the model sees them now)."""
-    acc = torch.zeros(dgate.num_groups, dtype=torch.float64)
-    with torch.no_grad():
-        for cut in dgate.cuts:
-            if not (cut.scale >= 0).any():
-                continue
-            value = _tensor(model, cut.fqn).detach()
-            other = [d for d in range(value.ndim) if d != cut.dim]
-            per_pos = value.double().pow(2).sum(dim=other) if other else value.double().pow(2)
-            scale = cut.scale.expand(per_pos.shape)
-            keep = scale >= 0
-            acc.index_add_(0, scale[keep], per_pos[keep])
+def group_sq_sums(model: nn.Module, dgate: DGate, of: str = "weights", dtype=None) -> torch.Tensor:
+    """Sum of squares of each group's gated entries (differentiable): of the weights as the network
+    uses them ("weights", gates multiplied in; what the threshold compares) or of the primary
+    weights alone ("theta"). ``dtype``: of the sums (default: the factors')."""
+    acc = dgate.factors.new_zeros(dgate.num_groups, dtype=dtype)
+    for cut in dgate.cuts:
+        if not (cut.scale >= 0).any():
+            continue
+        module_name, _, attr = cut.fqn.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = module.parametrizations[attr].original if of == "theta" else getattr(module, attr)
+        other = [d for d in range(value.ndim) if d != cut.dim]
+        per_pos = value.to(acc.dtype).pow(2)
+        per_pos = per_pos.sum(dim=other) if other else per_pos
+        scale = cut.scale.to(per_pos.device).expand(per_pos.shape)
+        keep = scale >= 0
+        acc = acc.index_add(0, scale[keep], per_pos[keep])
     return acc
 
 
@@ -266,7 +270,7 @@ def _balance(model: nn.Module, dgates, D: int) -> None:
     """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D)."""
     with torch.no_grad():
         for dgate in dgates:
-            norm = _group_sq_norms(model, dgate).sqrt()
+            norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
             norm = torch.where(norm > 0, norm, torch.ones_like(norm))
             dgate.factors.copy_(norm.pow(1.0 / D).float().expand_as(dgate.factors))
             gate = torch.cat([torch.ones(1, dtype=torch.float64), norm.pow((D - 1) / D)])

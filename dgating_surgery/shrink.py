@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ShrinkError
-from .gates import GATES_ATTR, DGate, GateScale, _group_sq_norms, _tensor, gate_set
+from .gates import GATES_ATTR, DGate, GateScale, _tensor, gate_set, group_sq_sums
 from .tracing import _as_tuple, _mode
 
 
@@ -40,7 +40,8 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
     dead, norms, removed, kept_inputs = {}, {}, {}, {}
     for key, dgate in dset.items():
-        norm = _group_sq_norms(model, dgate).sqrt()
+        with torch.no_grad():
+            norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
         is_dead = norm < threshold
         if is_dead.all():
             is_dead[norm.argmax()] = False

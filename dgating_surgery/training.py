@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .gates import DGate, GateScale, gate_set
+from .gates import GateScale, gate_set, group_sq_sums
 from .report import sparsity
 
 
@@ -73,31 +73,13 @@ def penalty(model: nn.Module, lam: float | None = None) -> torch.Tensor:
     return (lam / D) * total
 
 
-def _group_sq(model: nn.Module, dgate: DGate, of: str) -> torch.Tensor:
-    """Differentiable sum of squares per group, of the primary weights ("theta") or of the
-    weights the network uses ("weights", gates multiplied in)."""
-    acc = dgate.factors.new_zeros(dgate.num_groups)
-    for cut in dgate.cuts:
-        if not (cut.scale >= 0).any():
-            continue
-        module_name, _, attr = cut.fqn.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = module.parametrizations[attr].original if of == "theta" else getattr(module, attr)
-        other = [d for d in range(value.ndim) if d != cut.dim]
-        per_pos = (value.pow(2).sum(dim=other) if other else value.pow(2)).to(acc.dtype)
-        scale = cut.scale.to(per_pos.device).expand(per_pos.shape)
-        keep = scale >= 0
-        acc = acc.index_add(0, scale[keep], per_pos[keep])
-    return acc
-
-
 def group_norms(model: nn.Module, of: str = "weights") -> dict[str, torch.Tensor]:
     """L2 norm of every group, per gate key (differentiable). ``of="weights"``: the collapsed
     weights w_j (what the threshold compares); ``of="theta"``: the primary weights alone."""
     if of not in ("weights", "theta"):
         raise ValueError(f"of must be 'weights' or 'theta', got {of!r}")
     dset = _require_gated(model)
-    return {key: _group_sq(model, dgate, of).sqrt() for key, dgate in dset.items()}
+    return {key: group_sq_sums(model, dgate, of).sqrt() for key, dgate in dset.items()}
 
 
 def imbalance(model: nn.Module, threshold: float | None = None) -> float:
