@@ -90,14 +90,20 @@ class DGateSet(nn.ModuleDict):
 
 class GateScale(nn.Module):
     """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
-    its group's position in the concatenated gates of ``sources`` (-1: not gated)."""
+    its group's position in the concatenated gates of ``sources`` (-1: not gated). When one gate
+    owns every entry in order (a BatchNorm after its conv, the usual case) the gate vector is used
+    as it is: no concatenation or gather in the training step."""
 
     def __init__(self, sources: list[DGate], index: torch.Tensor):
         super().__init__()
         self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
+        flat = index.reshape(-1)
+        self.in_order = len(sources) == 1 and torch.equal(flat, torch.arange(sources[0].num_groups))
         self.register_buffer("index", index + 1, persistent=False)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        if self.in_order:
+            return theta * self.sources[0].gate().to(theta.dtype).reshape(self.index.shape)
         gates = torch.cat([theta.new_ones(1)] + [g.gate().to(theta.dtype) for g in self.sources])
         return theta * gates[self.index]
 
