@@ -12,7 +12,7 @@ import warnings
 import torch
 import torchvision
 
-from dgating_surgery.selfcheck import random_cut_check
+import dgating_surgery as dg
 
 TIMM = ["mixer_s16_224", "ghostnet_100", "rexnet_100", "levit_128s", "poolformer_s12", "mobilevit_xxs", "regnetz_b16",
         "cspresnet50", "dla34", "res2net50_26w_4s", "skresnet18", "xception41", "repvgg_a0", "lcnet_050"]
@@ -39,7 +39,7 @@ def main() -> int:
     passed = total = 0
     for name, model, x in models():
         total += 1
-        c = random_cut_check(model, x, "default", fraction=0.3, seed=0)
+        c = dg.random_cut_check(model, x, "default", fraction=0.3, seed=0)
         passed += c.ok
         print(f"{name:42s} {c.groups_gated:7d} {c.groups_cut:6d} {c.params_before:14,d} {c.params_after:13,d} "
               f"{c.gate_diff:10.1e} {c.slim_diff:10.1e} {'yes' if c.ok else 'NO'}", flush=True)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery.report import model_params
 from paper_common import REST_WD, accuracy, digits, fit, ms, run_dgating, setup, timer
 
 SEEDS = (0, 1, 2)
@@ -66,13 +65,13 @@ def main():
         fit(dense, [{"params": list(dense.parameters()), "weight_decay": REST_WD}], Xtr, ytr, EPOCHS, LR, seed)
         macs = dg.count_macs(dense, Xte[:1])[0]
         rows.append({"setting": "dense", "seed": seed, "acc": accuracy(dense, Xte, yte), "channels": 80,
-                     "macs": 0.0, "params": model_params(dense), "ms": latency_ms(dense, batch)})
+                     "macs": 0.0, "params": dg.model_params(dense), "ms": latency_ms(dense, batch)})
         for lam in LAMS:
             r = run_dgating(CNN, data, GROUPS, D, lam, EPOCHS, LR, seed)
             slim = r["slim"]
             rows.append({"setting": f"D-Gating D={D}, lambda {lam:g}", "seed": seed, "acc": r["acc"],
                          "channels": 80 - r["dead"]["channels"], "macs": 1 - dg.count_macs(slim, Xte[:1])[0] / macs,
-                         "params": model_params(slim), "ms": latency_ms(slim, batch)})
+                         "params": dg.model_params(slim), "ms": latency_ms(slim, batch)})
         print(f"seed {seed} done ({elapsed():.0f} s)", flush=True)
     print(f"\n### Small CNN on digits, channel-level (mean ± std over seeds {', '.join(map(str, SEEDS))})\n")
     print("| model | test accuracy (%) | channels kept (of 80) | MACs removed (%) | params | latency, batch 256 (ms) |")

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery.report import model_params
-from dgating_surgery.shrink import select_features
+from dgating_surgery import demo
+from dgating_surgery.demo import accuracy
 
 THRESHOLD = 1e-4  # absolute collapsed-group L2 norm under which a group is cut, for every method
 REST_WD = 5e-4  # plain L2 on the parameters no method regularizes by group, equal for all methods
@@ -28,21 +28,9 @@ def setup() -> None:
     torch.set_num_threads(1)  # the machine is shared; timings are single-thread
 
 
-def split(X, y, seed=0, test=0.3, standardize=True):
-    from sklearn.model_selection import train_test_split
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test, random_state=seed, stratify=y)
-    if standardize:
-        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-8
-        Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
-    t = lambda a, dt=torch.float32: torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
-    return t(Xtr), t(ytr, torch.long), t(Xte), t(yte, torch.long)
-
-
 def digits(images=False):
     """sklearn's 8x8 digits (1797 images), pixel values scaled to [0, 1], a fixed 70/30 split."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    Xtr, ytr, Xte, yte = split(d.data / 16.0, d.target, standardize=False)
+    Xtr, ytr, Xte, yte = demo.digits(test=0.3)
     if images:
         Xtr, Xte = Xtr.view(-1, 1, 8, 8), Xte.view(-1, 1, 8, 8)
     return Xtr, ytr, Xte, yte
@@ -52,7 +40,7 @@ def wine():
     """sklearn's Wine data (178 samples, 13 features, 3 classes), standardized, a fixed 70/30 split."""
     from sklearn.datasets import load_wine
     d = load_wine()
-    return split(d.data, d.target)
+    return demo.split(d.data, d.target, test=0.3, standardize=True)
 
 
 class MLP(nn.Module):
@@ -68,13 +56,6 @@ class MLP(nn.Module):
         for layer in self.hidden:
             x = F.relu(layer(x))
         return self.out(x)
-
-
-def accuracy(model, X, y) -> float:
-    model.eval()
-    with torch.no_grad():
-        X = select_features(model, X)[0][0] if getattr(model, "kept_input_features", None) else X
-        return float((model(X).argmax(1) == y).float().mean())
 
 
 def fit(model, params, X, y, epochs, lr, seed, batch=64, momentum=0.9, loss_fn=None, extra_loss=None,
@@ -126,14 +107,14 @@ def cut_and_measure(model, data, example=None):
     Xtr, ytr, Xte, yte = data
     report = dg.sparsity(model, THRESHOLD)
     by_kind = report.by_kind()
-    before = model_params(model)
+    before = dg.model_params(model)
     macs_dense, macs_kept = dg.count_macs(model, Xte[:1], THRESHOLD)
     # groups under the threshold are tiny, not exactly zero: allow their effect (accuracy is
     # measured on the slim model anyway)
     slim = dg.shrink(model, THRESHOLD, example_inputs=Xtr[:2] if example is None else example, rtol=1e-2)
     return {"acc": accuracy(slim, Xte, yte), "removed": report.dead / report.groups,
             "dead": {k: v["dead"] for k, v in by_kind.items()}, "groups": {k: v["groups"] for k, v in by_kind.items()},
-            "params_before": before, "params_after": model_params(slim),
+            "params_before": before, "params_after": dg.model_params(slim),
             "macs_removed": 1 - macs_kept / macs_dense, "slim": slim}
 
 
@@ -148,7 +129,7 @@ def run_dgating(make_net, data, groups, D, lam, epochs, lr, seed, loss_fn=None, 
     r = cut_and_measure(model, data)
     if finetune:
         slim = r["slim"]
-        fit(slim, [{"params": list(slim.parameters()), "weight_decay": REST_WD}], select_features(slim, Xtr)[0][0], ytr,
+        fit(slim, [{"params": list(slim.parameters()), "weight_decay": REST_WD}], dg.select_features(slim, Xtr)[0][0], ytr,
             finetune, lr, seed + 1, loss_fn=loss_fn)
         r["acc"] = accuracy(slim, data[2], data[3])
     return r
@@ -166,15 +147,9 @@ def run_direct(make_net, data, groups, lam, epochs, lr, seed, loss_fn=None):
 
 def group_scale_(model, factor_of: dict) -> None:
     """Multiply every group's primary weights by a per-group factor (gate key -> tensor)."""
-    from dgating_surgery.gates import shaped
-    with torch.no_grad():
-        for key, dgate in model.dgates.items():
-            scale = torch.cat([torch.ones(1), factor_of[key].float()])
-            for cut in dgate.cuts:
-                if (cut.scale >= 0).any():
-                    module_name, _, attr = cut.fqn.rpartition(".")
-                    theta = model.get_submodule(module_name).parametrizations[attr].original
-                    theta.mul_(shaped(scale[cut.scale.expand(theta.shape[cut.dim]) + 1], cut.dim, theta.ndim))
+    from dgating_surgery.gates import scale_groups_
+    for key, dgate in model.dgates.items():
+        scale_groups_(model, dgate, factor_of[key].float())
 
 
 def run_prox(make_net, data, groups, lam, epochs, lr, seed, loss_fn=None):

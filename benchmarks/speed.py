@@ -17,7 +17,6 @@ import torch
 import torchvision
 
 import dgating_surgery as dg
-from dgating_surgery.selfcheck import kill_random_groups
 
 
 def step_time(model, x, y, repeats=15, warmup=3) -> float:
@@ -61,7 +60,7 @@ def main() -> None:
     start = time.perf_counter()
     dg.gate_model(model, "default", x1)
     t_gate = time.perf_counter() - start
-    kill_random_groups(model, 0.3, seed=0)
+    dg.kill_random_groups(model, 0.3, seed=0)
     start = time.perf_counter()
     dg.shrink(model)
     t_shrink = time.perf_counter() - start

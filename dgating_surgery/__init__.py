@@ -6,25 +6,37 @@ physically removes the dead groups.
     ...train with dg.param_groups(gated, lam) or loss + dg.penalty(gated, lam)...
     slim = dg.shrink(gated, example_inputs=...)
 """
-from .checkpoint import CheckpointError, kept_groups, load_gated, load_slim, read_manifest, save_gated, save_slim
-from .errors import DGatingError, GatingError, RecipeError, ShrinkError, TraceError
-from .gates import DGate, analyze, gate_model, gates
-from .models import ModelSpecError, load_model
+from .checkpoint import kept_groups, load_gated, load_slim, read_manifest, save_gated, save_slim
+from .errors import (CheckpointError, DGatingError, GatingError, ModelSpecError, NotGatedError, RecipeError,
+                     ShrinkError, TraceError)
+from .execution import max_rel_diff, output_diff
+from .gates import DGate, analyze, apply_plan, gate_model, gates
+from .measure import latency_ms, macs, macs_after_cut
+from .models import load_model
 from .recipe import GroupSpec, Recipe, load_recipe, shipped_recipes
-from .report import sparsity
-from .shrink import plan_cut, shrink
-from .search import SearchResult, count_macs, removed_fraction, search_lambda
+from .report import model_params, sparsity
+from .search import SearchResult, removed_fraction, search_lambda
+from .selfcheck import CutCheck, expose_weights, kill_random_groups, random_cut_check
+from .shrink import plan_cut, select_features, shrink
 from .training import (SparsityMonitor, check_optimizer, group_norms, imbalance, param_groups, penalty,
                        track)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ModelSpecError", "kept_groups", "load_gated", "load_model", "load_slim", "read_manifest",
-    "save_gated", "save_slim",
-    "DGate", "DGatingError", "GatingError", "GroupSpec", "Recipe", "RecipeError", "ShrinkError", "TraceError",
-    "analyze", "gate_model", "gates", "load_recipe", "param_groups", "penalty", "plan_cut", "shipped_recipes",
-    "shrink", "sparsity",
-    "SearchResult", "SparsityMonitor", "check_optimizer", "count_macs", "group_norms", "imbalance",
-    "removed_fraction", "search_lambda", "track",
+    # gate, inspect, cut
+    "gate_model", "analyze", "apply_plan", "gates", "DGate", "plan_cut", "shrink", "select_features",
+    # recipes
+    "load_recipe", "shipped_recipes", "Recipe", "GroupSpec",
+    # training
+    "param_groups", "penalty", "check_optimizer", "track", "SparsityMonitor", "group_norms", "imbalance",
+    "search_lambda", "SearchResult", "removed_fraction",
+    # figures and checks
+    "sparsity", "model_params", "macs", "macs_after_cut", "latency_ms", "output_diff", "max_rel_diff",
+    "random_cut_check", "CutCheck", "kill_random_groups", "expose_weights",
+    # checkpoints and models
+    "save_slim", "load_slim", "save_gated", "load_gated", "kept_groups", "read_manifest", "load_model",
+    # errors
+    "DGatingError", "RecipeError", "TraceError", "GatingError", "NotGatedError", "ShrinkError", "CheckpointError",
+    "ModelSpecError",
 ]

@@ -28,19 +28,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import DGatingError
-from .gates import gate_model, gate_set
-from .models import (InputSpec, ModelRef, ModelSpecError, Origin, as_reference, build, dumps, mismatch,
-                     reference_of)
+from .errors import CheckpointError, DGatingError, ModelSpecError
+from .fixers import fix_attributes
+from .gates import gate_model, gate_set, require_gated
+from .models import InputSpec, ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
 from .recipe import load_recipe
-from .shrink import fix_attributes, plan_cut
+from .shrink import plan_cut
+from .tensors import owner, replace_tensor
 
 META_KEY = "dgating_surgery"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(DGatingError, RuntimeError):
-    """A checkpoint cannot be written or read, or does not fit the architecture it names."""
 
 
 # -- gated artefact --------------------------------------------------------------------------------
@@ -51,10 +48,7 @@ def save_gated(model: nn.Module, path, reference=None, example_inputs=None, exam
     architecture; ``example_inputs``/``example_kwargs`` are recorded as shapes and dtypes to gate it
     again. Both default to what ``model.dgate_origin`` recorded when it was loaded here.
     """
-    dset = gate_set(model)
-    if dset is None:
-        raise CheckpointError(f"{type(model).__name__} is not gated: gate it with dg.gate_model first (a shrunk "
-                              "model is saved with dg.save_slim)")
+    dset = require_gated(model, "save_gated", "a shrunk model is saved with dg.save_slim")
     origin = _origin(model, reference, example_inputs, example_kwargs)
     if origin.inputs is None:
         raise CheckpointError("save_gated needs example_inputs (the batch the model was gated with): loading gates "
@@ -123,8 +117,7 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         ref = as_reference(reference) if reference is not None else ModelRef.from_dict(manifest["model"])
         model, label = _build(ref, allow_pickle, path), ref
     _resize(model, state, path, label)
-    for module in model.modules():
-        fix_attributes(module)
+    fix_attributes(model)
     _load_strict(model, state, path, label)
     if manifest.get("kept_input_features"):
         model.kept_input_features = {k: torch.tensor(v, dtype=torch.long)
@@ -185,14 +178,8 @@ def _resize(model: nn.Module, state: dict, path, ref) -> None:
             raise CheckpointError(f"{path} does not fit {ref}: tensor '{key}' has shape {tuple(saved.shape)} in the "
                                   f"file but {tuple(own[key].shape)} in the rebuilt model, so it is not a cut of "
                                   "this architecture")
-        module_name, _, attr = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        if attr in module._parameters:
-            old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(torch.empty(saved.shape, dtype=saved.dtype),
-                                                    requires_grad=old.requires_grad)
-        else:
-            module._buffers[attr] = torch.empty(saved.shape, dtype=saved.dtype)
+        module, attr = owner(model, key)
+        replace_tensor(module, attr, torch.empty(saved.shape, dtype=saved.dtype))
 
 
 def _load_strict(model: nn.Module, state: dict, path, ref) -> None:

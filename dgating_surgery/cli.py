@@ -24,13 +24,14 @@ import numpy as np
 import torch
 import yaml
 from rich.table import Table
-from torch.utils import _pytree as pytree
 
 from . import display
 from .checkpoint import kept_groups, load_gated, load_slim, save_gated, save_slim
 from .errors import DGatingError
-from .gates import _along_dim, _cut_dim, analyze, gate_model, select
-from .measure import evaluating, forward, latency_ms, macs
+from .execution import evaluating, output_diff
+from .gates import analyze, gate_model, select
+from .groups import profile
+from .measure import forward, latency_ms, macs, macs_after_cut
 from .models import DTYPES, Origin, default_inputs, load_model, parse_shape
 from .recipe import load_recipe
 from .report import model_params, sparsity
@@ -197,10 +198,10 @@ def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
     for att in plan.attachments:
         if att.fqn not in params:
             continue
-        roots = plan.roots(att.ids).numpy()
+        roots = plan.roots(att.ids)
         owner = np.where(roots >= 0, set_of_root[np.clip(roots, 0, None)], -1)
-        dim = _cut_dim(owner, att)
-        along = _along_dim(owner, dim).expand(params[att.fqn].shape[dim])
+        dim, along = profile(owner, att)
+        along = along.expand(params[att.fqn].shape[dim])
         for k in np.unique(owner[owner >= 0]).tolist():
             for key in [(k, att.fqn)] + ([(None, att.fqn)] if k in chosen_ids else []):
                 per_dim = lines.setdefault(key, {})
@@ -259,9 +260,7 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
     norms = torch.cat(list(plan_cut(model, threshold).norms.values()))
     bins = display.histogram(norms, rep.threshold)
     macs_before = macs(model, args, kwargs)
-    # the MACs after a cut are measured on the cut model itself (this copy in memory is cut; a
-    # deepcopy would share torch's parametrized classes with the original, which the cut edits)
-    macs_after = macs(shrink(model, threshold, args, kwargs), args, kwargs)
+    macs_after = macs_after_cut(model, args, kwargs, threshold)
     data = {"threshold": rep.threshold, "groups": rep.groups, "dead": rep.dead, "params_total": rep.params_total,
             "params_removable": rep.params_removable, "macs_before": macs_before, "macs_after": macs_after,
             "macs_removable": macs_before - macs_after,
@@ -320,9 +319,7 @@ def shrink_cmd(gated_path, output, threshold, verify, exports, reference, allow_
 def _verify_reload(slim, out: Path, allow_pickle: bool, args, kwargs) -> None:
     """Outputs of the checkpoint as loaded from disk must equal the in-memory slim model's exactly."""
     reloaded = load_slim(out, allow_pickle=allow_pickle)
-    expected = [t for t in pytree.tree_leaves(forward(slim, args, kwargs)) if isinstance(t, torch.Tensor)]
-    got = [t for t in pytree.tree_leaves(forward(reloaded, args, kwargs)) if isinstance(t, torch.Tensor)]
-    if len(expected) != len(got) or not all(torch.equal(a, b) for a, b in zip(expected, got)):
+    if output_diff(forward(slim, args, kwargs), forward(reloaded, args, kwargs)) != 0.0:
         out.unlink()
         raise click.ClickException(f"{out}: the reloaded checkpoint's outputs differ from the slim model's; the file "
                                    "was removed. Please report the model.")

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -21,9 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import display
-from .checkpoint import CheckpointError, kept_groups, load_slim, save_slim
+from .checkpoint import kept_groups, load_slim, save_slim
+from .errors import CheckpointError
 from .gates import gate_model
-from .measure import evaluating, latency_ms, macs
+from .execution import output_diff
+from .measure import forward, latency_ms, macs
 from .models import InputSpec, ModelRef, Origin
 from .report import model_params, sparsity
 from .shrink import shrink
@@ -66,19 +69,29 @@ class DemoResult:
     seconds: float
 
 
-def digits(seed: int = 0):
-    """sklearn's 8x8 digits scaled to [0, 1], split 75/25 (stratified, fixed)."""
-    from sklearn.datasets import load_digits
+def split(X, y, test: float, seed: int = 0, standardize: bool = False):
+    """A fixed stratified train/test split of numpy data as tensors (Xtr, ytr, Xte, yte), features
+    optionally standardized with the training statistics (the paper benchmarks use it too)."""
     from sklearn.model_selection import train_test_split
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test, random_state=seed, stratify=y)
+    if standardize:
+        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-8
+        Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return f(Xtr), torch.as_tensor(np.asarray(ytr), dtype=torch.long), f(Xte), torch.as_tensor(np.asarray(yte),
+                                                                                               dtype=torch.long)
+
+
+def digits(seed: int = 0, test: float = 0.25):
+    """sklearn's 8x8 digits scaled to [0, 1], a fixed stratified split."""
+    from sklearn.datasets import load_digits
     X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=0.25, random_state=seed, stratify=y)
-    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
+    return split(X / 16.0, y, test, seed)
 
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    with evaluating(model):
-        return float((model(X).argmax(1) == y).float().mean())
+    """Test accuracy of a classifier on full-width inputs (a slim model gets its kept features)."""
+    return float((forward(model, (X,)).argmax(1) == y).float().mean())
 
 
 def run_demo(out: str | Path | None = None, epochs: int = EPOCHS, lam: float = RECIPE["lam"], seed: int = 0,
@@ -115,9 +128,7 @@ def _journey(out, epochs, lam, seed, console, start) -> DemoResult:
         path = Path(where) / "digits_slim.safetensors"
         save_slim(slim, path, kept=kept)
         loaded = load_slim(path)
-        with evaluating(slim), evaluating(loaded):
-            same = torch.equal(slim(Xte), loaded(Xte))
-        if not same:
+        if output_diff(forward(slim, (Xte,)), forward(loaded, (Xte,))) != 0.0:
             raise CheckpointError(f"{path}: the reloaded slim model's outputs differ from the saved model's")
         after = _measure(loaded, Xte, yte)
         console.print(f"slim checkpoint written to {path if out is not None else path.name + ' (temporary)'} "

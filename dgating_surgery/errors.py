@@ -1,4 +1,8 @@
-"""Exceptions raised by dgating-surgery: each names what was wrong and what to do about it."""
+"""Every exception dgating-surgery raises on purpose: each names what was wrong and what to do.
+
+The command line turns any ``DGatingError`` into one ``Error: ...`` line; anything else escaping
+the package is a bug.
+"""
 
 
 class DGatingError(Exception):
@@ -17,5 +21,17 @@ class GatingError(DGatingError, RuntimeError):
     """Gating could not be applied (nothing matched, model already gated, ...)."""
 
 
+class NotGatedError(DGatingError, ValueError):
+    """A function that needs a gated model (shrink, penalty, save_gated, ...) got an ungated one."""
+
+
 class ShrinkError(DGatingError, RuntimeError):
     """Shrinking failed or the slim model does not compute the gated model's function."""
+
+
+class CheckpointError(DGatingError, RuntimeError):
+    """A checkpoint cannot be written or read, or does not fit the architecture it names."""
+
+
+class ModelSpecError(DGatingError, ValueError):
+    """A MODEL spec or weights file could not be resolved; the message names it and says what to pass."""

@@ -14,8 +14,10 @@ from torch.nn.utils import parametrize
 
 from . import groups as groups_mod
 from . import tracing
-from .errors import GatingError
+from .errors import GatingError, NotGatedError
+from .kinds import KINDS, POLICY, Role
 from .recipe import Recipe, load_recipe
+from .tensors import along, get_tensor, owner
 
 GATES_ATTR = "dgates"
 
@@ -27,7 +29,7 @@ class Cut:
     (length 1 when one group owns the whole dim)."""
 
     fqn: str
-    role: str
+    role: Role
     dim: int
     index: torch.Tensor
     scale: torch.Tensor
@@ -45,8 +47,8 @@ class DGate(nn.Module):
         self.name, self.kind = name, kind
         self.modules, self.module_types = list(modules), list(module_types)
         self.cuts = cuts
-        self.positions = positions  # kind "features": which input feature each group is
-        self.width = width  # kind "features": how many features the input has
+        self.positions = positions  # kinds that record their input: which input feature each group is
+        self.width = width  # kinds that record their input: how many features the input has
 
     @property
     def D(self) -> int:
@@ -71,7 +73,7 @@ class DGate(nn.Module):
     def set_extra_state(self, state):
         self.name, self.kind = state["name"], state["kind"]
         self.modules, self.module_types = state["modules"], state["module_types"]
-        self.cuts = [Cut(*c) for c in state["cuts"]]
+        self.cuts = [Cut(fqn, Role(role), dim, index, scale) for fqn, role, dim, index, scale in state["cuts"]]
         self.positions, self.width = state.get("positions"), state.get("width")
 
 
@@ -111,6 +113,15 @@ class GateScale(nn.Module):
 def gate_set(model: nn.Module) -> DGateSet | None:
     found = getattr(model, GATES_ATTR, None)
     return found if isinstance(found, DGateSet) else None
+
+
+def require_gated(model: nn.Module, what: str, hint: str = "") -> DGateSet:
+    """The gates of ``model``, or a ``NotGatedError`` saying that ``what`` needs a gated model."""
+    found = gate_set(model)
+    if found is None:
+        raise NotGatedError(f"{type(model).__name__} is not gated: {what} needs a model from dg.gate_model(model, "
+                            f"recipe, example_inputs){f' ({hint})' if hint else ''}")
+    return found
 
 
 def gates(model: nn.Module) -> list[DGate]:
@@ -189,17 +200,17 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
     n = plan.root_of.size
     gate_of = np.full(n, -1, dtype=np.int64)
     group_of = np.full(n, -1, dtype=np.int64)
-    scaled = {role: np.zeros(n, dtype=bool) for role in ("producer", "affine", "consumer", "stat")}
+    scaled = {role: np.zeros(n, dtype=bool) for role in Role}
     for k, gset in enumerate(chosen):
         roots = gset.roots[gset.removable]
         gate_of[roots] = k
         group_of[roots] = np.arange(roots.size)
         for r, pol in zip(roots.tolist(), [p for p, ok in zip(gset.policies, gset.removable) if ok]):
-            for role in groups_mod.SCALED_ROLES[pol]:
+            for role in POLICY[pol].scales:
                 scaled[role][r] = True
     cuts: list[list[Cut]] = [[] for _ in chosen]
     for att in plan.attachments:
-        roots = plan.roots(att.ids).numpy()
+        roots = plan.roots(att.ids)
         valid = roots >= 0
         safe = np.where(valid, roots, 0)
         for k in np.unique(gate_of[roots[valid]]):
@@ -207,49 +218,29 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
                 continue
             mine = valid & (gate_of[safe] == k)
             index = np.where(mine, group_of[safe], -1)
-            scale = np.where(mine & scaled[att.role][safe], index, -1)
-            dim = _cut_dim(index, att)
-            cuts[k].append(Cut(att.fqn, att.role, dim, _along_dim(index, dim), _along_dim(scale, dim)))
+            dim, index_along = groups_mod.profile(index, att)
+            _, scale_along = groups_mod.profile(np.where(mine & scaled[att.role][safe], index, -1), att, dim)
+            cuts[k].append(Cut(att.fqn, att.role, dim, index_along, scale_along))
     built, used = {}, set()
     for k, gset in enumerate(chosen):
         key = gset.modules[0].replace(".", "_") or "input"
         while key in used:
             key += "_"
         used.add(key)
-        positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if gset.positions else None
+        records = KINDS[gset.kind].records_input
+        positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if records else None
         built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
                            cuts[k], positions, gset.width)
     return built
 
 
-def _cut_dim(index: np.ndarray, att) -> int:
-    varying = [d for d in range(index.ndim) if index.shape[d] > 1 and not (index == index.take([0], axis=d)).all()]
-    if len(varying) == 1:
-        return varying[0]
-    return att.dim if att.dim is not None else 0
-
-
-def _along_dim(index: np.ndarray, dim: int) -> torch.Tensor:
-    """The 1-D profile of an index map along ``dim`` (the group analysis guarantees the map is
-    constant along every other dim)."""
-    if index.ndim == 0:
-        return torch.from_numpy(index.reshape(1))
-    for d in range(index.ndim):
-        if d != dim:
-            index = index.take([0], axis=d)
-    return torch.from_numpy(np.ascontiguousarray(index.reshape(-1)))
-
-
-def shaped(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
-    """A 1-D per-position vector viewed so that it broadcasts along ``dim`` of an ``ndim``-D tensor."""
-    shape = [1] * ndim
-    shape[dim] = -1
-    return vector.reshape(shape)
-
-
-def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
-    module_name, _, attr = fqn.rpartition(".")
-    return getattr(model.get_submodule(module_name), attr)
+def primary(model: nn.Module, fqn: str) -> torch.Tensor:
+    """The stored primary weight theta of a gated tensor (its value without the gate); the tensor
+    itself while it is not parametrized yet."""
+    module, attr = owner(model, fqn)
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
 
 
 def group_sq_sums(model: nn.Module, dgate: DGate, of: str = "weights", dtype=None) -> torch.Tensor:
@@ -260,9 +251,7 @@ def group_sq_sums(model: nn.Module, dgate: DGate, of: str = "weights", dtype=Non
     for cut in dgate.cuts:
         if not (cut.scale >= 0).any():
             continue
-        module_name, _, attr = cut.fqn.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = module.parametrizations[attr].original if of == "theta" else getattr(module, attr)
+        value = primary(model, cut.fqn) if of == "theta" else get_tensor(model, cut.fqn)
         other = [d for d in range(value.ndim) if d != cut.dim]
         per_pos = value.to(acc.dtype).pow(2)
         per_pos = per_pos.sum(dim=other) if other else per_pos
@@ -272,6 +261,16 @@ def group_sq_sums(model: nn.Module, dgate: DGate, of: str = "weights", dtype=Non
     return acc
 
 
+def scale_groups_(model: nn.Module, dgate: DGate, factor: torch.Tensor) -> None:
+    """Multiply the primary weights of each group j (the slices its gate scales) by ``factor[j]``."""
+    with torch.no_grad():
+        per_group = torch.cat([torch.ones(1, dtype=factor.dtype), factor])  # position 0: entries of no group
+        for cut in dgate.cuts:
+            if (cut.scale >= 0).any():
+                theta = primary(model, cut.fqn)
+                theta.mul_(along(per_group[cut.scale + 1], cut.dim, theta.ndim).to(theta.dtype))
+
+
 def _balance(model: nn.Module, dgates, D: int) -> None:
     """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D)."""
     with torch.no_grad():
@@ -279,11 +278,7 @@ def _balance(model: nn.Module, dgates, D: int) -> None:
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
             norm = torch.where(norm > 0, norm, torch.ones_like(norm))
             dgate.factors.copy_(norm.pow(1.0 / D).float().expand_as(dgate.factors))
-            gate = torch.cat([torch.ones(1, dtype=torch.float64), norm.pow((D - 1) / D)])
-            for cut in dgate.cuts:
-                if (cut.scale >= 0).any():
-                    value = _tensor(model, cut.fqn)
-                    value.div_(shaped(gate[cut.scale + 1], cut.dim, value.ndim).to(value.dtype))
+            scale_groups_(model, dgate, norm.pow(-(D - 1) / D))
 
 
 def _register_scales(model: nn.Module, dgates) -> None:
@@ -296,8 +291,7 @@ def _register_scales(model: nn.Module, dgates) -> None:
             if (cut.scale >= 0).any():
                 per_param.setdefault((cut.fqn, cut.dim), []).append((dgate, cut))
     for (fqn, dim), entries in per_param.items():
-        module_name, _, attr = fqn.rpartition(".")
-        module = model.get_submodule(module_name)
+        module, attr = owner(model, fqn)
         shape = getattr(module, attr).shape
         index = torch.full((shape[dim],), -1, dtype=torch.long)
         sources, offsets = [], {}
@@ -310,4 +304,4 @@ def _register_scales(model: nn.Module, dgates) -> None:
             if (index[here] >= 0).any():
                 raise GatingError(f"parameter '{fqn}' would be scaled by two gates at once; please report this model")
             index[here] = scale[here] + offsets[id(dgate)]
-        parametrize.register_parametrization(module, attr, GateScale(sources, shaped(index, dim, len(shape))))
+        parametrize.register_parametrization(module, attr, GateScale(sources, along(index, dim, len(shape))))

@@ -74,8 +74,9 @@ class Labels:
     """Group ids of a tensor's entries plus whether each entry is exactly zero when its gate is.
 
     ``zaff``: zero when only per-channel affines (BatchNorm, depthwise conv, element-wise
-    parameters) are scaled by the gate; ``zall``: zero when the producing conv/linear is scaled too.
-    All three tensors have one shape, broadcastable to the tensor they describe.
+    parameters) are scaled by the gate; ``zall``: zero when the producing conv/linear is scaled too
+    (the ``zero_flag`` of the gating policies in ``kinds.POLICIES``). All three tensors have one
+    shape, broadcastable to the tensor they describe.
     """
 
     ids: torch.Tensor
@@ -91,12 +92,12 @@ class Labels:
         return Labels(torch.full(tuple(shape), NONE, dtype=torch.int64), torch.zeros(tuple(shape), dtype=torch.bool),
                       torch.zeros(tuple(shape), dtype=torch.bool))
 
-    def expand(self, shape) -> "Labels":
-        """Materialized to the full ``shape`` (contiguous, so view/reshape can run on it)."""
-        return Labels(*(t.expand(tuple(shape)).contiguous() for t in (self.ids, self.zaff, self.zall)))
-
     def map(self, fn) -> "Labels":
         return Labels(fn(self.ids), fn(self.zaff), fn(self.zall))
+
+    def not_zero(self) -> "Labels":
+        """The same groups, no longer exactly zero when gated (after an op with f(0) != 0)."""
+        return Labels(self.ids, torch.zeros_like(self.zaff), torch.zeros_like(self.zall))
 
     def compressed(self) -> "Labels":
         """Shrink every dim along which ids and zero flags are constant to size 1."""
@@ -112,11 +113,3 @@ class Labels:
     @property
     def any(self) -> bool:
         return bool((self.ids >= 0).any())
-
-
-def along(ids: np.ndarray | torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
-    """A 1-D id vector shaped to lie along ``dim`` of an ``ndim``-D tensor."""
-    t = torch.as_tensor(ids)
-    shape = [1] * ndim
-    shape[dim] = -1
-    return t.reshape(shape)

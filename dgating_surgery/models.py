@@ -24,16 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DGatingError
+from .errors import ModelSpecError
 
 PICKLE_FLAG = "--allow-pickle (allow_pickle=True in Python)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 HF_TEXT_SHAPE = (1, 16)  # default token-id input of a Hugging Face text model
-
-
-class ModelSpecError(DGatingError, ValueError):
-    """A MODEL spec or weights file could not be resolved; the message names it and says what to pass."""
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .kinds import KINDS
 
-KINDS = ("channels", "neurons", "features")
 INITS = ("balanced", "ones")
 
 
@@ -187,11 +187,4 @@ def _from_dict(data: dict, source: str) -> Recipe:
     return Recipe(**kwargs)
 
 
-def replace(recipe: Recipe, **changes) -> Recipe:
-    """A copy of ``recipe`` with some fields changed (validated like a loaded recipe)."""
-    data = recipe.to_dict()
-    data.update(changes)
-    return _from_dict(data, recipe.source)
-
-
-__all__ = ["Recipe", "GroupSpec", "load_recipe", "shipped_recipes", "replace", "KINDS"]
+__all__ = ["Recipe", "GroupSpec", "load_recipe", "shipped_recipes"]

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .gates import gate_set, _tensor
+from .gates import gate_set
 from .shrink import plan_cut
+from .tensors import get_tensor
 
 
 @dataclass
@@ -77,14 +77,14 @@ def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport
                             threshold=dset.recipe.threshold if threshold is None else float(threshold))
     for fqn, _ in plan.removed.items():
         if fqn in params:
-            shape = _tensor(model, fqn).shape
+            shape = get_tensor(model, fqn).shape
             report.params_removable += int(torch.Size(shape).numel()) - int(torch.Size(plan.kept_shape(fqn, shape)).numel())
     for key, dgate in dset.items():
         dead = plan.dead[key]
         own = 0
         for cut in dgate.cuts:
             if cut.fqn in params:
-                shape = _tensor(model, cut.fqn).shape
+                shape = get_tensor(model, cut.fqn).shape
                 idx = cut.index.expand(shape[cut.dim])
                 own += int(((idx >= 0) & dead[idx.clamp(min=0)]).sum()) * (shape.numel() // shape[cut.dim])
         report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own))

@@ -9,62 +9,25 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
-from .gates import gate_set
+from .measure import macs, macs_after_cut
 from .report import sparsity
-from .shrink import plan_cut
-from .tracing import _as_tuple
 
 METRICS = ("groups", "params", "macs")
-
-
-def count_macs(model: nn.Module, example_inputs, threshold: float | None = None) -> tuple[int, int]:
-    """(MACs now, MACs after a cut at ``threshold``) of the Linear and Conv layers for one run on
-    ``example_inputs``. A layer's MACs are its output positions times its weight entries, and a cut
-    only shrinks weights, so the slim count follows from the cut plan without cutting. On an
-    ungated model both numbers are equal."""
-    positions: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            channel_dim = -1 if isinstance(module, nn.Linear) else 1
-
-            def hook(mod, args, out, name=name, channels=channels, channel_dim=channel_dim):
-                positions[name] = positions.get(name, 0) + out.numel() // out.shape[channel_dim]
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(*_as_tuple(example_inputs))
-        model.train(training)
-    finally:
-        for h in hooks:
-            h.remove()
-    plan = plan_cut(model, threshold) if gate_set(model) is not None else None
-    dense = kept = 0
-    for name, n in positions.items():
-        shape = model.get_submodule(name).weight.shape
-        fqn = f"{name}.weight" if name else "weight"
-        dense += n * shape.numel()
-        kept += n * (math.prod(plan.kept_shape(fqn, shape)) if plan is not None else shape.numel())
-    return dense, kept
 
 
 def removed_fraction(model: nn.Module, metric: str = "groups", threshold: float | None = None,
                      example_inputs=None) -> float:
     """Fraction a cut at ``threshold`` would remove: of the gated groups ("groups"), of the
-    network's parameters ("params"), or of the Linear/Conv MACs ("macs", needs example_inputs)."""
+    network's parameters ("params"), or of the MACs of a forward pass ("macs", needs example_inputs;
+    measured on a cut copy, see ``measure.macs``)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if metric == "macs":
         if example_inputs is None:
             raise ValueError("metric='macs' needs example_inputs to measure the layers' output sizes")
-        dense, kept = count_macs(model, example_inputs, threshold)
-        return 1.0 - kept / max(dense, 1)
+        return 1.0 - macs_after_cut(model, example_inputs, threshold=threshold) / max(macs(model, example_inputs), 1)
     report = sparsity(model, threshold)
     if metric == "groups":
         return report.dead / max(report.groups, 1)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .execution import as_tuple, evaluating, training_mode
 
 
 @dataclass(frozen=True)
@@ -86,26 +87,6 @@ class _Recorder(torch.fx.Interpreter):
         return result
 
 
-@contextlib.contextmanager
-def _mode(model: nn.Module, training: bool):
-    """Temporarily put every submodule in train or eval mode, restoring each one's own flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if example_inputs is None:
-        return ()
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-
 def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None) -> Capture:
     """Trace ``model`` and record every node's output on the example inputs.
 
@@ -113,13 +94,13 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
     the graph; the recording run is in eval mode and restores every buffer afterwards, so that
     BatchNorm statistics are not touched.
     """
-    args = _as_tuple(example_inputs)
+    args = as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     if not args and not kwargs:
         raise TraceError(f"gating {type(model).__name__} needs example_inputs (a batch the model accepts, "
                          "e.g. torch.randn(1, 3, 224, 224)) to trace and check it")
     try:
-        with _mode(model, True):
+        with training_mode(model, True):
             gm = torch.fx.symbolic_trace(model)
         frontend = "fx"
     except Exception as fx_exc:  # not symbolically traceable: fall back to torch.export
@@ -138,7 +119,7 @@ def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: T
     auxiliary classifier) may not fit them: try the eval graph. The graph itself may not run where
     the model does (a wrapped function that mutates its arguments): try torch.export. If neither
     runs, the inputs are wrong, and the first error names the layer."""
-    with _mode(model, False):
+    with training_mode(model, False):
         eval_gm = torch.fx.symbolic_trace(model)
     try:
         values = _record(model, eval_gm, "fx", args, kwargs)
@@ -158,7 +139,7 @@ def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: T
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> torch.fx.GraphModule:
     try:
-        with _mode(model, False), torch.no_grad():
+        with evaluating(model):
             return torch.export.export(model, args, kwargs, strict=False).module()
     except Exception as export_exc:
         raise TraceError(
@@ -171,7 +152,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> t
 
 def _record(model: nn.Module, gm: torch.fx.GraphModule, frontend: str, args: tuple, kwargs: dict) -> dict:
     recorder = _Recorder(gm)
-    with _mode(model, False), torch.no_grad(), _buffers_restored(model):
+    with evaluating(model), _buffers_restored(model):
         if frontend == "export":
             recorder.run(*pytree.tree_flatten((args, kwargs))[0])
         else:

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .gates import GateScale, gate_set, group_sq_sums
+from .gates import GateScale, group_sq_sums, require_gated
 from .report import sparsity
 
 
@@ -23,7 +23,7 @@ def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     """(primary weights theta, gate factors) of a gated model. A theta is the stored ``original``
     of every parameter a gate scales; its entries outside any gated group (rare: a layer only part
     of whose channels are exactly removable) get the same decay."""
-    dset = _require_gated(model)
+    dset = require_gated(model, "D-Gating training")
     thetas = []
     for module in model.modules():
         for name, plist in getattr(module, "parametrizations", {}).items():
@@ -32,15 +32,8 @@ def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return thetas, [g.factors for g in dset.values()]
 
 
-def _require_gated(model: nn.Module):
-    dset = gate_set(model)
-    if dset is None:
-        raise ValueError(f"{type(model).__name__} is not gated: call dg.gate_model first")
-    return dset
-
-
 def _lam_D(model: nn.Module, lam: float | None) -> tuple[float, int]:
-    dset = _require_gated(model)
+    dset = require_gated(model, "D-Gating training")
     return (dset.recipe.lam if lam is None else float(lam)), dset.recipe.D
 
 
@@ -78,7 +71,7 @@ def group_norms(model: nn.Module, of: str = "weights") -> dict[str, torch.Tensor
     weights w_j (what the threshold compares); ``of="theta"``: the primary weights alone."""
     if of not in ("weights", "theta"):
         raise ValueError(f"of must be 'weights' or 'theta', got {of!r}")
-    dset = _require_gated(model)
+    dset = require_gated(model, "group_norms")
     return {key: group_sq_sums(model, dgate, of).sqrt() for key, dgate in dset.items()}
 
 
@@ -86,7 +79,7 @@ def imbalance(model: nn.Module, threshold: float | None = None) -> float:
     """Mean over alive groups of log(max / min) of the D factor magnitudes (||theta_j||,
     |gamma_j,1|, ..., |gamma_j,D-1|). 0 is perfectly balanced: only then does the smooth objective
     equal the L_{2,2/D} penalty (AM-GM), and under weight decay it shrinks geometrically."""
-    dset = _require_gated(model)
+    dset = require_gated(model, "imbalance")
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
     with torch.no_grad():
         thetas, weights = group_norms(model, "theta"), group_norms(model, "weights")
@@ -147,16 +140,15 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: flo
 
 
 class SparsityMonitor:
-    """Follows sparsity during training from any loop: call ``step(epoch)`` once per epoch (it
-    reads the weights; no forward pass). Each step appends to ``history`` a dict with dead/total
-    groups per kind, the removable parameter fraction and the factor ``imbalance``.
-
-    With an ``optimizer``, the first step also runs ``check_optimizer`` on it.
+    """Follows sparsity during training from any loop (``dg.track(model, optimizer)``): call
+    ``step(epoch)`` once per epoch (it reads the weights; no forward pass). Each step appends to
+    ``history`` a dict with dead/total groups per kind, the removable parameter fraction and the
+    factor ``imbalance``. With an ``optimizer``, the first step also runs ``check_optimizer`` on it.
     """
 
-    def __init__(self, model: nn.Module, threshold: float | None = None, optimizer=None, lam: float | None = None,
+    def __init__(self, model: nn.Module, optimizer=None, threshold: float | None = None, lam: float | None = None,
                  uses_penalty: bool = False, verbose: bool = False):
-        _require_gated(model)
+        require_gated(model, "dg.track")
         self.model, self.threshold, self.verbose = model, threshold, verbose
         self._check = (optimizer, lam, uses_penalty) if optimizer is not None else None
         self.history: list[dict] = []
@@ -188,7 +180,4 @@ class SparsityMonitor:
                 f"imbalance {entry['imbalance']:.3f}")
 
 
-def track(model: nn.Module, optimizer=None, threshold: float | None = None, lam: float | None = None,
-          uses_penalty: bool = False, verbose: bool = False) -> SparsityMonitor:
-    """A ``SparsityMonitor`` for ``model`` (checks ``optimizer`` on its first step)."""
-    return SparsityMonitor(model, threshold, optimizer, lam, uses_penalty, verbose)
+track = SparsityMonitor  # dg.track(model, optimizer): the name the training loop reads best

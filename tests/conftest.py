@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from dgating_surgery.selfcheck import random_cut_check
+import dgating_surgery as dg
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +24,10 @@ def one_thread():
 
 def assert_exact_cut(model, inputs, recipe="default", fraction=0.3, seed=0, min_groups=1, **kwargs):
     """The core invariant: gating keeps the function, shrinking with dead gates keeps it and
-    removes exactly the dead groups' parameters, and leaves no gate behind."""
-    check = random_cut_check(model, inputs, recipe, fraction=fraction, seed=seed, **kwargs)
+    removes exactly the dead groups' parameters, and leaves no gate behind; on weights that can
+    expose a wrong cut (``dg.expose_weights``)."""
+    dg.expose_weights(model, seed)
+    check = dg.random_cut_check(model, inputs, recipe, fraction=fraction, seed=seed, **kwargs)
     assert check.groups_gated >= min_groups, check
     assert check.gate_diff <= 1e-4, check
     assert check.slim_diff <= 1e-4, check

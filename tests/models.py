@@ -3,16 +3,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgating_surgery.demo import DigitsMLP
 
-class MLP(nn.Module):
+
+class MLP(DigitsMLP):
+    """The demo's three-layer MLP at test size."""
+
     def __init__(self, n_in=10, hidden=(20, 15), n_out=5):
-        super().__init__()
-        self.fc1 = nn.Linear(n_in, hidden[0])
-        self.fc2 = nn.Linear(hidden[0], hidden[1])
-        self.fc3 = nn.Linear(hidden[1], n_out)
-
-    def forward(self, x):
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        super().__init__(n_in, hidden, n_out)
 
 
 def conv_bn(cin, cout, k=3, groups=1, stride=1):

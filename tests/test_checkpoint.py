@@ -11,7 +11,6 @@ from torch import nn
 import dgating_surgery as dg
 from dgating_surgery import checkpoint
 from dgating_surgery.models import ModelRef, load_model, mismatch
-from dgating_surgery.shrink import select_features
 
 import models as M
 
@@ -28,7 +27,7 @@ def kill(model, fraction=0.4, seed=0):
 
 
 def run(model, *args, **kwargs):
-    args, kwargs = select_features(model, args, kwargs)
+    args, kwargs = dg.select_features(model, args, kwargs)
     model.eval()
     with torch.no_grad():
         return model(*args, **kwargs)
@@ -193,7 +192,7 @@ def test_saving_needs_the_right_state(tmp_path):
         dg.save_slim(gated, tmp_path / "s.safetensors")
     with pytest.raises(dg.CheckpointError, match="needs example_inputs"):
         dg.save_gated(gated, tmp_path / "g.safetensors")
-    with pytest.raises(dg.CheckpointError, match="is not gated"):
+    with pytest.raises(dg.NotGatedError, match="is not gated"):
         dg.save_gated(M.MLP(), tmp_path / "g.safetensors", example_inputs=x)
 
     class Local(nn.Linear):

@@ -16,10 +16,7 @@ from rich.console import Console
 import dgating_surgery as dg
 from dgating_surgery.cli import main
 from dgating_surgery.demo import run_demo
-from dgating_surgery.measure import macs
 from dgating_surgery.models import InputSpec
-from dgating_surgery.report import model_params
-from dgating_surgery.shrink import select_features
 
 import models as M
 from test_checkpoint import kill, run
@@ -69,7 +66,7 @@ def test_inspect_matches_analyze():
     gated = dg.gate_model(M.Residual(), "resnet", x)
     assert data["gated_sets"] == len(dg.gates(gated))
     assert data["gated_groups"] == sum(g.num_groups for g in dg.gates(gated))
-    assert data["params_total"] == model_params(M.Residual())
+    assert data["params_total"] == dg.model_params(M.Residual())
     head = next(s for s in data["sets"] if s["name"] == "head")
     assert not head["gated"] and "reaches the model output" in head["not_removable"][0]["reason"]
     text = dgate("inspect", *CNN, "--recipe", "resnet").stdout
@@ -88,7 +85,7 @@ def test_convert_train_report_shrink_load(tmp_path):
         (r.name, r.groups, r.dead, r.params_removable) for r in expected.rows]
     assert (data["params_total"], data["params_removable"]) == (expected.params_total, expected.params_removable)
     args, _ = InputSpec.from_dict(dg.read_manifest(gated_path)["inputs"]).make()
-    assert data["macs_before"] == macs(model, args) > data["macs_after"] > 0
+    assert data["macs_before"] == dg.macs(model, args) > data["macs_after"] > 0
     assert sum(b["count"] for b in data["histogram"]) == expected.groups
     text = dgate("report", gated_path).stdout
     assert f"{expected.params_removable:,} of {expected.params_total:,}" in text and "group norms" in text
@@ -96,9 +93,9 @@ def test_convert_train_report_shrink_load(tmp_path):
     out = tmp_path / "slim.safetensors"
     data = json.loads(dgate("shrink", gated_path, "-o", out, "--verify", "--json").stdout)
     slim = dg.load_slim(out)
-    assert data["params_after"] == model_params(slim) == expected.params_total - expected.params_removable
+    assert data["params_after"] == dg.model_params(slim) == expected.params_total - expected.params_removable
     assert data["params_before"] == expected.params_total and data["groups_cut"] == expected.dead
-    assert data["macs_after"] == macs(slim, args) and data["latency_ms_after"] > 0
+    assert data["macs_after"] == dg.macs(slim, args) and data["latency_ms_after"] > 0
     reference = dg.shrink(dg.load_gated(gated_path), example_inputs=args)
     assert torch.equal(run(reference, *args), run(slim, *args))
     assert "parameters" in dgate("shrink", gated_path, "-o", out).stdout  # overwrites in place
@@ -118,7 +115,7 @@ def test_shrink_exports_and_features(tmp_path):
     assert slim.fc1.in_features == len(slim.kept_input_features["x"]) < 10
     onnx.checker.check_model(onnx.load(tmp_path / "slim.onnx"))
     program = torch.export.load(tmp_path / "slim.pt2")
-    (narrow,), _ = select_features(slim, (x,))
+    (narrow,), _ = dg.select_features(slim, (x,))
     assert torch.allclose(program.module()(narrow), run(slim, x), atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.yaml", "mlp.safetensors", "slim.onnx", "slim.pt2",
                                                          "slim.safetensors"]

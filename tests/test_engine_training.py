@@ -4,9 +4,6 @@ import torch
 import torchvision
 
 import dgating_surgery as dg
-from dgating_surgery.report import model_params
-from dgating_surgery.selfcheck import kill_random_groups
-from dgating_surgery.shrink import max_rel_diff
 
 import models as M
 
@@ -31,14 +28,14 @@ def test_trained_resnet_shrinks_exactly():
     assert not torch.equal(stats_before, model.bn1.running_mean)
     assert any(not torch.equal(a, g.factors) for a, g in zip(factors_before, dg.gates(model)))
     assert all("momentum_buffer" in opt.state[g.factors] for g in dg.gates(model))
-    kill_random_groups(model, 0.4, seed=3)
+    dg.kill_random_groups(model, 0.4, seed=3)
     model.eval()
     with torch.no_grad():
         gated_out = model(x)
-    expected = model_params(model) - dg.sparsity(model).params_removable
+    expected = dg.model_params(model) - dg.sparsity(model).params_removable
     slim = dg.shrink(model, example_inputs=x)
-    assert model_params(slim) == expected
-    assert max_rel_diff(gated_out, slim(x)) < 1e-4
+    assert dg.model_params(slim) == expected
+    assert dg.max_rel_diff(gated_out, slim(x)) < 1e-4
     _train(slim, x, y, steps=1)  # the slim model still trains
 
 
@@ -46,7 +43,7 @@ def test_gated_state_dict_round_trip():
     """A gated model's state (weights, gates, what to cut) saves and loads like any module's."""
     x = torch.randn(2, 3, 16, 16)
     a = dg.gate_model(M.Residual(), "default", x)
-    kill_random_groups(a, 0.5, seed=1)
+    dg.kill_random_groups(a, 0.5, seed=1)
     b = dg.gate_model(M.Residual(), "default", x)
     b.load_state_dict(a.state_dict())
     a.eval(), b.eval()

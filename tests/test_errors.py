@@ -63,7 +63,7 @@ def test_already_gated_and_not_gated():
     gated = dg.gate_model(M.MLP(), "mlp", x)
     with pytest.raises(dg.GatingError, match="already gated"):
         dg.gate_model(gated, "mlp", x)
-    with pytest.raises(dg.ShrinkError, match="not gated"):
+    with pytest.raises(dg.NotGatedError, match="not gated"):
         dg.shrink(M.MLP())
 
 

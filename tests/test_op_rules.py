@@ -4,8 +4,6 @@ import pytest
 import torch
 
 import dgating_surgery as dg
-from dgating_surgery.selfcheck import kill_random_groups
-from dgating_surgery.shrink import max_rel_diff
 
 from conftest import assert_exact_cut
 import models as M
@@ -52,7 +50,7 @@ def test_mlp_exact_parameter_count_and_shapes():
     slim = dg.shrink(gated, example_inputs=x)
     assert (slim.fc1.out_features, slim.fc2.in_features, slim.fc2.out_features, slim.fc3.in_features) == (17, 17, 14, 14)
     assert sum(p.numel() for p in slim.parameters()) == 10 * 20 + 20 + 20 * 15 + 15 + 15 * 5 + 5 - expected
-    assert max_rel_diff(before, slim(x)) < 1e-6
+    assert dg.max_rel_diff(before, slim(x)) < 1e-6
     assert not hasattr(slim, "dgates")
 
 
@@ -62,7 +60,7 @@ def test_ones_and_balanced_init_keep_function():
         model = M.MLP()
         ref = model(x)
         gated = dg.gate_model(model, {"D": 4, "init": init, "groups": [{"kind": "neurons"}]}, x)
-        assert max_rel_diff(ref, gated(x)) < 1e-6
+        assert dg.max_rel_diff(ref, gated(x)) < 1e-6
         gate = dg.gates(gated)[0]
         assert gate.factors.shape == (3, 20)
         if init == "ones":
@@ -86,7 +84,7 @@ def test_input_feature_selection():
     slim = dg.shrink(gated)  # the gate knows the input's width: no example inputs needed
     assert slim.fc1.in_features == 6
     assert slim.kept_input_features["x"].tolist() == [0, 2, 3, 4, 5, 7]
-    assert max_rel_diff(before, slim(x[:, slim.kept_input_features["x"]])) < 1e-6
+    assert dg.max_rel_diff(before, slim(x[:, slim.kept_input_features["x"]])) < 1e-6
 
 
 @pytest.mark.parametrize("factory, fragment", [
@@ -115,12 +113,12 @@ def test_grouped_conv_units_and_groups_attribute():
     by_first = {g.modules[0]: g for g in dg.gates(gated)}
     # the grouped conv ties each of its 4 groups (4 stem channels + 2 output channels) into one unit
     assert by_first["stem.0"].num_groups == 4
-    kill_random_groups(gated, 0.5, seed=1)
+    dg.kill_random_groups(gated, 0.5, seed=1)
     before = gated(IMG)
     slim = dg.shrink(gated, example_inputs=IMG)
     assert slim.grouped[0].groups == 2 and slim.grouped[0].in_channels == 8
     assert slim.dw2.groups == slim.dw2.in_channels and slim.dw2.out_channels == 2 * slim.dw2.in_channels
-    assert max_rel_diff(before, slim(IMG)) < 1e-5
+    assert dg.max_rel_diff(before, slim(IMG)) < 1e-5
 
 
 def test_export_fallback_when_symbolic_tracing_fails():
@@ -155,7 +153,7 @@ def test_features_and_neurons_on_the_same_layer():
     model = M.MLP().eval()
     ref = model(x)
     gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "features"}, {"kind": "neurons"}]}, x)
-    assert max_rel_diff(ref, gated(x)) < 1e-5
+    assert dg.max_rel_diff(ref, gated(x)) < 1e-5
     kinds = {g.kind: g for g in dg.gates(gated)}
     with torch.no_grad():
         kinds["features"].factors[0, [2, 5]] = 0
@@ -163,15 +161,15 @@ def test_features_and_neurons_on_the_same_layer():
     before = gated(x)
     slim = dg.shrink(gated, example_inputs=x)
     assert slim.fc1.weight.shape == (18, 8)
-    assert max_rel_diff(before, slim(x[:, slim.kept_input_features["x"]])) < 1e-5
+    assert dg.max_rel_diff(before, slim(x[:, slim.kept_input_features["x"]])) < 1e-5
 
 
 def test_shrinking_a_copy_leaves_the_gated_model_intact():
     import copy
     x = torch.randn(2, 3, 16, 16)
     gated = dg.gate_model(M.Residual().eval(), "default", x)
-    kill_random_groups(gated, 0.3)
+    dg.kill_random_groups(gated, 0.3)
     before = gated(x)
     slim = dg.shrink(copy.deepcopy(gated), example_inputs=x)
-    assert torch.equal(gated(x), before) and max_rel_diff(before, slim(x)) < 1e-5
+    assert torch.equal(gated(x), before) and dg.max_rel_diff(before, slim(x)) < 1e-5
     assert dg.sparsity(gated).dead > 0

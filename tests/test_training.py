@@ -160,7 +160,7 @@ def test_monitor_checks_the_optimizer_once_on_its_first_step():
 
 
 def test_helpers_refuse_an_ungated_model():
-    with pytest.raises(ValueError, match="not gated"):
+    with pytest.raises(dg.NotGatedError, match="not gated"):
         dg.penalty(MLP(), 0.1)
-    with pytest.raises(ValueError, match="not gated"):
+    with pytest.raises(dg.NotGatedError, match="not gated"):
         dg.track(MLP())

@@ -1,0 +1,80 @@
+"""Attribute fixers: after a cut, every attribute a layer's forward reads beside its tensors
+(``in_channels``, ``groups``, ``num_features``, a Hugging Face attention's head count, a model
+config's sizes) is re-derived, so the slim model runs and reports its true shape.
+
+Two registries:
+- module fixers derive a layer's attributes from the layer's own tensors; ``load_slim`` replays
+  them on a model rebuilt at full size and resized to the saved tensors;
+- model fixers see the root model (e.g. a Hugging Face config) and run after every module fixer.
+
+A library's rows live in its plugin (``plugins/``), imported only when the library itself is.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from . import plugins
+
+Fixer = Callable[[nn.Module], None]
+MODULE_FIXERS: list[tuple[type, Fixer]] = []
+MODEL_FIXERS: list[tuple[type, Fixer]] = []
+
+
+def register_module_fixer(cls: type, fix: Fixer) -> None:
+    """``fix(module)`` re-derives the shape attributes of layers of class ``cls`` from their tensors
+    (the first matching row applies to a layer)."""
+    MODULE_FIXERS.append((cls, fix))
+
+
+def register_model_fixer(cls: type, fix: Fixer) -> None:
+    """``fix(root)`` updates model-level attributes (a config) of root models of class ``cls``."""
+    MODEL_FIXERS.append((cls, fix))
+
+
+def fix_attributes(model: nn.Module) -> None:
+    """Re-derive every layer's shape attributes from its tensors, then the model-level ones."""
+    plugins.load()
+    for module in model.modules():
+        for cls, fix in MODULE_FIXERS:
+            if isinstance(module, cls):
+                fix(module)
+                break
+    for cls, fix in MODEL_FIXERS:
+        if isinstance(model, cls):
+            fix(model)
+
+
+def _conv(m: nn.modules.conv._ConvNd) -> None:
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    out_now = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
+    if m.groups > 1:
+        m.groups = m.groups * out_now // m.out_channels
+    m.out_channels = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
+    m.in_channels = m.weight.shape[0] if transposed else m.weight.shape[1] * m.groups
+
+
+def _batch_norm(m: nn.modules.batchnorm._NormBase) -> None:
+    ref = m.weight if m.weight is not None else m.running_mean
+    if ref is not None:
+        m.num_features = ref.shape[0]
+
+
+def _linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _layer_norm(m: nn.LayerNorm) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _group_norm(m: nn.GroupNorm) -> None:
+    if m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+
+
+for _cls, _fix in ((nn.modules.conv._ConvNd, _conv), (nn.Linear, _linear), (nn.modules.batchnorm._NormBase, _batch_norm),
+                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm)):
+    register_module_fixer(_cls, _fix)

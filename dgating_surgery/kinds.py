@@ -1,0 +1,79 @@
+"""The vocabulary of the engine, defined once: group kinds, attachment roles and gating policies.
+
+- A *kind* is what a group is to the user (a conv channel, a linear neuron, an input feature).
+  Rules create groups of a kind; recipes select them by kind; gates record it.
+- A *role* is how a parameter or buffer slice is attached to a group: the cut removes every
+  attached slice, but a gate scales only the roles its policy names.
+- A *policy* is the set of roles a gate scales so that the group's contribution is exactly zero
+  when the gate is; the first policy in ``POLICIES`` that applies to a group is used.
+
+Adding a kind is one row in ``KINDS`` plus the rule that creates its groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Role(str, Enum):
+    """How a tensor slice is tied to a group."""
+
+    PRODUCER = "producer"  # a conv/linear's output slice (rows of its weight, its bias)
+    AFFINE = "affine"  # a per-group scale or shift after the producer (BatchNorm, depthwise conv, a parameter)
+    STAT = "stat"  # running statistics: cut with the group, never scaled
+    CONSUMER = "consumer"  # a conv/linear's input slice (columns of its weight)
+    CUT_ONLY = "cut_only"  # cut with the group, never scaled (room for attention's query/key rows)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A group kind. ``precedence``: a set whose groups mix kinds (a feature tied into a conv's
+    channels) is named by its kind of lowest precedence. ``gated_at_consumer``: nothing produces
+    it, so its gate may scale the consumers' input slices. ``records_input``: its gate records
+    each group's position along the model input and the input's width, so shrink knows which
+    input features remain without example inputs."""
+
+    name: str
+    precedence: int
+    gated_at_consumer: bool = False
+    records_input: bool = False
+    help: str = ""
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("channels", 0, help="conv output channels"),
+    Kind("neurons", 1, help="linear output features"),
+    Kind("features", 2, gated_at_consumer=True, records_input=True, help="model input features (dim 1)"),
+)}
+
+PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself
+
+
+def set_kind(kinds) -> str:
+    """The kind a set of groups made of these kinds is shown and selected as."""
+    return min(kinds, key=lambda k: KINDS[k].precedence)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which roles a gate scales, and when that is exact. ``needs``: the group has a slice of one
+    of these roles. ``zero_flag``: the label flag (see ``labels.Labels``) that says the group is
+    exactly zero at every consumer that mixes it when these roles are scaled; None for a policy
+    that scales the consumers themselves (then every consumer must have a parameter)."""
+
+    name: str
+    scales: tuple[Role, ...]
+    needs: tuple[Role, ...]
+    zero_flag: str | None
+    only_kinds_gated_at_consumer: bool = False
+
+
+POLICIES: tuple[Policy, ...] = (
+    # the cheapest: scale only the per-channel affines (a BatchNorm after the conv)
+    Policy("affine", (Role.AFFINE,), (Role.AFFINE,), "zaff"),
+    # scale the producing conv/linear too (nothing per-channel follows it, or it would undo the gate)
+    Policy("producer", (Role.AFFINE, Role.PRODUCER), (Role.PRODUCER, Role.AFFINE), "zall"),
+    # input features: nothing produces them, so scale the columns of every layer that reads them
+    Policy("consumer", (Role.AFFINE, Role.CONSUMER), (Role.CONSUMER,), None, only_kinds_gated_at_consumer=True),
+)
+POLICY = {p.name: p for p in POLICIES}

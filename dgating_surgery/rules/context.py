@@ -1,0 +1,273 @@
+"""The contract between the graph walk and the op rules: what a rule may read and record.
+
+A rule is a function ``rule(ctx: RuleContext, node) -> Labels | list | None``. It reads the node's
+inputs through ``ctx`` (their labels, recorded shapes, the parameters they name) and returns the
+labels of the node's output (a list for a tuple output, None for an output that carries no group).
+It records what it learns only through these methods:
+
+- ``new_space``: a producer allocates fresh element ids (a conv's output channels);
+- ``attach``: a parameter or buffer slice belongs to these ids, in a role (``kinds.Role``);
+- ``union``: these ids must be removed together;
+- ``taint``: these ids cannot be removed exactly, and why (the reason the user reads);
+- ``visit``: an op that mixes entries (a conv's input, a sum) reads these ids; when gated they
+  must reach it as exact zeros, which resolution checks with the labels' zero flags.
+
+A rule that raises is not fatal: the walk taints every group reaching the node with the error, so
+a rule can be written for the common spelling of an op and stay safe on the rare one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx
+from torch.fx.node import map_arg
+
+from ..kinds import PARAM_SPACE, Role
+from ..labels import Labels, UnionFind
+from ..tensors import along
+from ..tracing import Capture, TensorInfo, describe_node
+from .names import op_name
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A parameter read by the graph (``get_attr``) that has not been used element-wise yet."""
+
+    fqn: str
+
+
+@dataclass
+class Space:
+    """A block of fresh element ids: a layer's output channels/neurons, an input's features, or
+    the entries of a parameter used element-wise (kind ``PARAM_SPACE``)."""
+
+    start: int
+    size: int
+    kind: str
+    owner: str  # parameter name (or input name for features)
+    module: str  # the layer (or input) users know it by
+    module_type: str
+
+
+@dataclass
+class Attachment:
+    """A parameter or buffer slice tied to groups; ``ids`` broadcasts to the tensor's shape."""
+
+    fqn: str
+    role: Role
+    ids: torch.Tensor
+    dim: int | None = None  # the tensor dim the slice runs along (None: decided by the groups)
+
+
+@dataclass
+class Visit:
+    """An op that mixes entries reads these labels; ``has_param``: through a parameter slice that a
+    gate could scale (a conv's input columns), not a parameter-free op (a sum)."""
+
+    labels: Labels
+    node: torch.fx.Node
+    has_param: bool
+
+
+SPLIT_POLICIES = {
+    # which of the free output dims of a reshape that splits a grouped dim carries the groups;
+    # the others are tied across (each of their slices keeps the same entries)
+    "innermost": lambda free: free[-1],  # (B, C*k) -> (B, C, k) with k free too: the last one
+    "outermost": lambda free: free[0],  # (B, T, H*Dh) -> (B, T, H, Dh): the head index H
+}
+
+
+class RuleContext:
+    """What the walk knows about the graph so far, and what the rules have recorded."""
+
+    def __init__(self, capture: Capture, split_policy: dict[str, str] | None = None):
+        self.capture = capture
+        self.gm = capture.gm
+        self.frontend = capture.frontend  # "fx" or "export": export graphs have no literal view sizes
+        self.values = capture.values  # node -> TensorInfo (shape, dtype) or a small Python value
+        self.uf = UnionFind()
+        self.spaces: list[Space] = []
+        self.attachments: list[Attachment] = []
+        self.visits: list[Visit] = []
+        self.taints: list[tuple[np.ndarray, str]] = []
+        self.env: dict[torch.fx.Node, object] = {}  # node -> its Labels, list of Labels, ParamRef or None
+        self.split_policy = dict(split_policy or {})  # node name -> SPLIT_POLICIES key
+        self._params = dict(capture.model.named_parameters())
+        self._tensors = {**dict(capture.model.named_buffers()), **self._params}
+        self._param_labels: dict[str, Labels] = {}
+
+    # -- reading the graph --------------------------------------------------------------------
+    def module(self, node) -> torch.nn.Module:
+        return self.capture.module(node)
+
+    def where(self, node) -> str:
+        """The node as a user would name it, for reasons and errors."""
+        return describe_node(self.gm, node)
+
+    def op_name(self, node) -> str:
+        """The op's name in the rule table (see ``names.op_name``)."""
+        return op_name(node)
+
+    def is_tensor(self, arg) -> bool:
+        return isinstance(arg, torch.fx.Node) and isinstance(self.values.get(arg), TensorInfo)
+
+    def shape(self, arg) -> tuple:
+        return self.values[arg].shape
+
+    def param_shape(self, fqn: str) -> tuple:
+        return tuple(self._tensors[fqn].shape)
+
+    def flat_nodes(self, structure) -> list:
+        found = []
+        map_arg(structure, found.append)
+        return found
+
+    def tensor_args(self, node) -> list:
+        return [n for n in self.flat_nodes((node.args, node.kwargs)) if self.is_tensor(n)]
+
+    def is_parameter(self, name: str) -> bool:
+        return name in self._params
+
+    def fqn(self, arg) -> str | None:
+        """The parameter/buffer name a ``get_attr`` argument reads, or None."""
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in self._tensors:
+            return arg.target
+        return None
+
+    def fqn_of(self, node, attr: str) -> str | None:
+        """``module.attr``'s full name for a ``call_module`` node, or None if it has no such tensor."""
+        name = f"{node.target}.{attr}"
+        return name if name in self._tensors else None
+
+    def labels(self, arg) -> Labels | None:
+        """The labels of a tensor argument (a parameter used element-wise gets its own ids), or None."""
+        state = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+        if isinstance(state, ParamRef):
+            return self._param_labels_of(state.fqn)
+        return state if isinstance(state, Labels) else None
+
+    def all_labels(self, structure) -> list[Labels]:
+        """Every label set among the nodes of an argument structure (tuple outputs included)."""
+        out = []
+        for n in self.flat_nodes(structure):
+            state = self.env.get(n)
+            for s in (state if isinstance(state, (list, tuple)) else [state]):
+                if isinstance(s, Labels):
+                    out.append(s)
+        return out
+
+    def literal_sizes(self, sizes, ndim: int) -> list[bool]:
+        """Which output dims of a view the forward code fixes with a literal (fx graphs only)."""
+        if self.frontend != "fx" or len(sizes) != ndim:
+            return [False] * ndim
+        return [isinstance(s, int) and s != -1 for s in sizes]
+
+    def split_carrier(self, node, free: list[int]) -> int:
+        """The output dim that carries the groups when a reshape splits a grouped dim into the
+        ``free`` dims (see ``SPLIT_POLICIES``; a rule may direct it per node)."""
+        return SPLIT_POLICIES[self.split_policy.get(node.name, "innermost")](free)
+
+    # -- recording ---------------------------------------------------------------------------
+    def new_space(self, n: int, kind: str, owner: str, node, module_type: str | None = None) -> torch.Tensor:
+        """``n`` fresh ids of ``kind`` made by the tensor (or input) ``owner``."""
+        ids = self.uf.alloc(n)
+        parent = owner.rpartition(".")[0]
+        module = parent or owner  # a parameter of the root module is known by its own name
+        if module_type is None:
+            module_type = type(self.capture.model.get_submodule(parent)).__name__
+        self.spaces.append(Space(int(ids[0]) if n else self.uf.size, n, kind, owner, module, module_type))
+        return torch.from_numpy(ids)
+
+    def attach(self, fqn: str, role: Role, ids, dim: int | None = None) -> None:
+        self.attachments.append(Attachment(fqn, role, torch.as_tensor(ids), dim))
+
+    def union(self, a, b) -> None:
+        self.uf.union(np.asarray(a), np.asarray(b))
+
+    def taint(self, ids, reason: str) -> None:
+        flat = np.asarray(torch.as_tensor(ids).reshape(-1))
+        flat = flat[flat >= 0]
+        if flat.size:
+            self.taints.append((flat, reason))
+
+    def taint_inputs(self, node, reason: str) -> None:
+        """Taint every group reaching ``node`` through any argument."""
+        for lab in self.all_labels((node.args, node.kwargs)):
+            self.taint(lab.ids, reason)
+
+    def visit(self, lab: Labels, node, has_param: bool = False) -> None:
+        self.visits.append(Visit(lab, node, has_param))
+
+    def consume(self, fqn: str, wdim: int, wndim: int, lab: Labels, node) -> None:
+        """A conv/linear reads these groups through its input slice ``fqn[..., i, ...]`` (dim wdim)."""
+        self.attach(fqn, Role.CONSUMER, along(lab.ids.reshape(-1), wdim, wndim), wdim)
+        self.visit(lab, node, has_param=True)
+
+    # -- helpers shared by rules ---------------------------------------------------------------
+    def per_dim(self, x, dim: int, node) -> Labels | None:
+        """Labels of ``x`` that vary along ``dim`` only, shaped to lie along it; groups varying
+        along any other dim are marked not removable (an op that slides over them)."""
+        lab = self.labels(x)
+        if lab is None or not lab.any:
+            return None
+        nd = lab.ids.ndim
+        dim %= nd
+        others = [d for d in lab.varying_dims() if d != dim]
+        if others:
+            self.taint(lab.ids, f"{self.where(node)} reads a tensor grouped along dim {others[0]}, which it "
+                                "slides over or mixes")
+            return None
+        size = self.shape(x)[dim]
+        return lab.map(lambda t: t.expand(*[size if d == dim else t.shape[d] for d in range(nd)]))
+
+    def rerun(self, node, call=None):
+        """Run the node's own op (or ``call``, given the same arguments) on full label tensors in
+        place of its tensor arguments: ids shifted by one so that NONE is 0, which is also what
+        padding writes, then each zero flag. Returns Labels (a list of them for a tuple result)."""
+        fields = []
+        for field_name in ("ids", "zaff", "zall"):
+            def substitute(n, field_name=field_name):
+                if not self.is_tensor(n):
+                    return self.values.get(n)
+                lab, shape = self.labels(n), self.shape(n)
+                if lab is None:
+                    return torch.zeros(shape, dtype=torch.int64)
+                t = getattr(lab, field_name).expand(shape).contiguous()
+                return t + 1 if field_name == "ids" else t.to(torch.int64)
+            args, kwargs = map_arg(node.args, substitute), map_arg(node.kwargs, substitute)
+            if call is not None:
+                result = call(*args, **kwargs)
+            elif node.op == "call_method":
+                result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                result = self.module(node)(*args, **kwargs)
+            else:
+                result = node.target(*args, **kwargs)
+            fields.append(result)
+        ids, zaff, zall = fields
+        if isinstance(ids, (list, tuple)):
+            return [Labels(i - 1, za.bool(), zl.bool()) for i, za, zl in zip(ids, zaff, zall)]
+        return Labels(ids - 1, zaff.bool(), zall.bool())
+
+    def _param_labels_of(self, fqn: str) -> Labels:
+        """A parameter used element-wise (a layer scale, a bias added by hand): each entry gets an
+        id of its own, attached as an affine, so it is cut and scaled with whatever it meets."""
+        if fqn not in self._param_labels:
+            shape = self.param_shape(fqn)
+            ids = torch.from_numpy(self.uf.alloc(int(np.prod(shape)) if shape else 1)).reshape(shape)
+            self.spaces.append(Space(int(ids.reshape(-1)[0]), ids.numel(), PARAM_SPACE, fqn, fqn, "parameter"))
+            self.attach(fqn, Role.AFFINE, ids)
+            self._param_labels[fqn] = Labels.fresh(ids, zaff=True, zall=True)
+        return self._param_labels[fqn]
+
+
+def unknown(ctx: RuleContext, node):
+    """The rule of an op the table does not know: every group reaching it keeps all its entries."""
+    ctx.taint_inputs(node, f"flows into {ctx.where(node)}, which has no rule: the tool cannot tell how it uses "
+                           "the channels")
+    return None
+
+
+__all__ = ["unknown", "RuleContext", "ParamRef", "Space", "Attachment", "Visit", "SPLIT_POLICIES"]

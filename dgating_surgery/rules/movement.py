@@ -1,0 +1,206 @@
+"""Data-movement rules: the op itself is run on the label tensors (``ctx.rerun``), so every
+permutation, view, slice and concatenation moves group ids exactly as it moves data. A check then
+ties entries that must shrink together (the parts of a chunk) or blocks groups whose positions the
+code fixes (a literal split size, a fixed index)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .context import RuleContext, unknown
+from .structural import arg
+
+
+def movement(ctx: RuleContext, node, check=None, call=None):
+    """Move labels with the op (or ``call``, given the node's arguments); ``check(ctx, node, out)``
+    then ties or blocks entries."""
+    if not any(ctx.labels(a) is not None for a in ctx.tensor_args(node)):
+        return None
+    out = ctx.rerun(node, call)
+    if check is not None:
+        check(ctx, node, out)
+    if isinstance(out, (list, tuple)):
+        return [o.compressed() for o in out]
+    return out.compressed()
+
+
+def _pad_labels(x, pad, mode="constant", value=None):
+    """Labels are padded with NONE (0 after the shift) whatever the data is padded with."""
+    return F.pad(x, pad) if mode == "constant" else F.pad(x, pad, mode)
+
+
+def pad(ctx: RuleContext, node):
+    return movement(ctx, node, call=_pad_labels)
+
+
+def reshape_groups(src, dst):
+    """Pairs (input dims, output dims) whose sizes multiply to the same number, left to right."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        ins, outs, pi, pj = [], [], 1, 1
+        if i < len(src):
+            pi *= src[i]; ins.append(i); i += 1  # noqa: E702
+        if j < len(dst):
+            pj *= dst[j]; outs.append(j); j += 1  # noqa: E702
+        while pi != pj and (i < len(src) or j < len(dst)):
+            if (pi < pj and i < len(src)) or j >= len(dst):
+                pi *= src[i]; ins.append(i); i += 1  # noqa: E702
+            else:
+                pj *= dst[j]; outs.append(j); j += 1  # noqa: E702
+        groups.append((ins, outs))
+    return groups
+
+
+def _check_reshape(ctx: RuleContext, node, out, sizes):
+    """A reshape that splits a grouped dim keeps the factors the code fixes (a literal size) and
+    ties entries across every factor but the one that carries the groups (``ctx.split_carrier``),
+    so the split still works on the smaller tensor; a grouped dim whose sizes the code fixes
+    entirely cannot shrink at all."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    src, dst = ctx.shape(x), ctx.shape(node)
+    literal = ctx.literal_sizes(sizes, len(dst))
+    full = out.ids
+    for ins, outs in reshape_groups(src, dst):
+        if not any(d in lab.varying_dims() for d in ins):
+            continue
+        big = [d for d in outs if dst[d] > 1]
+        free = [d for d in big if not literal[d]]
+        if big and not free:
+            ctx.taint(lab.ids, f"the forward code fixes the size of a grouped dim to {[dst[d] for d in big]} "
+                               f"at {ctx.where(node)}, so it cannot shrink")
+            continue
+        carrier = ctx.split_carrier(node, free) if free else None
+        for d in big:
+            if d != carrier:
+                for k in range(1, dst[d]):
+                    ctx.union(full.select(d, 0).numpy(), full.select(d, k).numpy())
+
+
+def _view_sizes(node):
+    if node.op == "call_method":
+        rest = node.args[1:]
+        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    return list(arg(node, 1, "shape", []))
+
+
+def check_view(ctx: RuleContext, node, out):
+    _check_reshape(ctx, node, out, _view_sizes(node))
+
+
+def check_unflatten(ctx: RuleContext, node, out):
+    sizes = list(arg(node, 2, "sizes", []))
+    dim = arg(node, 1, "dim") % len(ctx.shape(node.args[0]))
+    after = len(ctx.shape(node)) - dim - len(sizes)
+    _check_reshape(ctx, node, out, [-1] * dim + sizes + [-1] * after)
+
+
+def check_chunk(ctx: RuleContext, node, out, dim_pos=2):
+    """chunk(n) splits in equal parts: tie entry j of every part so all parts shrink alike."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    dim = arg(node, dim_pos, "dim", 0) % len(ctx.shape(x))
+    if dim not in lab.varying_dims():
+        return
+    parts = list(out)
+    if len({p.ids.shape for p in parts}) != 1:
+        ctx.taint(lab.ids, f"{ctx.where(node)} splits a grouped dim into unequal parts")
+        return
+    for part in parts[1:]:
+        ctx.union(parts[0].ids.numpy(), part.ids.numpy())
+
+
+def check_split(ctx: RuleContext, node, out):
+    """split with sizes written in the code: a grouped dim cannot shrink under it, unless the
+    sizes come from the tensor itself (a graph node) or, for torch.export graphs, are equal."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    dim = arg(node, 2, "dim", 0) % len(ctx.shape(x))
+    if dim not in lab.varying_dims():
+        return
+    if ctx.frontend == "export" and isinstance(arg(node, 1, "split_size"), int):
+        return check_chunk(ctx, node, out)
+    ctx.taint(lab.ids, f"{ctx.where(node)} splits a grouped dim at positions fixed in the code")
+
+
+def _indexed_dims(ctx: RuleContext, node):
+    """The input dims that an indexing op narrows (anything but a full slice)."""
+    x = node.args[0]
+    nd = len(ctx.shape(x))
+    name = ctx.op_name(node)
+    if name in ("slice", "narrow", "select"):
+        dim = arg(node, 1, "dim", 0) % nd
+        if name == "slice":
+            start, end = arg(node, 2, "start", None), arg(node, 3, "end", None)
+            step = arg(node, 4, "step", 1)
+            if (start in (None, 0)) and (end is None or end >= ctx.shape(x)[dim]) and step == 1:
+                return []
+        return [dim]
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        at = next(k for k, i in enumerate(index) if i is Ellipsis)
+        real = [i for i in index if i is not None and i is not Ellipsis]
+        index = index[:at] + (slice(None),) * (nd - len(real)) + index[at + 1:]
+    dims, d = [], 0
+    for i in index:
+        if i is None:
+            continue
+        if not (isinstance(i, slice) and i == slice(None)):
+            dims.append(d)
+        d += 1
+    return dims
+
+
+def check_index(ctx: RuleContext, node, out):
+    lab = ctx.labels(node.args[0])
+    if set(_indexed_dims(ctx, node)) & set(lab.varying_dims()):
+        ctx.taint(lab.ids, f"{ctx.where(node)} selects positions of a grouped dim that the code fixes")
+
+
+def check_roll(ctx: RuleContext, node, out):
+    lab = ctx.labels(node.args[0])
+    dims = arg(node, 2, "dims", None)
+    nd = lab.ids.ndim
+    dims = range(nd) if dims is None else [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
+    if set(dims) & set(lab.varying_dims()):
+        ctx.taint(lab.ids, f"{ctx.where(node)} rolls a grouped dim by a fixed amount")
+
+
+def check_cat(ctx: RuleContext, node, out):
+    """Tensors joined along a dim they are not grouped along share positions of their grouped
+    dims (a class token before a patch sequence; every input of a stack): tie those positions."""
+    dim = arg(node, 1, "dim", 0)
+    stack = ctx.op_name(node) == "stack"
+    shared, plain = [], []
+    for t in node.args[0]:
+        lab = ctx.labels(t)
+        if lab is None:
+            plain.append(t)
+        elif stack or dim % lab.ids.ndim not in lab.varying_dims():
+            shared.append(lab.ids)
+    if not any(ids.numel() > 1 for ids in shared):
+        return
+    for other in shared[1:]:
+        x, y = torch.broadcast_tensors(shared[0], other)
+        ctx.union(x.numpy(), y.numpy())
+    if plain:
+        ctx.taint(torch.cat([ids.reshape(-1) for ids in shared]),
+                  f"{ctx.where(node)} joins grouped tensors with '{plain[0]}', which belongs to no group")
+
+
+def getitem(ctx: RuleContext, node):
+    """``x[i]``: an item of a tuple result keeps its labels; indexing a tensor moves them."""
+    state = ctx.env.get(node.args[0])
+    if isinstance(state, (list, tuple)):
+        return state[node.args[1]]
+    if not ctx.is_tensor(node.args[0]):
+        return None
+    if any(ctx.is_tensor(i) for i in ctx.flat_nodes(node.args[1])):
+        return unknown(ctx, node)  # indexing with a tensor of positions
+    return movement(ctx, node, check_index)
+
+
+def pack(ctx: RuleContext, node):
+    """A tuple or namedtuple built in forward (GoogLeNet's outputs): its items keep their labels."""
+    return [ctx.env.get(a) if ctx.is_tensor(a) else None for a in list(node.args) + list(node.kwargs.values())]

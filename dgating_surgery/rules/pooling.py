@@ -1,0 +1,50 @@
+"""Pooling and reductions: ops that combine entries along some dims. Over dims that carry no
+group they keep the labels; over a grouped dim only a sum is exact (zeros add nothing)."""
+from __future__ import annotations
+
+from .context import RuleContext
+from .structural import arg
+
+
+def spatial(ctx: RuleContext, node):
+    """Pooling and resizing over dims 2..: channels pass, entries of a channel stay zero."""
+    lab = ctx.labels(node.args[0])
+    if lab is None:
+        return None
+    if any(d >= 2 for d in lab.varying_dims()):
+        ctx.taint(lab.ids, f"{ctx.where(node)} pools over a grouped dim")
+        return None
+    return lab if ctx.is_tensor(node) else [lab, None]  # max_pool2d_with_indices: (values, indices)
+
+
+def reduction(ctx: RuleContext, node, kind: str):
+    """sum/mean/max over dims. Summing a grouped dim consumes it (zeros add nothing); a mean divides
+    by the count and a max compares entries, so a group there is not exactly removable."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    if lab is None:
+        return None
+    nd = lab.ids.ndim
+    dims = arg(node, 1, "dim")
+    dims = range(nd) if dims is None else sorted(d % nd for d in ([dims] if isinstance(dims, int) else dims))
+    keep = bool(arg(node, 2, "keepdim", False))
+    if any(d in lab.varying_dims() for d in dims):
+        if kind != "sum":
+            ctx.taint(lab.ids, f"{ctx.where(node)} takes the {kind} over a grouped dim")
+            return None
+        ctx.visit(lab, node)
+        return None
+    idx = [slice(None)] * nd
+    for d in dims:
+        idx[d] = slice(0, 1)
+    out = lab.map(lambda t: t[tuple(idx)])
+    if not keep:
+        out = out.map(lambda t: t.reshape([s for d, s in enumerate(t.shape) if d not in dims]))
+    return out
+
+
+def output(ctx: RuleContext, node):
+    """The model's outputs: a group that reaches them is part of what the model computes."""
+    for lab in ctx.all_labels(node.args):
+        ctx.taint(lab.ids, "reaches the model output (never cut)")
+    return None

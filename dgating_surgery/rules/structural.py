@@ -1,0 +1,119 @@
+"""Structural rules: layers with weights that consume groups on their input and produce fresh
+groups on their output (conv, linear, a matmul with a weight)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kinds import Role
+from ..labels import NONE, Labels
+from ..tensors import along
+from .context import RuleContext, unknown
+
+
+def arg(node, pos, name, default=None):
+    """Argument ``pos`` of a call, whether passed by position or as keyword ``name``."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def conv(ctx: RuleContext, node, x, weight, bias, groups, transposed=False):
+    """Conv: consumes its input channels, produces fresh output channels. A grouped conv ties each
+    of its groups' input and output channels into one unit (removing it decrements ``groups``); a
+    depthwise conv is the special case of one channel per group."""
+    if weight is None:
+        return unknown_weights(ctx, node)
+    out_shape = ctx.shape(node)
+    nd, c_out = len(out_shape), out_shape[1]
+    c_in = ctx.shape(x)[1]
+    lab = ctx.per_dim(x, 1, node)
+    out = ctx.new_space(c_out, "channels", weight, node)
+    wdim_out, wdim_in = (1, 0) if transposed else (0, 1)
+    wndim = len(ctx.param_shape(weight))
+    if groups == 1:
+        if lab is not None:
+            ctx.consume(weight, wdim_in, wndim, lab, node)
+        role = Role.PRODUCER
+    else:
+        cin_g, cout_g = c_in // groups, c_out // groups
+        in_ids = lab.ids.reshape(-1).numpy() if lab is not None else torch.full((c_in,), NONE).numpy()
+        out_np = out.numpy()
+        group_of_out = torch.arange(c_out).numpy() // cout_g
+        ctx.union(out_np, out_np[group_of_out * cout_g])
+        for j in range(cin_g):
+            ctx.union(out_np, in_ids[group_of_out * cin_g + j])
+        blocked = (in_ids.reshape(groups, cin_g) < 0).any(axis=1)
+        if blocked.any():
+            ctx.taint(out_np[blocked[group_of_out]], f"the input channels of {ctx.where(node)} (a grouped conv) "
+                      "come from no removable group, so its groups cannot be removed")
+        role = Role.AFFINE
+    ctx.attach(weight, role, along(out, wdim_out, wndim), wdim_out)
+    if bias is not None:
+        ctx.attach(bias, role, out, 0)
+    return Labels.fresh(along(out, 1, nd), zaff=(role == Role.AFFINE), zall=True)
+
+
+def conv_module(ctx: RuleContext, node):
+    m = ctx.module(node)
+    return conv(ctx, node, node.args[0], ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"), m.groups,
+                transposed=isinstance(m, nn.modules.conv._ConvTransposeNd))
+
+
+def conv_call(ctx: RuleContext, node):
+    return conv(ctx, node, node.args[0], ctx.fqn(arg(node, 1, "weight")), ctx.fqn(arg(node, 2, "bias")),
+                arg(node, 6, "groups", 1))
+
+
+def convolution_call(ctx: RuleContext, node):  # aten.convolution(x, w, b, stride, pad, dil, transposed, out_pad, groups)
+    return conv(ctx, node, node.args[0], ctx.fqn(node.args[1]), ctx.fqn(node.args[2]), node.args[8],
+                transposed=node.args[6])
+
+
+def linear(ctx: RuleContext, node, x, weight, bias, transposed=False):
+    """Linear over the last dim: consumes input features, produces fresh neurons. ``transposed``:
+    the weight is stored (in, out), as in ``x @ W`` or Hugging Face's GPT-2 ``Conv1D``."""
+    if weight is None:
+        return unknown_weights(ctx, node)
+    out_shape = ctx.shape(node)
+    nd = len(out_shape)
+    w_in, w_out = (0, 1) if transposed else (1, 0)
+    lab = ctx.per_dim(x, nd - 1, node)
+    if lab is not None:
+        ctx.consume(weight, w_in, 2, lab, node)
+    out = ctx.new_space(out_shape[-1], "neurons", weight, node)
+    ctx.attach(weight, Role.PRODUCER, along(out, w_out, 2), w_out)
+    if bias is not None:
+        ctx.attach(bias, Role.PRODUCER, out, 0)
+    return Labels.fresh(along(out, nd - 1, nd), zaff=False, zall=True)
+
+
+def linear_module(ctx: RuleContext, node):
+    return linear(ctx, node, node.args[0], ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"))
+
+
+def linear_call(ctx: RuleContext, node):
+    return linear(ctx, node, node.args[0], ctx.fqn(arg(node, 1, "weight")), ctx.fqn(arg(node, 2, "bias")))
+
+
+def matmul_param(ctx: RuleContext, node):
+    """x @ W with W a 2-D parameter is a linear layer stored (in, out); a product of two
+    activations (attention) has no rule yet."""
+    x, w = node.args[0], node.args[1]
+    if ctx.fqn(w) is None or len(ctx.param_shape(ctx.fqn(w))) != 2:
+        return unknown(ctx, node)
+    return linear(ctx, node, x, ctx.fqn(w), None, transposed=True)
+
+
+def addmm(ctx: RuleContext, node):  # addmm(bias, x, W): GPT-2's Conv1D
+    bias, x, w = node.args[:3]
+    if ctx.fqn(w) is None:
+        return unknown(ctx, node)
+    return linear(ctx, node, x, ctx.fqn(w), ctx.fqn(bias), transposed=True)
+
+
+def unknown_weights(ctx: RuleContext, node):
+    """A conv/linear/matmul whose weight is not a parameter the graph reads directly."""
+    ctx.taint_inputs(node, f"flows into {ctx.where(node)}, whose weight is computed in the forward (not a "
+                           "parameter the tool can slice), so it keeps every group reaching it")
+    return None

@@ -1,0 +1,124 @@
+"""The op-rule table: one rule per *meaning* of an op, and every spelling of that meaning mapped
+to it: the ``nn`` module class (symbolic tracing), the ``torch``/``F`` function or tensor method
+(functional code), and the ATen op (``torch.export``). An op missing from the table gets
+``unknown``: every group reaching it keeps all its entries, with the op's name as the reason, so
+the tool never cuts what it does not understand.
+
+Adding an op is one function (in the module of its family) and one row here; a library's own
+layers get rows from its plugin (``register_module_rule``).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from .context import RuleContext, unknown
+from .elementwise import binary, unary
+from .movement import (check_cat, check_chunk, check_index, check_roll, check_split, check_unflatten, check_view,
+                       getitem, movement, pack, pad)
+from .names import op_name
+from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm, layer_norm_call,
+                            layer_norm_module, softmax, softmax_module)
+from .pooling import reduction, spatial
+from .structural import addmm, conv_call, conv_module, convolution_call, linear_call, linear_module, matmul_param
+
+ZERO_KEEPING = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+                nn.Mish, nn.Tanh, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                nn.AlphaDropout, nn.Identity, nn.Hardshrink, nn.Softshrink, nn.PReLU, nn.Tanhshrink]
+NOT_ZERO_KEEPING = [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid]
+ZERO_KEEPING_FN = ["relu", "relu_", "relu6", "gelu", "silu", "silu_", "hardswish", "hardswish_", "leaky_relu",
+                   "leaky_relu_", "elu", "elu_", "selu", "celu", "mish", "tanh", "tanh_", "hardtanh", "hardtanh_",
+                   "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_dropout",
+                   "stochastic_depth", "drop_path", "neg", "abs", "clone", "contiguous", "detach", "float", "half",
+                   "double", "bfloat16", "to", "_to_copy", "type_as", "type", "alias", "native_dropout",
+                   "sign", "square", "sin", "sinh", "asinh", "erf", "tan", "atan", "sqrt", "trunc", "round",
+                   "floor", "ceil", "nan_to_num", "clamp", "clamp_", "clip"]
+NOT_ZERO_KEEPING_FN = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "cos", "cosh", "softplus",
+                       "logsigmoid", "log_sigmoid", "reciprocal", "rsqrt", "log", "log1p", "pow", "exp_"]
+MOVEMENT_FN = ["flatten", "permute", "transpose", "transpose_", "t", "squeeze", "unsqueeze", "squeeze_",
+               "unsqueeze_", "expand", "expand_as", "repeat", "flip", "movedim", "moveaxis", "swapaxes",
+               "swapdims", "contiguous", "view_as", "reshape_as", "unbind", "_unsafe_view", "alias", "clone",
+               "permute_copy", "view_copy", "transpose_copy"]
+SPATIAL = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+           nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d]
+SPATIAL_FN = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+              "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+              "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "upsample_nearest2d",
+              "upsample_bilinear2d", "_adaptive_avg_pool2d", "max_pool2d_with_indices"]
+SHAPE_ONLY_FN = ["size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like",
+                 "ones_like", "empty_like", "full_like", "randn_like", "rand_like", "sym_size", "getattr",
+                 "_assert", "_assert_scalar", "sym_constrain_range_for_size", "_guards_fn", "eq", "ne",
+                 "lt", "gt", "le", "ge", "_assert_tensor_metadata"]
+
+
+def shape_only(ctx: RuleContext, node):
+    """Ops that read only a tensor's shape or make a new tensor of its shape: no data flows."""
+    return None
+
+
+MODULE_RULES = {
+    **{cls: conv_module for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                     nn.ConvTranspose3d)},
+    nn.Linear: linear_module,
+    **{cls: batch_norm_module for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
+    nn.LayerNorm: layer_norm_module,
+    nn.RMSNorm: layer_norm_module,
+    nn.GroupNorm: group_norm,
+    nn.Softmax: softmax_module,
+    nn.Flatten: movement,
+    **{cls: partial(unary, keeps_zero=True) for cls in ZERO_KEEPING},
+    **{cls: partial(unary, keeps_zero=False) for cls in NOT_ZERO_KEEPING},
+    **{cls: spatial for cls in SPATIAL},
+}
+
+# functions, tensor methods and ATen ops, by name (``F.relu``, ``x.relu()`` and ``aten.relu`` alike)
+NAME_RULES = {
+    "conv1d": conv_call, "conv2d": conv_call, "conv3d": conv_call, "convolution": convolution_call,
+    "linear": linear_call, "addmm": addmm, "mm": matmul_param, "matmul": matmul_param,
+    "batch_norm": batch_norm_call, "_native_batch_norm_legit_no_training": batch_norm_call,
+    "instance_norm": batch_norm_call, "F.batch_norm": batch_norm_functional,
+    "layer_norm": layer_norm_call, "native_layer_norm": layer_norm_call, "group_norm": group_norm,
+    "native_group_norm": group_norm, "rms_norm": layer_norm_call,
+    "softmax": softmax, "_softmax": softmax, "log_softmax": softmax, "_log_softmax": softmax,
+    **{name: partial(binary, kind="add") for name in ("add", "add_", "iadd", "sub", "sub_", "isub", "rsub")},
+    **{name: partial(binary, kind="mul") for name in ("mul", "mul_", "imul")},
+    **{name: partial(binary, kind="div") for name in ("truediv", "div", "div_", "itruediv")},
+    **{name: partial(unary, keeps_zero=True) for name in ZERO_KEEPING_FN},
+    **{name: partial(unary, keeps_zero=False) for name in NOT_ZERO_KEEPING_FN},
+    **{name: movement for name in MOVEMENT_FN},
+    "pad": pad, "constant_pad_nd": pad,
+    "view": partial(movement, check=check_view), "reshape": partial(movement, check=check_view),
+    "unflatten": partial(movement, check=check_unflatten),
+    "chunk": partial(movement, check=check_chunk),
+    "split": partial(movement, check=check_split), "split_with_sizes": partial(movement, check=check_split),
+    **{name: partial(movement, check=check_index) for name in ("slice", "narrow", "select")},
+    "roll": partial(movement, check=check_roll),
+    **{name: partial(movement, check=check_cat) for name in ("cat", "concat", "stack")},
+    "getitem": getitem,
+    **{name: spatial for name in SPATIAL_FN},
+    "sum": partial(reduction, kind="sum"), "mean": partial(reduction, kind="mean"),
+    "amax": partial(reduction, kind="max"), "amin": partial(reduction, kind="min"),
+    "std": partial(reduction, kind="std"), "var": partial(reduction, kind="var"),
+    **{name: shape_only for name in SHAPE_ONLY_FN},
+}
+
+
+def register_module_rule(cls: type, rule) -> None:
+    """A rule for a library's own layer class (called by plugins, see ``plugins``)."""
+    MODULE_RULES[cls] = rule
+
+
+def rule_for(ctx: RuleContext, node):
+    """The rule of a node: by module class (most derived first), else by op name; else ``unknown``."""
+    if node.op == "call_module":
+        for cls in type(ctx.module(node)).__mro__:
+            if cls in MODULE_RULES:
+                return MODULE_RULES[cls]
+        return unknown
+    if node.op == "call_function" and isinstance(node.target, type) and issubclass(node.target, tuple):
+        return pack
+    return NAME_RULES.get(op_name(node), unknown)
