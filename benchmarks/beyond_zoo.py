@@ -39,7 +39,7 @@ def main() -> int:
     passed = total = 0
     for name, model, x in models():
         total += 1
-        c = dg.random_cut_check(model, x, "default", fraction=0.3, seed=0)
+        c = dg.random_cut_check(dg.expose_weights(model), x, "default", fraction=0.3, seed=0)
         passed += c.ok
         print(f"{name:42s} {c.groups_gated:7d} {c.groups_cut:6d} {c.params_before:14,d} {c.params_after:13,d} "
               f"{c.gate_diff:10.1e} {c.slim_diff:10.1e} {'yes' if c.ok else 'NO'}", flush=True)

@@ -34,7 +34,7 @@ def main(names: list[str]) -> int:
         size = 299 if name == "inception_v3" else 224  # its documented input size (the aux branch needs it)
         x = torch.randn(1, 3, size, size)
         try:
-            c = dg.random_cut_check(model, x, "default", fraction=0.3, seed=0)
+            c = dg.random_cut_check(dg.expose_weights(model), x, "default", fraction=0.3, seed=0)
         except Exception as exc:  # a failure is a row of the table, not the end of the sweep
             print(f"{name:28s} FAILED: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue

@@ -18,32 +18,33 @@ from torch import nn
 from . import plugins
 
 Fixer = Callable[[nn.Module], None]
-MODULE_FIXERS: list[tuple[type, Fixer]] = []
-MODEL_FIXERS: list[tuple[type, Fixer]] = []
+MODULE_FIXERS: dict[type, Fixer] = {}
+MODEL_FIXERS: dict[type, Fixer] = {}
 
 
 def register_module_fixer(cls: type, fix: Fixer) -> None:
-    """``fix(module)`` re-derives the shape attributes of layers of class ``cls`` from their tensors
-    (the first matching row applies to a layer)."""
-    MODULE_FIXERS.append((cls, fix))
+    """``fix(module)`` re-derives the shape attributes that layers of class ``cls`` add to those of
+    their base classes (whose fixers run first) from their tensors."""
+    MODULE_FIXERS[cls] = fix
 
 
 def register_model_fixer(cls: type, fix: Fixer) -> None:
     """``fix(root)`` updates model-level attributes (a config) of root models of class ``cls``."""
-    MODEL_FIXERS.append((cls, fix))
+    MODEL_FIXERS[cls] = fix
+
+
+def _apply(registry: dict[type, Fixer], obj: nn.Module) -> None:
+    for cls in reversed(type(obj).__mro__):  # base classes first, the most derived last
+        if cls in registry:
+            registry[cls](obj)
 
 
 def fix_attributes(model: nn.Module) -> None:
     """Re-derive every layer's shape attributes from its tensors, then the model-level ones."""
     plugins.load()
     for module in model.modules():
-        for cls, fix in MODULE_FIXERS:
-            if isinstance(module, cls):
-                fix(module)
-                break
-    for cls, fix in MODEL_FIXERS:
-        if isinstance(model, cls):
-            fix(model)
+        _apply(MODULE_FIXERS, module)
+    _apply(MODEL_FIXERS, model)
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> None:

@@ -13,10 +13,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import groups as groups_mod
+from . import plugins
 from . import tracing
 from .errors import GatingError, NotGatedError
 from .kinds import KINDS, POLICY, Role
 from .recipe import Recipe, load_recipe
+from .rules import has_module_rule
 from .tensors import along, get_tensor, owner
 
 GATES_ATTR = "dgates"
@@ -132,7 +134,8 @@ def gates(model: nn.Module) -> list[DGate]:
 
 def analyze(model: nn.Module, example_inputs=None, example_kwargs=None) -> groups_mod.Plan:
     """Trace ``model`` and discover its group sets (what ``dgate inspect`` shows)."""
-    return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs))
+    plugins.load()  # rules for the layers of optional libraries the user's code imported
+    return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs, is_leaf=has_module_rule))
 
 
 def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model") -> list[groups_mod.GroupSet]:

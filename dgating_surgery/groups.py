@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import plugins
 from .kinds import KINDS, POLICIES, Role, set_kind
 from .labels import NONE, Labels
 from .rules import Attachment, ParamRef, RuleContext, output, rule_for
@@ -79,7 +78,6 @@ def profile(index: np.ndarray, att: Attachment, dim: int | None = None) -> tuple
 def discover(capture: Capture, split_policy: dict[str, str] | None = None) -> Plan:
     """Group discovery over a captured model. ``split_policy``: node name -> a key of
     ``rules.SPLIT_POLICIES`` for reshapes whose carrier dim a rule should not guess."""
-    plugins.load()  # rules for the layers of optional libraries the user's code imported
     ctx = RuleContext(capture, split_policy)
     for node in capture.gm.graph.nodes:
         ctx.env[node] = _apply(ctx, node)

@@ -37,13 +37,12 @@ class Kind:
     precedence: int
     gated_at_consumer: bool = False
     records_input: bool = False
-    help: str = ""
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("channels", 0, help="conv output channels"),
-    Kind("neurons", 1, help="linear output features"),
-    Kind("features", 2, gated_at_consumer=True, records_input=True, help="model input features (dim 1)"),
+    Kind("channels", 0),  # conv output channels
+    Kind("neurons", 1),  # linear output features
+    Kind("features", 2, gated_at_consumer=True, records_input=True),  # model input features (dim 1)
 )}
 
 PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself

@@ -87,7 +87,26 @@ class _Recorder(torch.fx.Interpreter):
         return result
 
 
-def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None) -> Capture:
+class _Tracer(torch.fx.Tracer):
+    """``symbolic_trace``'s tracer, also keeping as one ``call_module`` node every layer that
+    ``is_leaf`` says has an op rule of its own (a library layer registered by a plugin)."""
+
+    def __init__(self, is_leaf):
+        super().__init__()
+        self.is_leaf = is_leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self.is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _symbolic_trace(model: nn.Module, is_leaf) -> torch.fx.GraphModule:
+    tracer = _Tracer(is_leaf)
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None,
+            is_leaf=lambda m: False) -> Capture:
     """Trace ``model`` and record every node's output on the example inputs.
 
     Symbolic tracing runs in train mode so that train-only branches (auxiliary classifiers) are in
@@ -101,7 +120,7 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
                          "e.g. torch.randn(1, 3, 224, 224)) to trace and check it")
     try:
         with training_mode(model, True):
-            gm = torch.fx.symbolic_trace(model)
+            gm = _symbolic_trace(model, is_leaf)
         frontend = "fx"
     except Exception as fx_exc:  # not symbolically traceable: fall back to torch.export
         gm, frontend = _export(model, args, kwargs, fx_exc), "export"
@@ -110,17 +129,17 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
     except TraceError as fx_run_exc:
         if frontend != "fx":
             raise
-        gm, frontend, values = _after_failed_run(model, args, kwargs, fx_run_exc)
+        gm, frontend, values = _after_failed_run(model, args, kwargs, fx_run_exc, is_leaf)
     return Capture(model=model, gm=gm, frontend=frontend, values=values)
 
 
-def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: TraceError):
+def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: TraceError, is_leaf):
     """The symbolically traced train-mode graph did not run on the inputs. A train-only branch (an
     auxiliary classifier) may not fit them: try the eval graph. The graph itself may not run where
     the model does (a wrapped function that mutates its arguments): try torch.export. If neither
     runs, the inputs are wrong, and the first error names the layer."""
     with training_mode(model, False):
-        eval_gm = torch.fx.symbolic_trace(model)
+        eval_gm = _symbolic_trace(model, is_leaf)
     try:
         values = _record(model, eval_gm, "fx", args, kwargs)
     except TraceError:

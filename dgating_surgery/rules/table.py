@@ -108,8 +108,14 @@ NAME_RULES = {
 
 
 def register_module_rule(cls: type, rule) -> None:
-    """A rule for a library's own layer class (called by plugins, see ``plugins``)."""
+    """A rule for a library's own layer class (called by plugins, see ``plugins``); symbolic
+    tracing then keeps the layer as one node instead of tracing its forward."""
     MODULE_RULES[cls] = rule
+
+
+def has_module_rule(module) -> bool:
+    """Whether a layer's own class (not a base class) has a rule: the tracer keeps it whole."""
+    return type(module) in MODULE_RULES
 
 
 def rule_for(ctx: RuleContext, node):
