@@ -1,6 +1,7 @@
 """The core invariant beyond torchvision's classification zoo: timm models built on other ops
 (MLP-Mixer, GhostNet, RexNet, LeViT, PoolFormer, MobileViT, ...) and torchvision's segmentation and
-video models. Same check as benchmarks/zoo.py (smallest recipe, 30% of every gate's groups zeroed).
+video models. Same check as benchmarks/zoo.py (smallest recipe, weights that can expose a wrong cut,
+30% of every gate's groups zeroed).
 
     python benchmarks/beyond_zoo.py     # about 40 s on 2 cores
 """

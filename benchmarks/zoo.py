@@ -1,7 +1,7 @@
 """The core invariant over torchvision's whole classification zoo (issue 2).
 
-For every model of ``torchvision.models.list_models(module=torchvision.models)`` (random weights,
-eval mode, one 224x224 image): gate with the smallest recipe (channels and neurons, no selectors),
+For every model of ``torchvision.models.list_models(module=torchvision.models)`` (random weights
+that can expose a wrong cut, see ``dg.expose_weights``; eval mode, one 224x224 image): gate with the smallest recipe (channels and neurons, no selectors),
 zero a seeded random 30% of every gate's groups, shrink, and check that the slim output matches
 the gated one (max abs diff <= 1e-4 of the output's max abs value), that the parameter count falls
 by exactly the removed groups' parameters, and that no gate is left. Then the groups that could not
