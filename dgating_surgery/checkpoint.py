@@ -33,7 +33,7 @@ from .fixers import fix_attributes
 from .gates import gate_model, gate_set, require_gated
 from .models import InputSpec, ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
 from .recipe import load_recipe
-from .shrink import plan_cut
+from .shrink import plan_cut, set_counted_attributes
 from .tensors import owner, replace_tensor
 
 META_KEY = "dgating_surgery"
@@ -96,7 +96,8 @@ def save_slim(model: nn.Module, path, reference=None, example_inputs=None, examp
     recipe = load_recipe(recipe).to_dict() if recipe is not None else origin.recipe
     manifest = {"format": "slim", "model": origin.reference.to_dict(), "recipe": recipe,
                 "inputs": origin.inputs.to_dict() if origin.inputs is not None else None, "kept_groups": kept,
-                "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()}}
+                "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()},
+                "cut_attributes": getattr(model, "cut_attributes", {})}
     return _write(path, model.state_dict(), manifest)
 
 
@@ -118,6 +119,7 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         model, label = _build(ref, allow_pickle, path), ref
     _resize(model, state, path, label)
     fix_attributes(model)
+    set_counted_attributes(model, manifest.get("cut_attributes") or {})
     _load_strict(model, state, path, label)
     if manifest.get("kept_input_features"):
         model.kept_input_features = {k: torch.tensor(v, dtype=torch.long)

@@ -43,13 +43,13 @@ class DGate(nn.Module):
     so that ``shrink`` can cut the model without tracing it again."""
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
-                 D: int, cuts: list[Cut], positions: list[int] | None = None, width: int | None = None):
+                 D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
         self.modules, self.module_types = list(modules), list(module_types)
         self.cuts = cuts
-        self.positions = positions  # kinds that record their input: which input feature each group is
+        self.positions = positions  # kinds that record their input: the input features each group owns
         self.width = width  # kinds that record their input: how many features the input has
 
     @property

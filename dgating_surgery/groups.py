@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx
 
 from .kinds import KINDS, POLICIES, Role, set_kind
 from .labels import NONE, Labels
 from .rules import Attachment, ParamRef, RuleContext, output, rule_for
+from .rules.names import ALIASING_OPS, mutated_argument, op_name
+from .rules.shapes import size_use
 from .tensors import along
 from .tracing import Capture, TensorInfo
 
@@ -33,7 +36,7 @@ class GroupSet:
     roots: np.ndarray  # one root id per group, in channel order
     reasons: list  # per group: None when exactly removable, else why not
     policies: list  # per group: the name of the policy (``kinds.POLICY``) its gate uses, or None
-    positions: list | None = None  # kinds that record their input: each group's position along dim 1
+    positions: list | None = None  # kinds that record their input: each group's positions along dim 1
     width: int | None = None  # kinds that record their input: the input's size along dim 1
 
     @property
@@ -89,9 +92,14 @@ def _apply(ctx: RuleContext, node):
     if node.op == "placeholder":
         return _input(ctx, node)
     if node.op == "get_attr":
-        return ParamRef(node.target) if ctx.is_parameter(node.target) else None
+        return ParamRef(node.target) if ctx.is_tensor_attribute(node.target) else None
     if node.op == "output":
         return output(ctx, node)
+    refs = ctx.size_refs((node.args, node.kwargs))
+    if refs:
+        size = size_use(ctx, node, refs)
+        if size is not None:
+            return size
     try:
         result = rule_for(ctx, node)(ctx, node)
     except Exception as exc:  # a rule that cannot read this call: be conservative, say why
@@ -101,7 +109,32 @@ def _apply(ctx: RuleContext, node):
     if isinstance(result, Labels) and not ctx.is_tensor(node):  # never drop groups silently
         ctx.taint_inputs(node, f"flows into {ctx.where(node)}, whose result the tool cannot follow")
         return None
+    result = _canonical(ctx, result)
+    _follow_mutation(ctx, node, result)
     return result
+
+
+def _canonical(ctx: RuleContext, result):
+    """Labels with every id replaced by its group's current root, so that entries tied by this op
+    (a concat, a stack) read as one group downstream (a sum over the stacked dim consumes one)."""
+    if isinstance(result, (list, tuple)):
+        return [_canonical(ctx, r) for r in result]
+    if not isinstance(result, Labels):
+        return result
+    ids = torch.from_numpy(ctx.uf.find(result.ids.numpy()))
+    return Labels(ids, result.zaff, result.zall).compressed()
+
+
+def _follow_mutation(ctx: RuleContext, node, result) -> None:
+    """An in-place op changes the tensor it was given: later reads of that tensor see its result.
+    A mutation through a view would change the viewed tensor too, which the walk does not follow."""
+    target = mutated_argument(node, ctx.module(node) if node.op == "call_module" else None)
+    if target is None or not isinstance(result, Labels):
+        return
+    ctx.env[target] = result
+    if isinstance(target, torch.fx.Node) and target.op != "placeholder" and op_name(target) in ALIASING_OPS:
+        ctx.taint(result.ids, f"{ctx.where(node)} changes a view of another tensor in place, which the tool "
+                              "does not follow")
 
 
 def _input(ctx: RuleContext, node):
@@ -114,15 +147,22 @@ def _input(ctx: RuleContext, node):
 
 
 def _tie_reused_parameters(ctx: RuleContext) -> None:
-    """A layer called twice produces (or reads) the same parameter slices twice: one group."""
-    first: dict[tuple, Attachment] = {}
+    """A layer called twice produces (or reads) the same parameter slices twice: the slices must be
+    one cut, so their groups are tied. A call that reads the slices with no groups (an input that
+    carries none) needs them all: the groups the other calls tie to them are blocked."""
+    calls: dict[tuple, list[Attachment]] = {}
     for att in ctx.attachments:
-        key = (att.fqn, att.role, att.dim)
-        if key in first:
-            x, y = torch.broadcast_tensors(first[key].ids, att.ids)
+        calls.setdefault((att.fqn, att.role, att.dim), []).append(att)
+    for (fqn, _, _), atts in calls.items():
+        if len(atts) < 2:
+            continue
+        for att in atts[1:]:
+            x, y = torch.broadcast_tensors(atts[0].ids, att.ids)
             ctx.union(x.numpy(), y.numpy())
-        else:
-            first[key] = att
+        if any(not (att.ids >= 0).any() for att in atts):
+            for att in atts:
+                ctx.taint(att.ids, f"'{fqn}' is used more than once, once on inputs that belong to no group, so "
+                                   "it cannot lose entries")
 
 
 # -- resolution ------------------------------------------------------------------------------------
@@ -238,14 +278,27 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
             if ctx.spaces[s].module not in modules:
                 modules.append(ctx.spaces[s].module)
                 types.append(ctx.spaces[s].module_type)
-        space = ctx.spaces[key[0]]
-        records = KINDS[kind].records_input
+        positions = width = None
+        if KINDS[kind].records_input:
+            positions, width = _input_positions(ctx, key, roots, facts)
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
-                             [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots],
-                             [first_elem[r] - space.start for r in roots] if records else None,
-                             space.size if records else None))
+                             [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
+
+
+def _input_positions(ctx: RuleContext, key: tuple, roots: list[int], facts: _Facts):
+    """Every position along the model input that each group owns (several, after the input is
+    chunked or shuffled), and the input's width. Groups spanning two inputs are not cut."""
+    inputs = [s for s in key if KINDS[ctx.spaces[s].kind].records_input]
+    if len(inputs) > 1:
+        names = ", ".join(ctx.spaces[s].owner for s in inputs)
+        facts.block(np.array(roots), f"ties features of several model inputs ({names}) together")
+    space = ctx.spaces[inputs[0]]
+    elems = np.arange(space.start, space.start + space.size)
+    owner_root = ctx.uf.find(elems)
+    positions = [np.nonzero(owner_root == r)[0].tolist() for r in roots]
+    return positions, space.size
 
 
 def _roots(root_of: np.ndarray, ids: torch.Tensor) -> np.ndarray:

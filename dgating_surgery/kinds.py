@@ -22,7 +22,8 @@ class Role(str, Enum):
     AFFINE = "affine"  # a per-group scale or shift after the producer (BatchNorm, depthwise conv, a parameter)
     STAT = "stat"  # running statistics: cut with the group, never scaled
     CONSUMER = "consumer"  # a conv/linear's input slice (columns of its weight)
-    CUT_ONLY = "cut_only"  # cut with the group, never scaled (room for attention's query/key rows)
+    CUT_ONLY = "cut_only"  # cut with the group, never scaled (a buffer, PReLU's slopes, attention's query/key rows)
+    COUNT = "count"  # not a tensor: a layer attribute counting the group's entries, set after the cut
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("channels", 0),  # conv output channels
-    Kind("neurons", 1),  # linear output features
-    Kind("features", 2, gated_at_consumer=True, records_input=True),  # model input features (dim 1)
+    # model input features (dim 1); first, so that a set tied to the input (a depthwise conv on it)
+    # is only cut when the recipe asks for features: cutting it changes what the caller passes
+    Kind("features", 0, gated_at_consumer=True, records_input=True),
+    Kind("channels", 1),  # conv output channels
+    Kind("neurons", 2),  # linear output features
 )}
 
 PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself

@@ -15,6 +15,7 @@ from .errors import ShrinkError
 from .execution import as_tuple, describe_mismatch, output_diff, run
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
+from .kinds import Role
 from .tensors import get_tensor, owner, replace_tensor
 
 
@@ -24,8 +25,9 @@ class CutPlan:
 
     dead: dict[str, torch.Tensor]  # gate key -> bool per group
     norms: dict[str, torch.Tensor]  # gate key -> collapsed L2 norm per group
-    removed: dict[str, dict[int, torch.Tensor]]  # tensor name -> dim -> bool per position
+    removed: dict[str, dict[int, torch.Tensor]]  # tensor (or counted attribute) name -> dim -> bool per position
     kept_inputs: dict[str, list[int]]  # input name -> feature positions (dim 1) kept, where some go
+    counted: set[str]  # names in ``removed`` that are layer attributes counting entries, not tensors
 
     def kept_shape(self, fqn: str, shape) -> tuple[int, ...]:
         drop = self.removed.get(fqn, {})
@@ -37,7 +39,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     None: the recipe's), and what removing them removes. Every gate keeps at least one group."""
     dset = require_gated(model, "shrink (and every sparsity figure)")
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
-    dead, norms, removed, kept_inputs = {}, {}, {}, {}
+    dead, norms, removed, kept_inputs, counted = {}, {}, {}, {}, set()
     for key, dgate in dset.items():
         with torch.no_grad():
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
@@ -45,15 +47,19 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
         if is_dead.all():
             is_dead[norm.argmax()] = False
         dead[key], norms[key] = is_dead, norm
-        gone = {p for p, d in zip(dgate.positions or [], is_dead.tolist()) if d}
+        gone = {p for owned, d in zip(dgate.positions or [], is_dead.tolist()) if d for p in owned}
         if gone:
             kept_inputs[dgate.modules[0]] = [p for p in range(dgate.width) if p not in gone]
         for cut in dgate.cuts:
-            along = cut.index.expand(get_tensor(model, cut.fqn).shape[cut.dim])
+            if cut.role == Role.COUNT:
+                counted.add(cut.fqn)
+                along = cut.index
+            else:
+                along = cut.index.expand(get_tensor(model, cut.fqn).shape[cut.dim])
             gone = (along >= 0) & is_dead[along.clamp(min=0)]
             per_dim = removed.setdefault(cut.fqn, {})
             per_dim[cut.dim] = per_dim.get(cut.dim, torch.zeros_like(gone)) | gone
-    return CutPlan(dead, norms, removed, kept_inputs)
+    return CutPlan(dead, norms, removed, kept_inputs, counted)
 
 
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
@@ -71,8 +77,11 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
         reference = run(model, example_inputs, kwargs)
     _collapse(model)
     for fqn, drop in plan.removed.items():
-        _slice(model, fqn, drop)
+        if fqn not in plan.counted:
+            _slice(model, fqn, drop)
     fix_attributes(model)
+    counts = {fqn: int((~plan.removed[fqn][0]).sum()) for fqn in plan.counted}
+    set_counted_attributes(model, counts)
     if plan.kept_inputs:
         model.kept_input_features = {name: torch.tensor(kept) for name, kept in plan.kept_inputs.items()}
     if check:
@@ -84,6 +93,16 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
                               "size the cut did not update. Please report the model.") from exc
         _verify(reference, slim, rtol)
     return model
+
+
+def set_counted_attributes(model: nn.Module, counts: dict[str, int]) -> None:
+    """Set the layer attributes no tensor shows (``shrink``, and ``load_slim`` from the manifest);
+    the model keeps them in ``model.cut_attributes`` for ``save_slim``."""
+    for fqn, value in counts.items():
+        module, attr = owner(model, fqn)
+        setattr(module, attr, value)
+    if counts:
+        model.cut_attributes = dict(counts)
 
 
 def _collapse(model: nn.Module) -> None:

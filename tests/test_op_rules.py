@@ -77,7 +77,7 @@ def test_input_feature_selection():
     x = torch.randn(5, 8)
     gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "features"}]}, x)
     (gate,) = dg.gates(gated)
-    assert gate.kind == "features" and gate.positions == list(range(8))
+    assert gate.kind == "features" and gate.positions == [[p] for p in range(8)]
     with torch.no_grad():
         gate.factors[0, [1, 6]] = 0
     before = gated(x)

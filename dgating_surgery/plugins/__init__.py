@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-PLUGINS = ("transformers",)  # each names both the library and the plugin module here
+PLUGINS = ("transformers", "timm")  # each names both the library and the plugin module here
 _loaded: set[str] = set()
 
 

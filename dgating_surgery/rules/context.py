@@ -25,7 +25,7 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from ..kinds import PARAM_SPACE, Role
-from ..labels import Labels, UnionFind
+from ..labels import NONE, Labels, UnionFind
 from ..tensors import along
 from ..tracing import Capture, TensorInfo, describe_node
 from .names import op_name
@@ -33,9 +33,20 @@ from .names import op_name
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A parameter read by the graph (``get_attr``) that has not been used element-wise yet."""
+    """A parameter or buffer read by the graph (``get_attr``) that has not been used element-wise yet."""
 
     fqn: str
+
+
+@dataclass(frozen=True)
+class SizeRef:
+    """A Python size read from a grouped dim (``x.size(1)``, ``x.shape[1]``, ``x.numel()``).
+    ``ids``: the groups it counts; ``exact``: it is that dim's size itself (not computed from it),
+    ``ids`` then being the entries along the dim in order. A view may use it as a size (and is
+    then tied to those entries); anything that uses it as data blocks its groups."""
+
+    ids: torch.Tensor
+    exact: bool
 
 
 @dataclass
@@ -130,6 +141,10 @@ class RuleContext:
     def is_parameter(self, name: str) -> bool:
         return name in self._params
 
+    def is_tensor_attribute(self, name: str) -> bool:
+        """A parameter or buffer of the model."""
+        return name in self._tensors
+
     def fqn(self, arg) -> str | None:
         """The parameter/buffer name a ``get_attr`` argument reads, or None."""
         if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in self._tensors:
@@ -197,11 +212,21 @@ class RuleContext:
         for lab in self.all_labels((node.args, node.kwargs)):
             self.taint(lab.ids, reason)
 
+    def count(self, module: str, attr: str, ids) -> None:
+        """Layer attribute ``module.attr`` is the number of these entries (1-D), and no tensor of the
+        layer shows it (an InstanceNorm without affine or statistics): shrink sets it to the kept count."""
+        self.attach(f"{module}.{attr}", Role.COUNT, torch.as_tensor(ids).reshape(-1), 0)
+
     def visit(self, lab: Labels, node, has_param: bool = False) -> None:
         self.visits.append(Visit(lab, node, has_param))
 
-    def consume(self, fqn: str, wdim: int, wndim: int, lab: Labels, node) -> None:
-        """A conv/linear reads these groups through its input slice ``fqn[..., i, ...]`` (dim wdim)."""
+    def consume(self, fqn: str, wdim: int, wndim: int, lab: Labels | None, node) -> None:
+        """A conv/linear reads these groups through its input slice ``fqn[..., i, ...]`` (dim wdim).
+        An input with no groups is recorded too: a layer called again on grouped inputs must not
+        lose the columns this call reads."""
+        if lab is None:
+            self.attach(fqn, Role.CONSUMER, torch.full((1,) * wndim, NONE), wdim)
+            return
         self.attach(fqn, Role.CONSUMER, along(lab.ids.reshape(-1), wdim, wndim), wdim)
         self.visit(lab, node, has_param=True)
 
@@ -251,15 +276,27 @@ class RuleContext:
             return [Labels(i - 1, za.bool(), zl.bool()) for i, za, zl in zip(ids, zaff, zall)]
         return Labels(ids - 1, zaff.bool(), zall.bool())
 
+    def size_refs(self, structure) -> list[SizeRef]:
+        """The sizes of grouped dims among the nodes of an argument structure."""
+        found = []
+        for n in self.flat_nodes(structure):
+            state = self.env.get(n)
+            for s in (state if isinstance(state, (list, tuple)) else [state]):
+                if isinstance(s, SizeRef):
+                    found.append(s)
+        return found
+
     def _param_labels_of(self, fqn: str) -> Labels:
-        """A parameter used element-wise (a layer scale, a bias added by hand): each entry gets an
-        id of its own, attached as an affine, so it is cut and scaled with whatever it meets."""
+        """A parameter or buffer used element-wise (a layer scale, a bias added by hand, a mask):
+        each entry gets an id of its own, so it is cut with whatever it meets. A parameter is
+        attached as an affine, which a gate scales; a buffer is only cut, never scaled."""
         if fqn not in self._param_labels:
             shape = self.param_shape(fqn)
             ids = torch.from_numpy(self.uf.alloc(int(np.prod(shape)) if shape else 1)).reshape(shape)
             self.spaces.append(Space(int(ids.reshape(-1)[0]), ids.numel(), PARAM_SPACE, fqn, fqn, "parameter"))
-            self.attach(fqn, Role.AFFINE, ids)
-            self._param_labels[fqn] = Labels.fresh(ids, zaff=True, zall=True)
+            scaled = self.is_parameter(fqn)
+            self.attach(fqn, Role.AFFINE if scaled else Role.CUT_ONLY, ids)
+            self._param_labels[fqn] = Labels.fresh(ids, zaff=scaled, zall=scaled)
         return self._param_labels[fqn]
 
 
@@ -270,4 +307,4 @@ def unknown(ctx: RuleContext, node):
     return None
 
 
-__all__ = ["unknown", "RuleContext", "ParamRef", "Space", "Attachment", "Visit", "SPLIT_POLICIES"]
+__all__ = ["unknown", "RuleContext", "ParamRef", "SizeRef", "Space", "Attachment", "Visit", "SPLIT_POLICIES"]

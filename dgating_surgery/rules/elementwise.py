@@ -1,11 +1,22 @@
 """Element-wise rules: an op applied entry by entry keeps every entry's group; what it changes is
-whether a gated (zero) entry stays exactly zero."""
+whether a gated (zero) entry stays exactly zero.
+
+Operands of an element-wise op meet entry by entry, so their groups are tied where they meet. An
+operand that is broadcast along a grouped dim of another (a scalar parameter, a (B, 1, H, W) map
+over channels) is shared by every group there: it is not tied to them and it is never scaled by
+their gates. An operand that carries no group but has the full size along a grouped dim (the
+output of an op without a rule) cannot shrink with it, so those groups are blocked.
+"""
 from __future__ import annotations
+
+import operator
 
 import torch
 
+from ..kinds import Role
 from ..labels import Labels
-from .context import RuleContext
+from .context import RuleContext, unknown
+from .structural import arg
 
 
 def unary(ctx: RuleContext, node, keeps_zero: bool):
@@ -16,31 +27,179 @@ def unary(ctx: RuleContext, node, keeps_zero: bool):
     return lab.not_zero()
 
 
-def binary(ctx: RuleContext, node, kind: str):
-    """Element-wise arithmetic of two operands: entries that meet are tied into one group.
-    add/sub is zero when both sides are; mul when either is; div when the numerator is."""
-    x, y = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-    lx, ly = ctx.labels(x), ctx.labels(y)
-    if lx is None and ly is None:
+def elementwise(ctx: RuleContext, node, operands: list, zero) -> Labels | None:
+    """Tie the groups of ``operands`` (nodes or Python numbers) where they meet; ``zero(flags,
+    values)`` gives an entry's zero flag from the operands' flags (False for an operand that is not
+    a tensor with groups) and their Python values (None for tensors)."""
+    nd = len(ctx.shape(node))
+    labs = [_aligned(ctx, v, nd) if ctx.is_tensor(v) else None for v in operands]
+    varying = {d for lab in labs if lab is not None for d in lab.varying_dims()}
+    if not varying and all(lab is None for lab in labs):
         return None
-    lx = lx if lx is not None else _constant(ctx, x)
-    ly = ly if ly is not None else _constant(ctx, y)
-    ix, iy = torch.broadcast_tensors(lx.ids, ly.ids)
-    ctx.union(ix.numpy(), iy.numpy())
-    ids = torch.where(ix >= 0, ix, iy)
-    if kind == "add":
-        zaff, zall = lx.zaff & ly.zaff, lx.zall & ly.zall
-    elif kind == "mul":
-        zaff, zall = lx.zaff | ly.zaff, lx.zall | ly.zall
-    else:  # div: x / y
-        zaff, zall = lx.zaff & torch.ones_like(ly.zaff), lx.zall & torch.ones_like(ly.zall)
-    zaff, zall = torch.broadcast_tensors(zaff, zall)
-    return Labels(ids, zaff.expand(ids.shape), zall.expand(ids.shape)).compressed()
+    met = []
+    for v, lab in zip(operands, labs):
+        if not ctx.is_tensor(v):
+            met.append(Labels.unlabeled((1,) * nd))
+            continue
+        size = (1,) * (nd - len(ctx.shape(v))) + tuple(ctx.shape(v))
+        shared = [d for d in varying if size[d] == 1]
+        if lab is None:
+            full = [d for d in varying if size[d] > 1]
+            if full:
+                for other in labs:
+                    if other is not None:
+                        ctx.taint(other.ids, f"meets '{v}' at {ctx.where(node)}, which belongs to no group but has "
+                                             "the full size along the grouped dim, so it cannot shrink with it")
+            met.append(Labels.unlabeled((1,) * nd))
+        elif shared:  # broadcast over groups: tied to none of them, scaled by none of their gates
+            met.append(Labels.unlabeled((1,) * nd))
+        else:
+            met.append(lab)
+    ids = [m.ids for m in met]
+    expanded = torch.broadcast_tensors(*ids)
+    for other in expanded[1:]:
+        ctx.union(expanded[0].numpy(), other.numpy())
+    out = expanded[0]
+    for other in expanded[1:]:
+        out = torch.where(out >= 0, out, other)
+    values = [None if ctx.is_tensor(v) else v for v in operands]
+    flags = []
+    for name in ("zaff", "zall"):
+        flag = zero([getattr(m, name) for m in met], values)
+        flags.append(torch.as_tensor(flag).expand(out.shape))
+    return Labels(out, *flags).compressed()
 
 
-def _constant(ctx: RuleContext, value) -> Labels:
-    """An operand that carries no group: a Python number (zero if it is 0) or an unlabelled tensor."""
-    shape = (1,) * len(ctx.shape(value)) if ctx.is_tensor(value) else ()
-    is_zero = isinstance(value, (int, float)) and value == 0
-    lab = Labels.unlabeled(shape)
-    return Labels(lab.ids, lab.zaff | is_zero, lab.zall | is_zero)
+def _aligned(ctx: RuleContext, v, nd: int) -> Labels | None:
+    """The labels of tensor ``v`` with leading dims of size 1 up to ``nd`` dims."""
+    lab = ctx.labels(v)
+    if lab is None or lab.ids.ndim == nd:
+        return lab
+    return lab.map(lambda t: t.reshape((1,) * (nd - t.ndim) + tuple(t.shape)))
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, (int, float, bool)) and value == 0
+
+
+def _operands(node, names=("input", "other")):
+    return [arg(node, i, name) for i, name in enumerate(names)]
+
+
+def add(ctx: RuleContext, node):
+    """a + b, a - b: zero where both are."""
+    return elementwise(ctx, node, _operands(node),
+                       lambda z, v: (z[0] | _is_zero(v[0])) & (z[1] | _is_zero(v[1])))
+
+
+def mul(ctx: RuleContext, node):
+    """a * b: zero where either is."""
+    return elementwise(ctx, node, _operands(node), lambda z, v: z[0] | z[1] | _is_zero(v[0]) | _is_zero(v[1]))
+
+
+def div(ctx: RuleContext, node):
+    """a / b: zero where the numerator is."""
+    return elementwise(ctx, node, _operands(node), lambda z, v: z[0] | _is_zero(v[0]))
+
+
+COMPARISONS = {"gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le, "eq": operator.eq,
+               "ne": operator.ne}
+
+
+def compare(ctx: RuleContext, node):
+    """a > b and friends: a mask over the operands' entries. Zero where every tensor operand is and
+    the comparison of zero with the numbers involved is False."""
+    cmp = COMPARISONS[ctx.op_name(node).strip("_")]
+
+    def zero(z, v):
+        value = cmp(*(0 if x is None else x for x in v))
+        return (z[0] if v[0] is None else True) & (z[1] if v[1] is None else True) & (not value)
+    return elementwise(ctx, node, _operands(node), zero)
+
+
+def where(ctx: RuleContext, node):
+    """torch.where(cond, a, b): zero where both branches are."""
+    operands = _operands(node, ("condition", "input", "other"))
+    return elementwise(ctx, node, operands, lambda z, v: (z[1] | _is_zero(v[1])) & (z[2] | _is_zero(v[2])))
+
+
+def masked_fill(ctx: RuleContext, node):
+    """x.masked_fill(mask, value): zero where x is and either the mask is (False) or value is 0."""
+    operands = _operands(node, ("input", "mask"))
+    value = arg(node, 2, "value")
+    if ctx.is_tensor(value):
+        operands.append(value)
+    return elementwise(ctx, node, operands, lambda z, v: z[0] & (z[1] | _is_zero(value)))
+
+
+def clamp(ctx: RuleContext, node):
+    """clamp/clip/hardtanh keep zero only when their bounds include it; tensor bounds meet x
+    entry-wise."""
+    name = ctx.op_name(node)
+    if node.op == "call_module":
+        m = ctx.module(node)
+        low, high = m.min_val, m.max_val
+    elif name.startswith("hardtanh"):
+        low, high = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
+    else:
+        low, high = arg(node, 1, "min"), arg(node, 2, "max")
+    bounds = [b for b in (low, high) if ctx.is_tensor(b)]
+    if bounds:
+        return elementwise(ctx, node, [node.args[0], *bounds], lambda z, v: _all(z))
+    keeps = (low is None or low <= 0) and (high is None or high >= 0)
+    return unary(ctx, node, keeps_zero=keeps)
+
+
+def clamp_min_max(ctx: RuleContext, node, bound: str):
+    """clamp_min(x, m) / clamp_max(x, m)."""
+    value = arg(node, 1, "min" if bound == "min" else "max")
+    if ctx.is_tensor(value):
+        return elementwise(ctx, node, [node.args[0], value], lambda z, v: _all(z))
+    return unary(ctx, node, keeps_zero=value <= 0 if bound == "min" else value >= 0)
+
+
+def power(ctx: RuleContext, node):
+    """x ** p keeps zero for a positive exponent; a tensor exponent or base meets x entry-wise."""
+    base, exponent = _operands(node, ("input", "exponent"))
+    if ctx.is_tensor(base) and not ctx.is_tensor(exponent):
+        return unary(ctx, node, keeps_zero=isinstance(exponent, (int, float)) and exponent > 0)
+    return elementwise(ctx, node, [base, exponent], lambda z, v: torch.tensor(False))
+
+
+def like(ctx: RuleContext, node, value=None, value_pos=None):
+    """zeros_like(x), ones_like(x), full_like(x, v): a tensor of x's shape, so of x's groups; zero
+    where the fill ``value`` (or the argument at ``value_pos``) is."""
+    lab = ctx.labels(node.args[0])
+    if lab is None:
+        return None
+    if value_pos is not None:
+        value = arg(node, value_pos, "fill_value")
+    return lab if _is_zero(value) else lab.not_zero()
+
+
+def _all(flags):
+    out = flags[0]
+    for f in flags[1:]:
+        out = out & f
+    return out
+
+
+__all__ = ["unary", "elementwise", "add", "mul", "div", "compare", "where", "masked_fill", "clamp", "clamp_min_max",
+           "power", "like", "prelu"]
+
+
+def prelu(ctx: RuleContext, node):
+    """PReLU: zero-keeping; with one slope per channel (dim 1) the slopes are cut with the channel."""
+    x = node.args[0]
+    weight = ctx.fqn_of(node, "weight") if node.op == "call_module" else ctx.fqn(arg(node, 1, "weight"))
+    lab = ctx.labels(x)
+    if lab is None:
+        return None
+    if weight is None:  # slopes computed in the forward: they would not shrink with the channels
+        return unknown(ctx, node)
+    if ctx.param_shape(weight) in ((), (1,)):
+        return lab
+    per_channel = ctx.per_dim(x, 1, node)
+    if per_channel is not None:
+        ctx.attach(weight, Role.CUT_ONLY, per_channel.ids.reshape(-1), 0)
+    return lab

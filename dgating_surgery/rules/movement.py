@@ -5,9 +5,12 @@ code fixes (a literal split size, a fixed index)."""
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
+from torch import nn
 
-from .context import RuleContext, unknown
+from ..tensors import along
+from .context import RuleContext, SizeRef, unknown
 from .structural import arg
 
 
@@ -24,13 +27,32 @@ def movement(ctx: RuleContext, node, check=None, call=None):
     return out.compressed()
 
 
-def _pad_labels(x, pad, mode="constant", value=None):
-    """Labels are padded with NONE (0 after the shift) whatever the data is padded with."""
-    return F.pad(x, pad) if mode == "constant" else F.pad(x, pad, mode)
-
-
 def pad(ctx: RuleContext, node):
-    return movement(ctx, node, call=_pad_labels)
+    """F.pad / constant_pad_nd / the Pad modules. Padding a dim that carries no group widens every
+    group there with padded entries of its own: they stay zero with the group unless the padding
+    writes a non-zero constant. Padding a grouped dim adds entries of no group (constant mode
+    only: reflected or replicated entries would copy groups to positions the code fixes)."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    if lab is None:
+        return None
+    if node.op == "call_module":
+        m = ctx.module(node)
+        pads, value = list(m.padding), getattr(m, "value", 0.0)
+        mode = "constant" if isinstance(m, (nn.ZeroPad2d, nn.modules.padding._ConstantPadNd)) else "copy"
+    else:
+        pads = list(arg(node, 1, "pad"))
+        mode = "constant" if ctx.op_name(node) == "constant_pad_nd" else arg(node, 2, "mode", "constant")
+        value = arg(node, 3 if ctx.op_name(node) != "constant_pad_nd" else 2, "value", 0.0)
+    nd = len(ctx.shape(x))
+    padded = {nd - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+    keeps_zero = mode != "constant" or not value
+    if not padded & set(lab.varying_dims()):
+        return lab if keeps_zero else lab.not_zero()
+    if mode != "constant" or any(p < 0 for p in pads):
+        ctx.taint(lab.ids, f"{ctx.where(node)} pads a grouped dim by copying its entries, or crops it")
+        return None
+    return movement(ctx, node, call=lambda t, *_, **__: F.pad(t, pads))
 
 
 def reshape_groups(src, dst):
@@ -85,7 +107,24 @@ def _view_sizes(node):
 
 
 def check_view(ctx: RuleContext, node, out):
-    _check_reshape(ctx, node, out, _view_sizes(node))
+    """A view: the reshape check, and each output dim sized by another tensor's grouped dim
+    (``x.view(y.size())``) tied to that dim's entries, so both shrink alike."""
+    sizes = _view_sizes(node)
+    _check_reshape(ctx, node, out, sizes)
+    if len(sizes) == out.ids.ndim:
+        for d, size in enumerate(sizes):
+            ref = ctx.env.get(size) if isinstance(size, torch.fx.Node) else None
+            if isinstance(ref, SizeRef) and ref.exact and ref.ids.numel() == ctx.shape(node)[d]:
+                ctx.union(out.ids.numpy(), along(ref.ids, d, out.ids.ndim).numpy())
+
+
+def check_as(ctx: RuleContext, node, out):
+    """view_as / reshape_as / expand_as: the result has the other tensor's shape, so it is tied to
+    the other tensor's groups entry by entry."""
+    other = ctx.labels(node.args[1])
+    if other is not None:
+        ids, others = torch.broadcast_tensors(out.ids, other.ids)
+        ctx.union(ids.numpy(), others.numpy())
 
 
 def check_unflatten(ctx: RuleContext, node, out):
@@ -187,6 +226,17 @@ def check_cat(ctx: RuleContext, node, out):
     if plain:
         ctx.taint(torch.cat([ids.reshape(-1) for ids in shared]),
                   f"{ctx.where(node)} joins grouped tensors with '{plain[0]}', which belongs to no group")
+
+
+def check_pixel_shuffle(ctx: RuleContext, node, out):
+    """pixel_shuffle spreads r*r consecutive channels of a group over one output channel's
+    positions: those channels are one group."""
+    r = ctx.module(node).upscale_factor if node.op == "call_module" else arg(node, 1, "upscale_factor")
+    ids = out.ids
+    base = ids[..., 0::r, 0::r].numpy()
+    for i in range(r):
+        for j in range(r):
+            ctx.union(base, ids[..., i::r, j::r].numpy())
 
 
 def getitem(ctx: RuleContext, node):

@@ -12,11 +12,14 @@ from .structural import arg
 
 
 def channel_affine(ctx: RuleContext, node, x, weight, bias, stats, zero_keeping):
-    """BatchNorm/InstanceNorm: per-channel along dim 1. Its affine is scaled by the gate, so the
-    output is zero when the gate is; without an affine only InstanceNorm keeps zeros."""
+    """BatchNorm/InstanceNorm (and GroupNorm with a channel per group): per-channel along dim 1.
+    Its affine is scaled by the gate, so the output is zero when the gate is; without an affine
+    only a norm over each instance's own statistics keeps zeros ((0 - 0) / sqrt(eps))."""
     lab = ctx.per_dim(x, 1, node)
     if lab is None:
         return None
+    if node.op == "call_module" and weight is None and not any(stats):  # nothing to derive num_features from
+        ctx.count(node.target, "num_features", lab.ids.reshape(-1))
     for fqn in (weight, bias):
         if fqn is not None:
             ctx.attach(fqn, Role.AFFINE, lab.ids.reshape(-1), 0)
@@ -31,8 +34,9 @@ def channel_affine(ctx: RuleContext, node, x, weight, bias, stats, zero_keeping)
 def batch_norm_module(ctx: RuleContext, node):
     m = ctx.module(node)
     stats = (ctx.fqn_of(node, "running_mean"), ctx.fqn_of(node, "running_var"))
+    instance_stats = isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats
     return channel_affine(ctx, node, node.args[0], ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"), stats,
-                          zero_keeping=isinstance(m, nn.modules.instancenorm._InstanceNorm))
+                          zero_keeping=instance_stats)
 
 
 def batch_norm_call(ctx: RuleContext, node, w=1, b=2, rm=3, rv=4):
@@ -66,12 +70,45 @@ def layer_norm_module(ctx: RuleContext, node):
 
 
 def layer_norm_call(ctx: RuleContext, node):
+    """F.layer_norm / F.rms_norm, and aten.native_layer_norm, which also returns its statistics."""
     shape = arg(node, 1, "normalized_shape")
-    return normalization(ctx, node, node.args[0], list(range(-len(shape), 0)), ctx.op_name(node))
+    out = normalization(ctx, node, node.args[0], list(range(-len(shape), 0)), ctx.op_name(node))
+    return [out, None, None] if ctx.op_name(node) == "native_layer_norm" else out
 
 
-def group_norm(ctx: RuleContext, node):
+def group_norm_module(ctx: RuleContext, node):
+    m = ctx.module(node)
+    if m.num_groups == m.num_channels:  # one channel per group: per-channel statistics
+        return channel_affine(ctx, node, node.args[0], ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"), (),
+                              zero_keeping=True)
     return normalization(ctx, node, node.args[0], [1], "GroupNorm")
+
+
+def group_norm_call(ctx: RuleContext, node):
+    """F.group_norm(x, num_groups, weight, bias) and aten.native_group_norm(x, weight, bias, N, C,
+    HxW, group, eps)."""
+    x = node.args[0]
+    if ctx.op_name(node) == "native_group_norm":
+        groups, weight, bias = node.args[6], node.args[1], node.args[2]
+    else:
+        groups, weight, bias = arg(node, 1, "num_groups"), arg(node, 2, "weight"), arg(node, 3, "bias")
+    if groups == ctx.shape(x)[1]:
+        out = channel_affine(ctx, node, x, ctx.fqn(weight), ctx.fqn(bias), (), zero_keeping=True)
+        return [out, None, None] if ctx.op_name(node) == "native_group_norm" else out
+    return normalization(ctx, node, x, [1], "group_norm")
+
+
+def vector_normalize(ctx: RuleContext, node):
+    """F.normalize(x, p, dim): x / ||x|| over ``dim``. Entries that are exactly zero add nothing
+    to the norm, so a group along ``dim`` is removable when it reaches it as zeros."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    if lab is None:
+        return None
+    dim = arg(node, 2, "dim", 1) % lab.ids.ndim
+    if dim in lab.varying_dims():
+        ctx.visit(lab, node)
+    return lab
 
 
 def softmax(ctx: RuleContext, node):

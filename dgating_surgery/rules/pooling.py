@@ -17,19 +17,20 @@ def spatial(ctx: RuleContext, node):
     return lab if ctx.is_tensor(node) else [lab, None]  # max_pool2d_with_indices: (values, indices)
 
 
-def reduction(ctx: RuleContext, node, kind: str):
-    """sum/mean/max over dims. Summing a grouped dim consumes it (zeros add nothing); a mean divides
-    by the count and a max compares entries, so a group there is not exactly removable."""
+def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
+    """sum/mean/max/norm over dims. A sum (or a p-norm) over a grouped dim consumes it: exact zeros
+    add nothing, so the group only has to reach it as zeros. A mean divides by the count and a max
+    compares entries, so a group there is not exactly removable. Over other dims labels pass."""
     x = node.args[0]
     lab = ctx.labels(x)
     if lab is None:
         return None
     nd = lab.ids.ndim
-    dims = arg(node, 1, "dim")
+    dims = arg(node, dim_pos, "dim")
     dims = range(nd) if dims is None else sorted(d % nd for d in ([dims] if isinstance(dims, int) else dims))
-    keep = bool(arg(node, 2, "keepdim", False))
+    keep = bool(arg(node, dim_pos + 1, "keepdim", False))
     if any(d in lab.varying_dims() for d in dims):
-        if kind != "sum":
+        if kind not in ("sum", "norm"):
             ctx.taint(lab.ids, f"{ctx.where(node)} takes the {kind} over a grouped dim")
             return None
         ctx.visit(lab, node)

@@ -21,7 +21,8 @@ def arg(node, pos, name, default=None):
 def conv(ctx: RuleContext, node, x, weight, bias, groups, transposed=False):
     """Conv: consumes its input channels, produces fresh output channels. A grouped conv ties each
     of its groups' input and output channels into one unit (removing it decrements ``groups``); a
-    depthwise conv is the special case of one channel per group."""
+    depthwise conv is the special case of one channel per group. The weight is (out, in/groups,
+    ...), or (in, out/groups, ...) for a transposed conv."""
     if weight is None:
         return unknown_weights(ctx, node)
     out_shape = ctx.shape(node)
@@ -32,8 +33,8 @@ def conv(ctx: RuleContext, node, x, weight, bias, groups, transposed=False):
     wdim_out, wdim_in = (1, 0) if transposed else (0, 1)
     wndim = len(ctx.param_shape(weight))
     if groups == 1:
-        if lab is not None:
-            ctx.consume(weight, wdim_in, wndim, lab, node)
+        ctx.consume(weight, wdim_in, wndim, lab, node)
+        ctx.attach(weight, Role.PRODUCER, along(out, wdim_out, wndim), wdim_out)
         role = Role.PRODUCER
     else:
         cin_g, cout_g = c_in // groups, c_out // groups
@@ -48,7 +49,9 @@ def conv(ctx: RuleContext, node, x, weight, bias, groups, transposed=False):
             ctx.taint(out_np[blocked[group_of_out]], f"the input channels of {ctx.where(node)} (a grouped conv) "
                       "come from no removable group, so its groups cannot be removed")
         role = Role.AFFINE
-    ctx.attach(weight, role, along(out, wdim_out, wndim), wdim_out)
+        # the weight's leading dim runs over out channels (or in channels, transposed): each belongs to its unit
+        unit_of_lead = out_np[(torch.arange(c_in).numpy() // cin_g) * cout_g] if transposed else out_np
+        ctx.attach(weight, role, along(unit_of_lead, 0, wndim), 0)
     if bias is not None:
         ctx.attach(bias, role, out, 0)
     return Labels.fresh(along(out, 1, nd), zaff=(role == Role.AFFINE), zall=True)
@@ -60,9 +63,11 @@ def conv_module(ctx: RuleContext, node):
                 transposed=isinstance(m, nn.modules.conv._ConvTransposeNd))
 
 
-def conv_call(ctx: RuleContext, node):
+def conv_call(ctx: RuleContext, node, transposed=False):
+    """F.conv2d(x, w, b, stride, padding, dilation, groups), F.conv_transpose2d(x, w, b, stride,
+    padding, output_padding, groups, dilation): groups is the 7th argument of both."""
     return conv(ctx, node, node.args[0], ctx.fqn(arg(node, 1, "weight")), ctx.fqn(arg(node, 2, "bias")),
-                arg(node, 6, "groups", 1))
+                arg(node, 6, "groups", 1), transposed)
 
 
 def convolution_call(ctx: RuleContext, node):  # aten.convolution(x, w, b, stride, pad, dil, transposed, out_pad, groups)
@@ -78,9 +83,7 @@ def linear(ctx: RuleContext, node, x, weight, bias, transposed=False):
     out_shape = ctx.shape(node)
     nd = len(out_shape)
     w_in, w_out = (0, 1) if transposed else (1, 0)
-    lab = ctx.per_dim(x, nd - 1, node)
-    if lab is not None:
-        ctx.consume(weight, w_in, 2, lab, node)
+    ctx.consume(weight, w_in, 2, ctx.per_dim(x, nd - 1, node), node)
     out = ctx.new_space(out_shape[-1], "neurons", weight, node)
     ctx.attach(weight, Role.PRODUCER, along(out, w_out, 2), w_out)
     if bias is not None:

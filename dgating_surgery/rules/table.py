@@ -14,50 +14,48 @@ from functools import partial
 from torch import nn
 
 from .context import RuleContext, unknown
-from .elementwise import binary, unary
-from .movement import (check_cat, check_chunk, check_index, check_roll, check_split, check_unflatten, check_view,
-                       getitem, movement, pack, pad)
+from .elementwise import (add, clamp, clamp_min_max, compare, div, like, masked_fill, mul, power, prelu, unary,
+                          where)
+from .movement import (check_as, check_cat, check_chunk, check_index, check_pixel_shuffle, check_roll, check_split,
+                       check_unflatten, check_view, getitem, movement, pack, pad)
 from .names import op_name
-from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm, layer_norm_call,
-                            layer_norm_module, softmax, softmax_module)
+from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm_call,
+                            group_norm_module, layer_norm_call, layer_norm_module, softmax, softmax_module,
+                            vector_normalize)
 from .pooling import reduction, spatial
+from .shapes import numel, shape_only, size
 from .structural import addmm, conv_call, conv_module, convolution_call, linear_call, linear_module, matmul_param
 
 ZERO_KEEPING = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-                nn.Mish, nn.Tanh, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                nn.AlphaDropout, nn.Identity, nn.Hardshrink, nn.Softshrink, nn.PReLU, nn.Tanhshrink]
+                nn.Mish, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+                nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Softsign]
 NOT_ZERO_KEEPING = [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid]
 ZERO_KEEPING_FN = ["relu", "relu_", "relu6", "gelu", "silu", "silu_", "hardswish", "hardswish_", "leaky_relu",
-                   "leaky_relu_", "elu", "elu_", "selu", "celu", "mish", "tanh", "tanh_", "hardtanh", "hardtanh_",
+                   "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "mish", "mish_", "tanh", "tanh_",
                    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_dropout",
-                   "stochastic_depth", "drop_path", "neg", "abs", "clone", "contiguous", "detach", "float", "half",
-                   "double", "bfloat16", "to", "_to_copy", "type_as", "type", "alias", "native_dropout",
-                   "sign", "square", "sin", "sinh", "asinh", "erf", "tan", "atan", "sqrt", "trunc", "round",
-                   "floor", "ceil", "nan_to_num", "clamp", "clamp_", "clip"]
-NOT_ZERO_KEEPING_FN = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "cos", "cosh", "softplus",
-                       "logsigmoid", "log_sigmoid", "reciprocal", "rsqrt", "log", "log1p", "pow", "exp_"]
+                   "stochastic_depth", "drop_path", "neg", "neg_", "negative", "abs", "abs_", "clone", "contiguous",
+                   "detach", "float", "half", "double", "bfloat16", "to", "_to_copy", "type_as", "type", "alias",
+                   "native_dropout", "sign", "sign_", "square", "square_", "sin", "sin_", "sinh", "asinh", "erf",
+                   "tan", "atan", "sqrt", "sqrt_", "trunc", "round", "floor", "ceil", "nan_to_num", "softsign",
+                   "hardshrink", "softshrink", "tanhshrink", "relu6_"]
+NOT_ZERO_KEEPING_FN = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_", "cos", "cosh",
+                       "softplus", "logsigmoid", "log_sigmoid", "reciprocal", "rsqrt", "log", "log1p", "erfc",
+                       "logical_not", "bitwise_not"]
 MOVEMENT_FN = ["flatten", "permute", "transpose", "transpose_", "t", "squeeze", "unsqueeze", "squeeze_",
-               "unsqueeze_", "expand", "expand_as", "repeat", "flip", "movedim", "moveaxis", "swapaxes",
-               "swapdims", "contiguous", "view_as", "reshape_as", "unbind", "_unsafe_view", "alias", "clone",
-               "permute_copy", "view_copy", "transpose_copy"]
+               "unsqueeze_", "expand", "repeat", "flip", "movedim", "moveaxis", "swapaxes", "swapdims", "unbind",
+               "_unsafe_view", "permute_copy", "view_copy", "transpose_copy", "repeat_interleave",
+               "pixel_unshuffle"]
 SPATIAL = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-           nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d]
+           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d]
+PADS = [nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
+        nn.modules.padding._CircularPadNd]
 SPATIAL_FN = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
               "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
               "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "upsample_nearest2d",
               "upsample_bilinear2d", "_adaptive_avg_pool2d", "max_pool2d_with_indices"]
-SHAPE_ONLY_FN = ["size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like",
-                 "ones_like", "empty_like", "full_like", "randn_like", "rand_like", "sym_size", "getattr",
-                 "_assert", "_assert_scalar", "sym_constrain_range_for_size", "_guards_fn", "eq", "ne",
-                 "lt", "gt", "le", "ge", "_assert_tensor_metadata"]
-
-
-def shape_only(ctx: RuleContext, node):
-    """Ops that read only a tensor's shape or make a new tensor of its shape: no data flows."""
-    return None
-
+SHAPE_ONLY_FN = ["dim", "new_zeros", "new_ones", "new_empty", "new_full", "empty_like", "randn_like", "rand_like",
+                 "_assert", "_assert_scalar", "sym_constrain_range_for_size", "_guards_fn", "_assert_tensor_metadata"]
 
 MODULE_RULES = {
     **{cls: conv_module for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -67,29 +65,46 @@ MODULE_RULES = {
                                            nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
     nn.LayerNorm: layer_norm_module,
     nn.RMSNorm: layer_norm_module,
-    nn.GroupNorm: group_norm,
+    nn.GroupNorm: group_norm_module,
     nn.Softmax: softmax_module,
     nn.Flatten: movement,
+    nn.PixelShuffle: partial(movement, check=check_pixel_shuffle),
+    nn.PixelUnshuffle: movement,
+    nn.Hardtanh: clamp,
+    nn.PReLU: prelu,
     **{cls: partial(unary, keeps_zero=True) for cls in ZERO_KEEPING},
     **{cls: partial(unary, keeps_zero=False) for cls in NOT_ZERO_KEEPING},
     **{cls: spatial for cls in SPATIAL},
+    **{cls: pad for cls in PADS},
 }
 
 # functions, tensor methods and ATen ops, by name (``F.relu``, ``x.relu()`` and ``aten.relu`` alike)
 NAME_RULES = {
     "conv1d": conv_call, "conv2d": conv_call, "conv3d": conv_call, "convolution": convolution_call,
+    "conv_transpose1d": partial(conv_call, transposed=True), "conv_transpose2d": partial(conv_call, transposed=True),
+    "conv_transpose3d": partial(conv_call, transposed=True),
     "linear": linear_call, "addmm": addmm, "mm": matmul_param, "matmul": matmul_param,
     "batch_norm": batch_norm_call, "_native_batch_norm_legit_no_training": batch_norm_call,
     "instance_norm": batch_norm_call, "F.batch_norm": batch_norm_functional,
-    "layer_norm": layer_norm_call, "native_layer_norm": layer_norm_call, "group_norm": group_norm,
-    "native_group_norm": group_norm, "rms_norm": layer_norm_call,
+    "layer_norm": layer_norm_call, "native_layer_norm": layer_norm_call, "group_norm": group_norm_call,
+    "native_group_norm": group_norm_call, "rms_norm": layer_norm_call, "normalize": vector_normalize,
     "softmax": softmax, "_softmax": softmax, "log_softmax": softmax, "_log_softmax": softmax,
-    **{name: partial(binary, kind="add") for name in ("add", "add_", "iadd", "sub", "sub_", "isub", "rsub")},
-    **{name: partial(binary, kind="mul") for name in ("mul", "mul_", "imul")},
-    **{name: partial(binary, kind="div") for name in ("truediv", "div", "div_", "itruediv")},
+    **{name: add for name in ("add", "add_", "iadd", "sub", "sub_", "isub", "rsub")},
+    **{name: mul for name in ("mul", "mul_", "imul")},
+    **{name: div for name in ("truediv", "div", "div_", "itruediv")},
+    **{name: compare for name in ("eq", "ne", "lt", "gt", "le", "ge", "eq_", "ne_", "lt_", "gt_", "le_", "ge_")},
+    "where": where, "masked_fill": masked_fill, "masked_fill_": masked_fill,
+    **{name: clamp for name in ("clamp", "clamp_", "clip", "clip_", "hardtanh", "hardtanh_")},
+    "clamp_min": partial(clamp_min_max, bound="min"), "clamp_min_": partial(clamp_min_max, bound="min"),
+    "clamp_max": partial(clamp_min_max, bound="max"), "clamp_max_": partial(clamp_min_max, bound="max"),
+    "pow": power, "pow_": power, "prelu": prelu, "_prelu_kernel": prelu,
+    "zeros_like": partial(like, value=0), "ones_like": partial(like, value=1), "full_like": partial(like, value_pos=1),
+    "size": size, "getattr": size, "sym_size": size, "numel": numel,
     **{name: partial(unary, keeps_zero=True) for name in ZERO_KEEPING_FN},
     **{name: partial(unary, keeps_zero=False) for name in NOT_ZERO_KEEPING_FN},
     **{name: movement for name in MOVEMENT_FN},
+    "pixel_shuffle": partial(movement, check=check_pixel_shuffle),
+    **{name: partial(movement, check=check_as) for name in ("view_as", "reshape_as", "expand_as")},
     "pad": pad, "constant_pad_nd": pad,
     "view": partial(movement, check=check_view), "reshape": partial(movement, check=check_view),
     "unflatten": partial(movement, check=check_unflatten),
@@ -103,6 +118,8 @@ NAME_RULES = {
     "sum": partial(reduction, kind="sum"), "mean": partial(reduction, kind="mean"),
     "amax": partial(reduction, kind="max"), "amin": partial(reduction, kind="min"),
     "std": partial(reduction, kind="std"), "var": partial(reduction, kind="var"),
+    "norm": partial(reduction, kind="norm", dim_pos=2), "linalg_vector_norm": partial(reduction, kind="norm",
+                                                                                         dim_pos=2),
     **{name: shape_only for name in SHAPE_ONLY_FN},
 }
 
