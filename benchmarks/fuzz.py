@@ -55,6 +55,14 @@ def run_one(seed: int, deep: bool, limit: int):
         signal.alarm(0)
 
 
+def _minimize(seed: int):
+    try:
+        return R.minimize(seed)
+    except Exception as exc:  # noqa: BLE001 - a harness problem must not lose the report
+        print(f"    (minimizing seed {seed} failed: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
 def signature(desc: str) -> str:
     """A minimal case's block list with sizes blurred: the failure's culprit, roughly."""
     parts = desc.split(" > ")[1:]
@@ -120,6 +128,9 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k}: {counts[k]}" for k in ORDER + ["harness"] if counts[k]), file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t0
     args.n = done
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f)
 
     print(f"seeds {args.start}..{args.start + args.n - 1}: {args.n} cases in {elapsed:.0f} s "
           f"({args.n / elapsed:.1f} cases/s)\n")
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
         print(f"    e.g. seed {seed}: {detail[:200]}")
         print(f"         {desc[:300]}")
         for seed, _, _ in items[: args.minimize]:
-            res = R.minimize(seed)
+            res = _minimize(seed)
             if res and res[0] is not None:
                 print(f"    minimal (seed {seed}): {res[1][:300]}  ->  {res[0].kind}: {res[0].detail[:120]}")
 
@@ -147,7 +158,7 @@ def main(argv=None) -> int:
         culprits: dict[str, list] = collections.defaultdict(list)
         for key, items in classes.items():
             for seed, _, _ in items:
-                res = R.minimize(seed)
+                res = _minimize(seed)
                 if not res or res[0] is None:
                     continue
                 culprits[f"{res[0].kind} | {signature(res[1])}"].append((seed, res[1], res[0]))
@@ -163,9 +174,6 @@ def main(argv=None) -> int:
         print("\nWhy groups were not gated (cases where the reason occurs; output taint not counted):")
         for r, n in reasons.most_common(40):
             print(f"  {n:6d}  {r}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f)
     return 0 if not (counts["wrong"] or counts["crash"] or counts["harness"]) else 1
 
 

@@ -1269,8 +1269,10 @@ def make_spec(seed: int) -> Spec:
 
 
 def _try_block(name, seed, sub, first, shared, x_shape, shape, layout, h, x):
+    fn, layouts = BLOCKS[name][:2]
+    if layout not in layouts:  # a rebuild without some blocks can reach a block in another layout
+        return None
     ctx = Ctx(seed, sub, first, shared, x_shape)
-    fn = BLOCKS[name][0]
     try:
         out = fn(ctx, shape, layout)
     except (ValueError, ZeroDivisionError, IndexError):
@@ -1788,7 +1790,10 @@ def minimize(seed: int, same_key: bool = True, budget: int = 200):
 
     def outcome_of(skip):
         model, inputs, desc = build(spec, skip)
-        if not reference_ok(model, inputs):
+        try:
+            if not reference_ok(model, inputs):
+                return None, desc
+        except Exception:  # noqa: BLE001 - a rebuilt chain that does not run is no candidate
             return None, desc
         torch.manual_seed(seed)
         return check_case(model, inputs, seed), desc
