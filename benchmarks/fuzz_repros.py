@@ -52,12 +52,14 @@ def check(model, x, kill=((0,),), kinds=("channels", "neurons")) -> str:
     try:
         slim = dg.shrink(gated)
         (xs,), _ = select_features(slim, (x,))
+        found = []
+        R._input_hooks(slim, found)  # a layer whose shape attribute disagrees with its input
         with warnings.catch_warnings(record=True) as w, torch.no_grad():
             warnings.simplefilter("always")
             diff = float((slim(xs) - out).abs().max() / out.abs().max())
     except Exception as exc:  # noqa: BLE001
         return f"slim model raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    stale = R.stale_attributes(slim)
+    stale = R.stale_attributes(slim) + found
     more = f"; warns: {str(w[0].message)[:100]}" if w else ""
     more += f"; stale: {stale[0]}" if stale else ""
     return f"slim differs by {diff:.3g} of the output{more}"
@@ -202,6 +204,35 @@ def module_called_twice():
     return _init(_Twice()), IMG
 
 
+class _SharedUnlabelled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.head = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = torch.cumsum(self.f(x), 1)   # the second call reads a tensor without labels
+        return self.head(self.f(h))
+
+
+@repro("crash", kinds=("features",))
+def shared_layer_other_call_unlabelled():
+    return _init(_SharedUnlabelled()), IMG
+
+
+class _BnInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n, self.c2 = nn.BatchNorm2d(4, affine=False, track_running_stats=False), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c2(self.n(x))   # the input's features are cut: n keeps num_features=4
+
+
+@repro("wrong", kinds=("features",))
+def batchnorm_no_affine_no_stats_stale_num_features():
+    return _init(_BnInput()), IMG
+
+
 @repro("crash")
 def elementwise_with_full_size_buffer():
     m = Sandwich(lambda m, h, x: h * m.t)
@@ -324,6 +355,22 @@ class _ShuffleInput(nn.Module):
     def forward(self, x):
         b, c, h, w = x.size()
         return self.c2(x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w))
+
+
+class _ExportLiteral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.c2 = nn.Linear(4, 6), nn.Conv2d(6, 2, 1)
+
+    def forward(self, v):
+        if v.dim() == 3:   # python control flow: torch.export is used
+            v = v[0]
+        return self.c2(torch.relu(self.fc(v)).view(v.size(0), 6, 1, 1))   # 6 is written in the code
+
+
+@repro("crash")
+def export_frontend_literal_view_size():
+    return _init(_ExportLiteral()), VEC
 
 
 # ---- refused although exact ----------------------------------------------------------------
