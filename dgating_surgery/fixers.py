@@ -33,6 +33,11 @@ def register_model_fixer(cls: type, fix: Fixer) -> None:
     MODEL_FIXERS[cls] = fix
 
 
+def has_fixer(module: nn.Module) -> bool:
+    """Whether some module fixer keeps this layer's attributes up to date after a cut."""
+    return any(cls in MODULE_FIXERS for cls in type(module).__mro__)
+
+
 def _apply(registry: dict[type, Fixer], obj: nn.Module) -> None:
     for cls in reversed(type(obj).__mro__):  # base classes first, the most derived last
         if cls in registry:
@@ -48,12 +53,16 @@ def fix_attributes(model: nn.Module) -> None:
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> None:
+    """The weight is (out, in/groups, ...), or (in, out/groups, ...) transposed; a cut removes
+    whole groups of a grouped conv, so the per-group sizes the old attributes give still hold."""
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    out_now = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
-    if m.groups > 1:
-        m.groups = m.groups * out_now // m.out_channels
-    m.out_channels = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
-    m.in_channels = m.weight.shape[0] if transposed else m.weight.shape[1] * m.groups
+    lead = m.weight.shape[0]
+    per_group_lead = (m.in_channels if transposed else m.out_channels) // m.groups
+    m.groups = max(1, lead // per_group_lead) if m.groups > 1 else 1
+    if transposed:
+        m.in_channels, m.out_channels = lead, m.weight.shape[1] * m.groups
+    else:
+        m.out_channels, m.in_channels = lead, m.weight.shape[1] * m.groups
 
 
 def _batch_norm(m: nn.modules.batchnorm._NormBase) -> None:
@@ -72,10 +81,17 @@ def _layer_norm(m: nn.LayerNorm) -> None:
 
 
 def _group_norm(m: nn.GroupNorm) -> None:
+    """Only a GroupNorm with one channel per group loses channels (see the group_norm rule)."""
     if m.weight is not None:
+        if m.num_groups == m.num_channels:
+            m.num_groups = m.weight.shape[0]
         m.num_channels = m.weight.shape[0]
 
 
+def _prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
 for _cls, _fix in ((nn.modules.conv._ConvNd, _conv), (nn.Linear, _linear), (nn.modules.batchnorm._NormBase, _batch_norm),
-                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm)):
+                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu)):
     register_module_fixer(_cls, _fix)

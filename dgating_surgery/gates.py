@@ -223,7 +223,7 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
             index = np.where(mine, group_of[safe], -1)
             dim, index_along = groups_mod.profile(index, att)
             _, scale_along = groups_mod.profile(np.where(mine & scaled[att.role][safe], index, -1), att, dim)
-            cuts[k].append(Cut(att.fqn, att.role, dim, index_along, scale_along))
+            _add_cut(cuts[k], Cut(att.fqn, att.role, dim, index_along, scale_along))
     built, used = {}, set()
     for k, gset in enumerate(chosen):
         key = gset.modules[0].replace(".", "_") or "input"
@@ -235,6 +235,18 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
         built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
                            cuts[k], positions, gset.width)
     return built
+
+
+def _add_cut(cuts: list[Cut], new: Cut) -> None:
+    """A layer called twice attaches the same slices twice; tied, they are one cut."""
+    for i, cut in enumerate(cuts):
+        if (cut.fqn, cut.role, cut.dim) == (new.fqn, new.role, new.dim):
+            n = max(cut.index.numel(), new.index.numel())
+            index, scale = (torch.where(a.expand(n) >= 0, a.expand(n), b.expand(n))
+                            for a, b in ((cut.index, new.index), (cut.scale, new.scale)))
+            cuts[i] = Cut(cut.fqn, cut.role, cut.dim, index, scale)
+            return
+    cuts.append(new)
 
 
 def primary(model: nn.Module, fqn: str) -> torch.Tensor:
@@ -305,6 +317,8 @@ def _register_scales(model: nn.Module, dgates) -> None:
             scale = cut.scale.expand(shape[dim])
             here = scale >= 0
             if (index[here] >= 0).any():
-                raise GatingError(f"parameter '{fqn}' would be scaled by two gates at once; please report this model")
+                raise GatingError(f"parameter '{fqn}' is tied to two gated sets ({dgate.name} and another) in ways the "
+                                  "engine cannot combine; exclude one of them in the recipe (`dgate inspect` lists "
+                                  "the sets)")
             index[here] = scale[here] + offsets[id(dgate)]
         parametrize.register_parametrization(module, attr, GateScale(sources, along(index, dim, len(shape))))

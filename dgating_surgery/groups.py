@@ -148,21 +148,21 @@ def _input(ctx: RuleContext, node):
 
 def _tie_reused_parameters(ctx: RuleContext) -> None:
     """A layer called twice produces (or reads) the same parameter slices twice: the slices must be
-    one cut, so their groups are tied. A call that reads the slices with no groups (an input that
-    carries none) needs them all: the groups the other calls tie to them are blocked."""
+    one cut, so their groups are tied. A position that one call reads with no group (an input that
+    carries none there, padding) is needed whole: the groups other calls tie to it are blocked."""
     calls: dict[tuple, list[Attachment]] = {}
     for att in ctx.attachments:
         calls.setdefault((att.fqn, att.role, att.dim), []).append(att)
     for (fqn, _, _), atts in calls.items():
         if len(atts) < 2:
             continue
-        for att in atts[1:]:
-            x, y = torch.broadcast_tensors(atts[0].ids, att.ids)
-            ctx.union(x.numpy(), y.numpy())
-        if any(not (att.ids >= 0).any() for att in atts):
-            for att in atts:
-                ctx.taint(att.ids, f"'{fqn}' is used more than once, once on inputs that belong to no group, so "
-                                   "it cannot lose entries")
+        ids = torch.broadcast_tensors(*(att.ids for att in atts))
+        for other in ids[1:]:
+            ctx.union(ids[0].numpy(), other.numpy())
+        needed = torch.stack([i < 0 for i in ids]).any(0)
+        if needed.any():
+            ctx.taint(torch.stack(ids)[:, needed], f"'{fqn}' is used more than once, once on inputs that belong to "
+                                                   "no group, so it cannot lose those entries")
 
 
 # -- resolution ------------------------------------------------------------------------------------

@@ -108,7 +108,9 @@ class Labels:
         return Labels(ids.contiguous(), zaff.contiguous(), zall.contiguous())
 
     def varying_dims(self) -> list[int]:
-        return [d for d in range(self.ids.ndim) if self.ids.shape[d] > 1]
+        """The dims along which the group ids change (the zero flags may vary along others)."""
+        ids = self.ids
+        return [d for d in range(ids.ndim) if ids.shape[d] > 1 and not bool((ids == ids.narrow(d, 0, 1)).all())]
 
     @property
     def any(self) -> bool:

@@ -106,33 +106,51 @@ def test_flatten_gives_each_channel_its_block_of_linear_columns():
 
 
 class Heads(nn.Module):
-    """(B, T, H*Dh) -> (B, T, H, Dh) -> a per-head sum -> back: the split a head rule directs."""
+    """(B, T, H*Dh) -> (B, T, H, Dh) -> per entry -> back: the split a head rule directs."""
 
     def __init__(self, heads=2, dh=3):
         super().__init__()
         self.heads, self.dh = heads, dh
         self.proj, self.out = nn.Linear(4, heads * dh), nn.Linear(heads * dh, 4)
 
+    def forward(self, h):
+        b, t = h.shape[:2]
+        h = self.proj(h).view(b, t, self.heads, self.dh).relu()
+        return self.out(h.reshape(b, t, -1))
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Heads()
+
     def forward(self, x):
-        b, t = x.shape[:2]
-        h = self.proj(x)
-        if x.dim() == 4:  # keeps symbolic tracing out: torch.export writes no literal sizes
-            h = h.flatten(1, 2)
-        h = h.view(b, t, self.heads, self.dh).relu()
-        return self.out(h.reshape(b, t, self.heads * self.dh))
+        if x.dim() == 4:  # keeps symbolic tracing out: the torch.export graph is analysed
+            x = x.flatten(1, 2)
+        return self.block(x)
 
 
 def test_reshape_split_policy_chooses_which_factor_carries_the_groups():
-    model, x = Heads(), torch.randn(2, 5, 4)
-    capture = tracing.capture(model, x)
+    def fix_heads(m):
+        m.heads = m.proj.out_features // m.dh
+
+    capture = tracing.capture(Outer(), torch.randn(2, 5, 4))
     assert capture.frontend == "export"
     view = next(n for n in capture.gm.graph.nodes if n.op == "call_function" and "view" in str(n.target))
-    by_default = groups.discover(capture)
-    directed = groups.discover(capture, split_policy={view.name: "outermost"})
+    # under torch.export the view's sizes are ints: literals, unless a fixer keeps them as attributes
+    literal = groups.discover(capture)
+    assert partition(along(literal, "block.proj.weight", "producer")) == [[0], [1], [2], [3], [4], [5]]
+    assert not literal.sets[1].removable.any()
+    fixers.register_module_fixer(Heads, fix_heads)
+    try:
+        by_default = groups.discover(capture)
+        directed = groups.discover(capture, split_policy={view.name: "outermost"})
+    finally:
+        del fixers.MODULE_FIXERS[Heads]
     # innermost (default): the head_dim slot carries the groups, tied across heads
-    assert partition(along(by_default, "proj.weight", "producer")) == [[0, 3], [1, 4], [2, 5]]
+    assert partition(along(by_default, "block.proj.weight", "producer")) == [[0, 3], [1, 4], [2, 5]]
     # outermost: the head carries the groups, its head_dim entries tied
-    assert partition(along(directed, "proj.weight", "producer")) == [[0, 1, 2], [3, 4, 5]]
+    assert partition(along(directed, "block.proj.weight", "producer")) == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_grouped_conv_ties_each_group_of_input_and_output_channels():

@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
+from ..fixers import has_fixer
 from ..kinds import PARAM_SPACE, Role
 from ..labels import NONE, Labels, UnionFind
 from ..tensors import along
@@ -173,11 +174,34 @@ class RuleContext:
                     out.append(s)
         return out
 
-    def literal_sizes(self, sizes, ndim: int) -> list[bool]:
-        """Which output dims of a view the forward code fixes with a literal (fx graphs only)."""
-        if self.frontend != "fx" or len(sizes) != ndim:
+    def literal_sizes(self, node, sizes, ndim: int) -> list[bool]:
+        """Which output dims of a view the forward code fixes (see ``fixed_by_code``)."""
+        if len(sizes) != ndim:
             return [False] * ndim
-        return [isinstance(s, int) and s != -1 for s in sizes]
+        return [self.fixed_by_code(node, s) for s in sizes]
+
+    def fixed_by_code(self, node, value) -> bool:
+        """Whether a size or count argument of ``node`` cannot follow a cut. Under symbolic tracing
+        the size of a grouped dim read in the forward is a ``SizeRef`` (free) and a layer's own
+        attribute (``m.groups``) is read by its ``call_module``; an int is a literal, or a size
+        computed from dims that carry no group: either way it stays. Under torch.export every size is an int: it counts as computed only when it is an
+        int attribute of the layer the node comes from and a fixer keeps that layer's attributes
+        up to date (GPT-2's Conv1D views its output with ``self.nf``)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value == -1:
+            return False
+        if self.frontend != "export":
+            return True
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, _ in reversed(list(stack.values())):
+            try:
+                module = self.capture.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if has_fixer(module) and any(v == value for v in vars(module).values()
+                                         if isinstance(v, int) and not isinstance(v, bool)):
+                return False
+            break
+        return True
 
     def split_carrier(self, node, free: list[int]) -> int:
         """The output dim that carries the groups when a reshape splits a grouped dim into the
@@ -200,6 +224,16 @@ class RuleContext:
 
     def union(self, a, b) -> None:
         self.uf.union(np.asarray(a), np.asarray(b))
+
+    def tie(self, a, b, node) -> None:
+        """Entries that meet position by position are removed together. A group meeting an entry of
+        no group (padding, a part that carries none) cannot be: that entry does not shrink."""
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        self.union(a, b)
+        lone = (a >= 0) != (b >= 0)
+        if lone.any():
+            self.taint(np.where(a >= 0, a, b)[lone], f"meets entries of no group at {self.where(node)} (padding, or "
+                                                     "a part that carries no group), which do not shrink with it")
 
     def taint(self, ids, reason: str) -> None:
         flat = np.asarray(torch.as_tensor(ids).reshape(-1))
@@ -232,8 +266,9 @@ class RuleContext:
 
     # -- helpers shared by rules ---------------------------------------------------------------
     def per_dim(self, x, dim: int, node) -> Labels | None:
-        """Labels of ``x`` that vary along ``dim`` only, shaped to lie along it; groups varying
-        along any other dim are marked not removable (an op that slides over them)."""
+        """Labels of ``x`` that vary along ``dim`` only, as one entry per position along it (a
+        group's zero flags: all of its entries); groups varying along any other dim are marked not
+        removable (an op that slides over them)."""
         lab = self.labels(x)
         if lab is None or not lab.any:
             return None
@@ -245,7 +280,15 @@ class RuleContext:
                                 "slides over or mixes")
             return None
         size = self.shape(x)[dim]
-        return lab.map(lambda t: t.expand(*[size if d == dim else t.shape[d] for d in range(nd)]))
+        rest = [d for d in range(nd) if d != dim]
+
+        def line(t, reduce):
+            t = t.expand(*[size if d == dim else t.shape[d] for d in range(nd)])
+            for d in rest:
+                t = reduce(t, d)
+            return t
+        return Labels(line(lab.ids, lambda t, d: t.narrow(d, 0, 1)),
+                      *(line(f, lambda t, d: t.all(d, keepdim=True)) for f in (lab.zaff, lab.zall)))
 
     def rerun(self, node, call=None):
         """Run the node's own op (or ``call``, given the same arguments) on full label tensors in

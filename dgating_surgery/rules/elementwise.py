@@ -14,7 +14,7 @@ import operator
 import torch
 
 from ..kinds import Role
-from ..labels import Labels
+from ..labels import NONE, Labels
 from .context import RuleContext, unknown
 from .structural import arg
 
@@ -36,7 +36,7 @@ def elementwise(ctx: RuleContext, node, operands: list, zero) -> Labels | None:
     varying = {d for lab in labs if lab is not None for d in lab.varying_dims()}
     if not varying and all(lab is None for lab in labs):
         return None
-    met = []
+    met, tied = [], []  # every operand's labels for the zero flags; those whose groups meet here
     for v, lab in zip(operands, labs):
         if not ctx.is_tensor(v):
             met.append(Labels.unlabeled((1,) * nd))
@@ -44,24 +44,30 @@ def elementwise(ctx: RuleContext, node, operands: list, zero) -> Labels | None:
         size = (1,) * (nd - len(ctx.shape(v))) + tuple(ctx.shape(v))
         shared = [d for d in varying if size[d] == 1]
         if lab is None:
-            full = [d for d in varying if size[d] > 1]
-            if full:
+            if any(size[d] > 1 for d in varying):
                 for other in labs:
                     if other is not None:
                         ctx.taint(other.ids, f"meets '{v}' at {ctx.where(node)}, which belongs to no group but has "
                                              "the full size along the grouped dim, so it cannot shrink with it")
             met.append(Labels.unlabeled((1,) * nd))
+        elif shared and lab.varying_dims():  # its groups meet the others' groups along another dim
+            for other in labs:
+                if other is not None:
+                    ctx.taint(other.ids, f"meets groups along another dim at {ctx.where(node)} (each entry there "
+                                         "belongs to two groups at once)")
+            met.append(Labels.unlabeled((1,) * nd))
         elif shared:  # broadcast over groups: tied to none of them, scaled by none of their gates
             met.append(Labels.unlabeled((1,) * nd))
         else:
             met.append(lab)
-    ids = [m.ids for m in met]
-    expanded = torch.broadcast_tensors(*ids)
-    for other in expanded[1:]:
-        ctx.union(expanded[0].numpy(), other.numpy())
-    out = expanded[0]
-    for other in expanded[1:]:
-        out = torch.where(out >= 0, out, other)
+            tied.append(lab.ids)
+    shape = torch.broadcast_shapes(*[m.ids.shape for m in met])
+    out = torch.full(shape, NONE, dtype=torch.int64)
+    for i, ids in enumerate(tied):
+        ids = ids.expand(shape)
+        if i:
+            ctx.tie(tied[0].expand(shape).numpy(), ids.numpy(), node)
+        out = torch.where(out >= 0, out, ids)
     values = [None if ctx.is_tensor(v) else v for v in operands]
     flags = []
     for name in ("zaff", "zall"):

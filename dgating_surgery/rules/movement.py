@@ -81,7 +81,7 @@ def _check_reshape(ctx: RuleContext, node, out, sizes):
     x = node.args[0]
     lab = ctx.labels(x)
     src, dst = ctx.shape(x), ctx.shape(node)
-    literal = ctx.literal_sizes(sizes, len(dst))
+    literal = ctx.literal_sizes(node, sizes, len(dst))
     full = out.ids
     for ins, outs in reshape_groups(src, dst):
         if not any(d in lab.varying_dims() for d in ins):
@@ -96,26 +96,41 @@ def _check_reshape(ctx: RuleContext, node, out, sizes):
         for d in big:
             if d != carrier:
                 for k in range(1, dst[d]):
-                    ctx.union(full.select(d, 0).numpy(), full.select(d, k).numpy())
+                    ctx.tie(full.select(d, 0).numpy(), full.select(d, k).numpy(), node)
 
 
-def _view_sizes(node):
+def _view_sizes(ctx: RuleContext, node) -> list:
+    """The sizes a view asks for, one per output dim: an int (written in the code, or computed
+    from dims that carry no group: it will not change) or the SizeRef of a grouped dim it reads
+    (``x.view(b, c // 2, 2)``, ``x.reshape(y.shape)``)."""
     if node.op == "call_method":
         rest = node.args[1:]
-        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-    return list(arg(node, 1, "shape", []))
+        sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    else:
+        sizes = list(arg(node, 1, "shape", []))
+    if len(sizes) == 1 and isinstance(ctx.values.get(sizes[0]), (list, tuple)):  # a whole shape
+        state = ctx.env.get(sizes[0])
+        refs = state if isinstance(state, (list, tuple)) else [None] * len(ctx.values[sizes[0]])
+        return [ref if isinstance(ref, SizeRef) else value for ref, value in zip(refs, ctx.values[sizes[0]])]
+    return [_size(ctx, s) for s in sizes]
+
+
+def _size(ctx: RuleContext, s):
+    if not isinstance(s, torch.fx.Node):
+        return s
+    state = ctx.env.get(s)
+    return state if isinstance(state, SizeRef) else ctx.values.get(s)
 
 
 def check_view(ctx: RuleContext, node, out):
     """A view: the reshape check, and each output dim sized by another tensor's grouped dim
     (``x.view(y.size())``) tied to that dim's entries, so both shrink alike."""
-    sizes = _view_sizes(node)
+    sizes = _view_sizes(ctx, node)
     _check_reshape(ctx, node, out, sizes)
     if len(sizes) == out.ids.ndim:
-        for d, size in enumerate(sizes):
-            ref = ctx.env.get(size) if isinstance(size, torch.fx.Node) else None
+        for d, ref in enumerate(sizes):
             if isinstance(ref, SizeRef) and ref.exact and ref.ids.numel() == ctx.shape(node)[d]:
-                ctx.union(out.ids.numpy(), along(ref.ids, d, out.ids.ndim).numpy())
+                ctx.tie(out.ids.numpy(), along(ref.ids, d, out.ids.ndim).numpy(), node)
 
 
 def check_as(ctx: RuleContext, node, out):
@@ -124,7 +139,7 @@ def check_as(ctx: RuleContext, node, out):
     other = ctx.labels(node.args[1])
     if other is not None:
         ids, others = torch.broadcast_tensors(out.ids, other.ids)
-        ctx.union(ids.numpy(), others.numpy())
+        ctx.tie(ids.numpy(), others.numpy(), node)
 
 
 def check_unflatten(ctx: RuleContext, node, out):
@@ -146,18 +161,20 @@ def check_chunk(ctx: RuleContext, node, out, dim_pos=2):
         ctx.taint(lab.ids, f"{ctx.where(node)} splits a grouped dim into unequal parts")
         return
     for part in parts[1:]:
-        ctx.union(parts[0].ids.numpy(), part.ids.numpy())
+        ctx.tie(parts[0].ids.numpy(), part.ids.numpy(), node)
 
 
 def check_split(ctx: RuleContext, node, out):
-    """split with sizes written in the code: a grouped dim cannot shrink under it, unless the
-    sizes come from the tensor itself (a graph node) or, for torch.export graphs, are equal."""
+    """split into parts of a size: like chunk when the size follows the tensor (a graph node, or
+    under torch.export a layer attribute a fixer keeps, see ``ctx.fixed_by_code``); a size written
+    in the code fixes the positions of a grouped dim, which then cannot shrink."""
     x = node.args[0]
     lab = ctx.labels(x)
     dim = arg(node, 2, "dim", 0) % len(ctx.shape(x))
     if dim not in lab.varying_dims():
         return
-    if ctx.frontend == "export" and isinstance(arg(node, 1, "split_size"), int):
+    sizes = arg(node, 1, "split_size")
+    if not any(ctx.fixed_by_code(node, s) for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes])):
         return check_chunk(ctx, node, out)
     ctx.taint(lab.ids, f"{ctx.where(node)} splits a grouped dim at positions fixed in the code")
 
@@ -222,7 +239,7 @@ def check_cat(ctx: RuleContext, node, out):
         return
     for other in shared[1:]:
         x, y = torch.broadcast_tensors(shared[0], other)
-        ctx.union(x.numpy(), y.numpy())
+        ctx.tie(x.numpy(), y.numpy(), node)
     if plain:
         ctx.taint(torch.cat([ids.reshape(-1) for ids in shared]),
                   f"{ctx.where(node)} joins grouped tensors with '{plain[0]}', which belongs to no group")
@@ -236,7 +253,7 @@ def check_pixel_shuffle(ctx: RuleContext, node, out):
     base = ids[..., 0::r, 0::r].numpy()
     for i in range(r):
         for j in range(r):
-            ctx.union(base, ids[..., i::r, j::r].numpy())
+            ctx.tie(base, ids[..., i::r, j::r].numpy(), node)
 
 
 def getitem(ctx: RuleContext, node):

@@ -11,15 +11,16 @@ from .context import RuleContext
 from .structural import arg
 
 
-def channel_affine(ctx: RuleContext, node, x, weight, bias, stats, zero_keeping):
+def channel_affine(ctx: RuleContext, node, x, weight, bias, stats, zero_keeping, counted=("num_features",)):
     """BatchNorm/InstanceNorm (and GroupNorm with a channel per group): per-channel along dim 1.
     Its affine is scaled by the gate, so the output is zero when the gate is; without an affine
     only a norm over each instance's own statistics keeps zeros ((0 - 0) / sqrt(eps))."""
     lab = ctx.per_dim(x, 1, node)
     if lab is None:
         return None
-    if node.op == "call_module" and weight is None and not any(stats):  # nothing to derive num_features from
-        ctx.count(node.target, "num_features", lab.ids.reshape(-1))
+    if node.op == "call_module" and weight is None and not any(stats):  # no tensor shows its width
+        for attr in counted:
+            ctx.count(node.target, attr, lab.ids.reshape(-1))
     for fqn in (weight, bias):
         if fqn is not None:
             ctx.attach(fqn, Role.AFFINE, lab.ids.reshape(-1), 0)
@@ -80,7 +81,7 @@ def group_norm_module(ctx: RuleContext, node):
     m = ctx.module(node)
     if m.num_groups == m.num_channels:  # one channel per group: per-channel statistics
         return channel_affine(ctx, node, node.args[0], ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"), (),
-                              zero_keeping=True)
+                              zero_keeping=True, counted=("num_channels", "num_groups"))
     return normalization(ctx, node, node.args[0], [1], "GroupNorm")
 
 
@@ -92,7 +93,7 @@ def group_norm_call(ctx: RuleContext, node):
         groups, weight, bias = node.args[6], node.args[1], node.args[2]
     else:
         groups, weight, bias = arg(node, 1, "num_groups"), arg(node, 2, "weight"), arg(node, 3, "bias")
-    if groups == ctx.shape(x)[1]:
+    if groups == ctx.shape(x)[1] and not ctx.fixed_by_code(node, groups):
         out = channel_affine(ctx, node, x, ctx.fqn(weight), ctx.fqn(bias), (), zero_keeping=True)
         return [out, None, None] if ctx.op_name(node) == "native_group_norm" else out
     return normalization(ctx, node, x, [1], "group_norm")

@@ -48,6 +48,9 @@ def conv(ctx: RuleContext, node, x, weight, bias, groups, transposed=False):
         if blocked.any():
             ctx.taint(out_np[blocked[group_of_out]], f"the input channels of {ctx.where(node)} (a grouped conv) "
                       "come from no removable group, so its groups cannot be removed")
+        if node.op != "call_module" and ctx.fixed_by_code(node, groups):
+            ctx.taint(out_np, f"{ctx.where(node)} is a grouped conv whose groups={groups} is written in the code, "
+                              "so its groups cannot be removed")
         role = Role.AFFINE
         # the weight's leading dim runs over out channels (or in channels, transposed): each belongs to its unit
         unit_of_lead = out_np[(torch.arange(c_in).numpy() // cin_g) * cout_g] if transposed else out_np

@@ -55,7 +55,7 @@ SPATIAL_FN = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2
               "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "upsample_nearest2d",
               "upsample_bilinear2d", "_adaptive_avg_pool2d", "max_pool2d_with_indices"]
 SHAPE_ONLY_FN = ["dim", "new_zeros", "new_ones", "new_empty", "new_full", "empty_like", "randn_like", "rand_like",
-                 "_assert", "_assert_scalar", "sym_constrain_range_for_size", "_guards_fn", "_assert_tensor_metadata"]
+                 "_assert", "_assert_scalar", "sym_constrain_range_for_size", "_assert_tensor_metadata"]
 
 MODULE_RULES = {
     **{cls: conv_module for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -77,6 +77,11 @@ MODULE_RULES = {
     **{cls: spatial for cls in SPATIAL},
     **{cls: pad for cls in PADS},
 }
+try:  # torch.export's check of the inputs' shapes, a submodule of exported graphs (torch >= 2.9)
+    from torch.export._unlift import GuardsFn
+    MODULE_RULES[GuardsFn] = shape_only
+except ImportError:
+    pass
 
 # functions, tensor methods and ATen ops, by name (``F.relu``, ``x.relu()`` and ``aten.relu`` alike)
 NAME_RULES = {
