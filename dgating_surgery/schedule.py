@@ -9,15 +9,14 @@ current value. With ``dg.penalty`` instead of weight decay, read ``scheduler.lam
 """
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
 from .errors import LambdaError
-from .report import sparsity
 from .training import D_KEY, LAM_KEY, SCHEDULED_KEY, check_lam
 from .wrappers import unwrap, unwrap_optimizer
-
-METRICS = ("groups", "params")
-
 
 def dgating_groups(optimizer) -> list[dict]:
     """The param groups of ``optimizer`` that ``dg.param_groups`` made (they record lam and D)."""
@@ -45,12 +44,14 @@ class LambdaScheduler:
       ``start_step``, then a linear ramp to ``lam`` over ``warmup_steps`` (let the network learn
       before groups start dying);
     - target: ``LambdaScheduler(opt, lam, model=gated, target=0.5, by_step=5000, every=100)``:
-      every ``every`` steps it measures the fraction removed (``metric``: "groups" dead, or
-      "params" removable) and compares it with a linear ramp from 0 at ``start_step`` to
-      ``target`` at ``by_step``: behind it, lambda is multiplied by ``factor``; ahead, divided
-      (not below ``lam / 100``), so that the run reaches the target and stays near it (dead groups
-      do not come back; a lower lambda only slows further deaths). ``lam`` is the starting value
-      (warm-up applies to it as well), ``max_lam`` caps it.
+      drives the fraction ``target`` of the groups dead by ``by_step``. Deaths lag lambda, so it
+      steers by a leading figure: the collapsed norm of the group at the target quantile (the
+      k-th smallest, k = target * groups), which should fall on a straight line in log scale from
+      its value at ``start_step`` to the threshold at ``by_step``. Every ``every`` steps: above the
+      line, lambda is multiplied by ``factor``; below it, divided (not below ``lam / 100``); after
+      ``by_step``, once the target is dead, lambda is lowered while more than the target is (dead
+      groups do not come back; a lower lambda slows further deaths). ``lam`` is the starting value,
+      ``max_lam`` caps it (default ``1e4 * lam``).
 
     ``optimizer``: its D-Gating groups (from ``dg.param_groups``) get ``weight_decay = 2*lam/D``
     at construction and at every ``step()``; ``None``: nothing is written, use
@@ -60,7 +61,7 @@ class LambdaScheduler:
 
     def __init__(self, optimizer=None, lam: float | None = None, *, model: nn.Module | None = None,
                  warmup_steps: int = 0, start_step: int = 0, target: float | None = None, by_step: int | None = None,
-                 metric: str = "groups", every: int = 100, factor: float = 1.5, max_lam: float | None = None,
+                 every: int = 100, factor: float = 1.2, max_lam: float | None = None,
                  threshold: float | None = None):
         self.optimizer = optimizer
         self.model = unwrap(model, "LambdaScheduler") if model is not None else None
@@ -85,27 +86,19 @@ class LambdaScheduler:
                 raise LambdaError(f"a target needs by_step > start_step ({start_step}), got {by_step!r}")
             if self.model is None:
                 raise LambdaError("a target schedule measures sparsity: pass model=the gated model")
-            if metric not in METRICS:
-                raise LambdaError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
             if every < 1 or not factor > 1:
                 raise LambdaError(f"every must be >= 1 and factor > 1, got {every} and {factor}")
         self.warmup_steps, self.start_step = int(warmup_steps), int(start_step)
-        self.target, self.by_step, self.metric = (None if target is None else float(target)), by_step, metric
+        self.target, self.by_step = (None if target is None else float(target)), by_step
         self.every, self.factor, self.threshold = int(every), float(factor), threshold
         self.max_lam = check_lam(max_lam, "max_lam") if max_lam is not None else self.base_lam * 1e4
         self.last_step = 0
         self.scale = 1.0  # what the target controller has multiplied lambda by
-        self.measured: list[tuple[int, float, float]] = []  # (step, fraction removed, lam) at each measurement
+        self.start_norm: float | None = None  # the target quantile's norm when the schedule started
+        self.measured: list[tuple[int, float, float, float]] = []  # (step, dead fraction, quantile norm, lam)
         self._apply()
 
     # -- the schedule --------------------------------------------------------------------------------
-    def wanted(self, step: int) -> float:
-        """The fraction the target schedule wants removed at ``step`` (0 without a target)."""
-        if self.target is None:
-            return 0.0
-        t = (step - self.start_step) / (self.by_step - self.start_step)
-        return self.target * min(max(t, 0.0), 1.0)
-
     def ramp(self, step: int) -> float:
         """The warm-up multiplier at ``step``: 0 before ``start_step``, then linear to 1."""
         if step < self.start_step:
@@ -119,24 +112,58 @@ class LambdaScheduler:
         """Lambda for the current step."""
         return min(self.base_lam * self.scale, self.max_lam) * self.ramp(self.last_step)
 
-    def fraction(self) -> float:
-        """The fraction removed now, by ``metric``."""
-        report = sparsity(self.model, self.threshold)
-        if self.metric == "groups":
-            return report.dead / max(report.groups, 1)
-        return report.params_removable / max(report.params_total, 1)
+    def measure(self) -> tuple[float, float]:
+        """(dead fraction, collapsed norm of the group at the target quantile) now."""
+        from .shrink import plan_cut
+
+        plan = plan_cut(self.model, self.threshold)
+        norms = torch.cat([n.reshape(-1) for n in plan.norms.values()]).sort().values
+        dead = sum(int(d.sum()) for d in plan.dead.values()) / max(norms.numel(), 1)
+        k = min(max(math.ceil(self.target * norms.numel()), 1), norms.numel())
+        return dead, float(norms[k - 1])
+
+    def wanted_norm(self, step: int) -> float:
+        """Where the target quantile's norm should be at ``step``: log-linear from its value at
+        ``start_step`` down to the threshold at ``by_step``."""
+        done = min(max((step - self.start_step) / (self.by_step - self.start_step), 0.0), 1.0)
+        start = max(self.start_norm, self._threshold * 1.0000001)
+        return math.exp(math.log(start) + (math.log(self._threshold) - math.log(start)) * done)
 
     def step(self, step: int | None = None) -> float:
         """Advance one optimizer step (or to ``step``, a framework's global step); returns lambda.
         Under FSDP2 a target schedule's measurement is a collective: call it on every rank."""
         self.last_step = self.last_step + 1 if step is None else int(step)
-        if self.target is not None and self.last_step >= self.start_step and self.last_step % self.every == 0:
-            removed, wanted = self.fraction(), self.wanted(self.last_step)
-            if removed < wanted:
+        if self.target is not None and self.last_step >= self.start_step and (
+                self.start_norm is None or self.last_step % self.every == 0):
+            dead, norm = self.measure()
+            if self.start_norm is None:
+                self.start_norm = norm
+            elif dead >= self.target:  # reached: brake hard, groups on their way down follow for a while
+                self.scale = max(self.scale / self.factor ** 3, 1e-2)
+            elif norm > self.wanted_norm(self.last_step):
                 self.scale = min(self.scale * self.factor, self.max_lam / self.base_lam)
-            elif removed > wanted:
+            else:
                 self.scale = max(self.scale / self.factor, 1e-2)
-            self.measured.append((self.last_step, removed, self.lam))
+            self.measured.append((self.last_step, dead, norm, self.lam))
+        self._apply()
+        return self.lam
+
+    @property
+    def _threshold(self) -> float:
+        from .gates import require_gated
+
+        return float(self.threshold) if self.threshold is not None else require_gated(self.model, "schedule").recipe.threshold
+
+    def resume(self, step: int) -> float:
+        """Continue a run at ``step``, after the optimizer's state was loaded: the warm-up is a
+        function of the step; a target schedule's lambda is read back from what it last wrote in
+        the optimizer's groups (``state_dict`` restores it too)."""
+        self.last_step = int(step)
+        if self.target is not None and self.optimizer is not None:
+            written = [g for g in dgating_groups(self.optimizer) if g.get(SCHEDULED_KEY)]
+            ramp = self.ramp(self.last_step)
+            if written and ramp > 0:
+                self.scale = float(written[0][LAM_KEY]) / (self.base_lam * ramp)
         self._apply()
         return self.lam
 
@@ -147,11 +174,12 @@ class LambdaScheduler:
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "scale": self.scale, "base_lam": self.base_lam,
-                "measured": [list(m) for m in self.measured]}
+                "start_norm": self.start_norm, "measured": [list(m) for m in self.measured]}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step, self.scale = int(state["last_step"]), float(state["scale"])
         self.base_lam = float(state.get("base_lam", self.base_lam))
+        self.start_norm = state.get("start_norm")
         self.measured = [tuple(m) for m in state.get("measured", [])]
         self._apply()
 

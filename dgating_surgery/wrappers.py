@@ -32,7 +32,7 @@ def warn_user(message: str, category=UserWarning) -> None:
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level - 1)
+    warnings.warn(message, category, stacklevel=level)
 
 
 # -- what wraps a model ------------------------------------------------------------------------------
