@@ -18,6 +18,8 @@ from .errors import LambdaError
 from .training import D_KEY, LAM_KEY, SCHEDULED_KEY, check_lam
 from .wrappers import unwrap, unwrap_optimizer
 
+BASE_KEY = "dgating_base_lam"  # in a param group: the lam dg.param_groups recorded, before a schedule changed it
+
 def dgating_groups(optimizer) -> list[dict]:
     """The param groups of ``optimizer`` that ``dg.param_groups`` made (they record lam and D)."""
     return [g for g in unwrap_optimizer(optimizer).param_groups if LAM_KEY in g and D_KEY in g]
@@ -31,6 +33,7 @@ def set_lam(optimizer, lam: float, scheduled: bool = True) -> None:
         raise LambdaError("the optimizer has no D-Gating param group: build it from dg.param_groups(model, lam) "
                           "(or drive dg.penalty(model, scheduler.lam) and pass no optimizer to the scheduler)")
     for group in groups:
+        group.setdefault(BASE_KEY, group[LAM_KEY])  # what dg.param_groups was given: a resumed schedule starts there
         group["weight_decay"] = 2.0 * lam / group[D_KEY]
         group[LAM_KEY] = lam
         group[SCHEDULED_KEY] = scheduled
@@ -68,7 +71,7 @@ class LambdaScheduler:
         if lam is None:
             recorded = dgating_groups(optimizer) if optimizer is not None else []
             if recorded:
-                lam = recorded[0][LAM_KEY]
+                lam = recorded[0].get(BASE_KEY, recorded[0][LAM_KEY])
             elif self.model is not None:
                 from .gates import require_gated
                 lam = require_gated(self.model, "LambdaScheduler").recipe.lam

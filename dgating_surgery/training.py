@@ -22,7 +22,7 @@ from .errors import LambdaError
 from .gates import GateScale, group_sq_sums, require_gated
 from .precision import LOW_PRECISION, rounding
 from .report import sparsity
-from .wrappers import accepts_wrapped, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
+from .wrappers import accepts_wrapped, frozen_gates, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
 
 LAM_KEY, D_KEY, SCHEDULED_KEY = "dgating_lam", "dgating_D", "dgating_scheduled"  # in the optimizer's param group
 
@@ -192,6 +192,8 @@ def optimizer_problems(model: nn.Module, optimizer, lam: float | None = None, us
                 hint = "use dg.param_groups(model, lam)"
             problems.append(f"gated parameters have weight_decay={wd:g}, but lam={group_lam:g}, D={D} needs 2*lam/D="
                             f"{want:g}: {hint}.")
+    if (message := frozen_gates(model)) is not None:
+        problems.append(message[0].upper() + message[1:])
     problems.extend(precision_problems(model, optimizer, where))
     return problems
 

@@ -81,11 +81,11 @@ def is_fsdp2(model: nn.Module) -> bool:
 
 def _peft_reason(model: nn.Module) -> str | None:
     """Where PEFT put adapters into ``model`` (a PeftModel, or LoRA layers injected in place)."""
-    if type(model).__module__.startswith("peft.") or hasattr(model, "peft_config"):
-        return f"it is a PEFT {type(model).__name__}"
-    for name, module in model.named_modules():
-        if type(module).__module__.startswith("peft.tuners"):
-            return f"'{name}' is a PEFT {type(module).__name__}"
+    if type(model).__module__.startswith("peft."):
+        return f"it is a PEFT {type(model).__name__} (adapters on {'a gated' if hasattr(model, 'dgates') else 'the'} model)"
+    if any(type(m).__module__.startswith("peft.tuners") for m in model.modules()):
+        name, module = next((n, m) for n, m in model.named_modules() if type(m).__module__.startswith("peft.tuners"))
+        return f"'{name}' is a PEFT {type(module).__name__}"
     return None
 
 
@@ -115,17 +115,28 @@ def unwrap(model: nn.Module, what: str = "this function") -> nn.Module:
         seen += 1
         if seen > 16:  # pragma: no cover - a wrapper that wraps itself
             break
-    if not hasattr(model, "dgates"):
-        reason = _peft_reason(model)
-        if reason is not None:
-            raise WrapperError(f"{what}: {reason}. {PEFT_ORDER}.")
-    elif type(model).__module__.startswith("peft.") or any(
-            type(m).__module__.startswith("peft.tuners") for m in model.modules()):
-        raise WrapperError(f"{what}: {_peft_reason(model)} inside a gated model. {PEFT_ORDER}.")
+    reason = _peft_reason(model)
+    if reason is not None:
+        raise WrapperError(f"{what}: {reason}. {PEFT_ORDER}.")
     return model
 
 
-def live_wrapper(model: nn.Module) -> str | None:
+def frozen_gates(model: nn.Module) -> str | None:
+    """A warning when gate factors are frozen (``requires_grad=False``): no group can die, and the
+    usual cause, PEFT, also drops a LoRA adapter merged into a gated layer."""
+    from .gates import gate_set
+
+    dset = gate_set(model)
+    frozen = [key for key, g in (dset.items() if dset is not None else []) if not g.factors.requires_grad]
+    if not frozen:
+        return None
+    return (f"the factors of {len(frozen)} of {len(dset)} gates are frozen (requires_grad=False, e.g. dgates.{frozen[0]}"
+            "): they do not train, so D-Gating is inert there. PEFT's get_peft_model freezes them, and a LoRA adapter "
+            f"merged into a gated layer (merge_and_unload) is silently dropped: {PEFT_ORDER}. Otherwise set "
+            "requires_grad=True on the factors.")
+
+
+def live_wrapper(model: nn.Module, what: str = "this function") -> str | None:
     """Name of the distributed wrapper around (or inside) ``model`` that a cut in place would
     break, or None."""
     while _is_compiled(model):
@@ -134,7 +145,7 @@ def live_wrapper(model: nn.Module) -> str | None:
         return "DistributedDataParallel"
     if isinstance(model, nn.DataParallel):
         return "DataParallel"
-    inner = unwrap(model)
+    inner = unwrap(model, what)
     if is_fsdp2(inner):
         return "FSDP2 (fully_shard)"
     return None
@@ -183,6 +194,8 @@ def accepts_wrapped(gather: bool = False, in_place: str | None = None):
             if in_place is not None:
                 refuse_live_wrapper(model, in_place)
             inner_model = unwrap(model, f"dg.{fn.__name__}")
+            if in_place == "shrink" and (message := frozen_gates(inner_model)) is not None:
+                warn_user(f"dg.shrink: {message}")
             if gather and is_fsdp2(inner_model):
                 with full_params(inner_model):
                     return fn(inner_model, *args, **kwargs)
@@ -197,7 +210,7 @@ def accepts_wrapped(gather: bool = False, in_place: str | None = None):
 def refuse_live_wrapper(model: nn.Module, action: str) -> None:
     from .errors import CheckpointError, ShrinkError
 
-    wrapper = live_wrapper(model)
+    wrapper = live_wrapper(model, f"dg.{action}")
     if wrapper is None:
         return
     error = CheckpointError if action.startswith("save") else ShrinkError

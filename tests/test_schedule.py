@@ -112,5 +112,6 @@ def test_resume_continues_the_schedule():
             sched2.load_state_dict(saved_sched)
         else:
             sched2.resume(60)
+        assert sched2.base_lam == 0.003  # what param_groups was given, not the value the schedule reached
         assert sched2.last_step == 60 and sched2.lam == pytest.approx(sched.lam)
         assert opt2.param_groups[0]["weight_decay"] == pytest.approx(2 * sched.lam / 3)

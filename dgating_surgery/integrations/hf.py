@@ -24,12 +24,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 
 from ..training import param_groups
-from . import CallbackCore
+from . import CallbackCore, find_gated, missing_model_message
 
 
 def dgating_optimizer(model, args=None, lam: float | None = None, optimizer_cls=torch.optim.Adam,
                       **kwargs) -> torch.optim.Optimizer:
-    """An optimizer for ``Trainer(optimizers=(this, None))`` built from ``dg.param_groups``: coupled
+    """An optimizer for ``Trainer(optimizers=(this, None))`` built from ``dg.param_groups`` of the
+    gated module in ``model`` (the model itself or a submodule; the parameters around it join the
+    undecayed-by-D-Gating group): coupled
     weight decay ``2*lam/D`` on the gated weights and gates, ``args.weight_decay`` on the rest, the
     learning rate ``args.learning_rate`` (``kwargs`` override both, and pass betas, momentum...).
     ``optimizer_cls``: any ``torch.optim`` class with coupled decay (Adam, SGD, RMSprop...); AdamW
@@ -37,10 +39,21 @@ def dgating_optimizer(model, args=None, lam: float | None = None, optimizer_cls=
     if issubclass(optimizer_cls, torch.optim.AdamW):
         raise TypeError("AdamW's weight decay is decoupled, not the L2 penalty D-Gating needs: use torch.optim.Adam "
                         "(coupled decay) or SGD")
+    gated = find_gated(model)
+    if gated is None:
+        raise ValueError(missing_model_message("Trainer"))
     weight_decay = kwargs.pop("weight_decay", getattr(args, "weight_decay", 0.0) if args is not None else 0.0)
     if args is not None:
         kwargs.setdefault("lr", args.learning_rate)
-    return optimizer_cls(param_groups(model, lam, weight_decay=weight_decay), **kwargs)
+    groups = param_groups(gated, lam, weight_decay=weight_decay)
+    seen = {id(p) for g in groups for p in g["params"]}
+    outside = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]  # around the gated module
+    if outside:
+        if groups[-1]["name"] == "other":
+            groups[-1]["params"] = groups[-1]["params"] + outside
+        else:
+            groups.append({"params": outside, "weight_decay": weight_decay, "name": "other"})
+    return optimizer_cls(groups, **kwargs)
 
 
 class DGatingCallback(TrainerCallback):
