@@ -99,7 +99,8 @@ class LambdaScheduler:
         self.scale = 1.0  # what the target controller has multiplied lambda by
         self.start_norm: float | None = None  # the target quantile's norm when the schedule started
         self.measured: list[tuple[int, float, float, float]] = []  # (step, dead fraction, quantile norm, lam)
-        self._apply()
+        if not any(g.get(SCHEDULED_KEY) for g in (dgating_groups(optimizer) if optimizer is not None else [])):
+            self._apply()  # a resumed optimizer keeps what its schedule wrote, for resume() to read
 
     # -- the schedule --------------------------------------------------------------------------------
     def ramp(self, step: int) -> float:
