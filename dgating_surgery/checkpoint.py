@@ -35,12 +35,14 @@ from .models import InputSpec, ModelRef, Origin, as_reference, build, dumps, mis
 from .recipe import load_recipe
 from .shrink import plan_cut, set_counted_attributes
 from .tensors import owner, replace_tensor
+from .wrappers import accepts_wrapped
 
 META_KEY = "dgating_surgery"
 FORMAT_VERSION = 1
 
 
 # -- gated artefact --------------------------------------------------------------------------------
+@accepts_wrapped(in_place="save_gated")
 def save_gated(model: nn.Module, path, reference=None, example_inputs=None, example_kwargs=None) -> Path:
     """Write a gated model (as ``dgate convert`` does) so that it can be resumed with ``load_gated``.
 
@@ -135,6 +137,7 @@ def read_manifest(path) -> dict:
     return _read(path, None)[1]
 
 
+@accepts_wrapped()
 def kept_groups(model: nn.Module, threshold: float | None = None) -> dict:
     """Per gate of a gated model: its kind, group count and the indices of the groups a cut at
     ``threshold`` keeps (positions among the gate's groups), for ``save_slim(kept=...)``."""

@@ -35,3 +35,12 @@ class CheckpointError(DGatingError, RuntimeError):
 
 class ModelSpecError(DGatingError, ValueError):
     """A MODEL spec or weights file could not be resolved; the message names it and says what to pass."""
+
+
+class WrapperError(DGatingError, TypeError):
+    """A model comes in a wrapper the function cannot see through (PEFT adapters, FSDP v1); the
+    message says what to pass instead."""
+
+
+class LambdaError(DGatingError, ValueError):
+    """A D-Gating strength lambda (or a lambda schedule) is invalid: negative, not finite, ..."""

@@ -17,9 +17,11 @@ from . import plugins
 from . import tracing
 from .errors import GatingError, NotGatedError
 from .kinds import KINDS, POLICY, Role
+from .precision import LOW_PRECISION, balanced_split
 from .recipe import Recipe, load_recipe
 from .rules import has_module_rule
 from .tensors import along, get_tensor, owner
+from .wrappers import accepts_wrapped, check_gateable, refuse_ungated_state
 
 GATES_ATTR = "dgates"
 
@@ -126,6 +128,7 @@ def require_gated(model: nn.Module, what: str, hint: str = "") -> DGateSet:
     return found
 
 
+@accepts_wrapped()
 def gates(model: nn.Module) -> list[DGate]:
     """The ``DGate`` modules of a gated model (each knows its name, kind, layers and group count)."""
     found = gate_set(model)
@@ -175,6 +178,7 @@ def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=Non
     """
     recipe = load_recipe(recipe)
     _refuse_gated(model)
+    check_gateable(model)  # wrappers, PEFT adapters, existing parametrizations: refused with the order to use
     return apply_plan(model, analyze(model, example_inputs, example_kwargs), recipe)
 
 
@@ -194,6 +198,7 @@ def apply_plan(model: nn.Module, plan: groups_mod.Plan, recipe) -> nn.Module:
         _balance(model, built.values(), recipe.D)
     _register_scales(model, built.values())
     model.add_module(GATES_ATTR, DGateSet(built, recipe))
+    model.register_load_state_dict_pre_hook(refuse_ungated_state)  # a clear error for an ungated state_dict
     return model
 
 
@@ -287,13 +292,16 @@ def scale_groups_(model: nn.Module, dgate: DGate, factor: torch.Tensor) -> None:
 
 
 def _balance(model: nn.Module, dgates, D: int) -> None:
-    """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D)."""
+    """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D) (for bfloat16/float16
+    weights the nearest powers of two, see ``precision.balanced_split``)."""
     with torch.no_grad():
         for dgate in dgates:
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
             norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-            dgate.factors.copy_(norm.pow(1.0 / D).float().expand_as(dgate.factors))
-            scale_groups_(model, dgate, norm.pow(-(D - 1) / D))
+            exact = any(primary(model, c.fqn).dtype in LOW_PRECISION for c in dgate.cuts if (c.scale >= 0).any())
+            factors, scale = balanced_split(norm, D, exact)  # bf16/fp16: powers of two, the function kept exactly
+            dgate.factors.copy_(factors.to(dgate.factors.dtype))
+            scale_groups_(model, dgate, scale)
 
 
 def _register_scales(model: nn.Module, dgates) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from .gates import gate_set
 from .shrink import plan_cut
 from .tensors import get_tensor
+from .wrappers import accepts_wrapped
 
 
 @dataclass
@@ -68,6 +69,7 @@ def model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+@accepts_wrapped(gather=True)
 def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport:
     """Dead/alive groups per gate and kind, and the parameters a ``shrink`` at ``threshold`` removes."""
     plan = plan_cut(model, threshold)

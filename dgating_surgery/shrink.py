@@ -17,6 +17,7 @@ from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
 from .kinds import Role
 from .tensors import get_tensor, owner, replace_tensor
+from .wrappers import accepts_wrapped, memory_format
 
 
 @dataclass
@@ -34,6 +35,7 @@ class CutPlan:
         return tuple(int(size - drop[d].sum()) if d in drop else size for d, size in enumerate(shape))
 
 
+@accepts_wrapped(gather=True)
 def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     """Dead groups of a gated model at ``threshold`` (absolute L2 norm of the collapsed group;
     None: the recipe's), and what removing them removes. Every gate keeps at least one group."""
@@ -62,6 +64,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     return CutPlan(dead, norms, removed, kept_inputs, counted)
 
 
+@accepts_wrapped(in_place="shrink")
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
            rtol: float = 1e-4) -> nn.Module:
     """Collapse the gates into the weights and physically remove the dead groups (in place, like
@@ -134,10 +137,10 @@ def _collapse(model: nn.Module) -> None:
 
 def _slice(model: nn.Module, fqn: str, drop: dict[int, torch.Tensor]) -> None:
     module, attr = owner(model, fqn)
-    new = getattr(module, attr).detach()
+    new = old = getattr(module, attr).detach()
     for dim, gone in sorted(drop.items()):
         new = new.index_select(dim, (~gone).nonzero().reshape(-1))
-    replace_tensor(module, attr, new.clone())
+    replace_tensor(module, attr, new.clone(memory_format=memory_format(old)))  # channels_last stays
 
 
 def select_features(model: nn.Module, example_inputs, example_kwargs=None) -> tuple[tuple, dict]:

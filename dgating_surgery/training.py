@@ -6,17 +6,25 @@ The paper's objective is L0 + (lambda / D) * (sum_j ||theta_j||^2 + sum_{j,d} ga
 same objective is ``weight_decay = 2 * lambda / D`` on the gated primary weights (theta) and on the
 gate factors (gamma). Decoupled decay (AdamW) is a different penalty; ``penalty`` adds the objective
 to the loss and works with any optimizer.
+
+Every function here takes the gated model also inside ``DistributedDataParallel``, ``torch.compile``
+or FSDP2 (``wrappers.accepts_wrapped``); under FSDP2 ``penalty`` is computed on the shards (correct
+gradient per shard, global value) and the read-only figures on gathered parameters (collective).
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
+from .errors import LambdaError
 from .gates import GateScale, group_sq_sums, require_gated
+from .precision import LOW_PRECISION, rounding
 from .report import sparsity
+from .wrappers import accepts_wrapped, frozen_gates, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
+
+LAM_KEY, D_KEY, SCHEDULED_KEY = "dgating_lam", "dgating_D", "dgating_scheduled"  # in the optimizer's param group
 
 
 def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -32,15 +40,30 @@ def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return thetas, [g.factors for g in dset.values()]
 
 
+def check_lam(lam, what: str = "lam") -> float:
+    """``lam`` as a float, or a ``LambdaError``: the D-Gating strength is a finite number >= 0 (a
+    negative one is a negative weight decay, which makes the weights grow)."""
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise LambdaError(f"{what} must be a number, got {lam!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise LambdaError(f"{what}={lam!r}: the D-Gating strength must be a finite number >= 0 (it sets weight decay "
+                          "2*lam/D on the gated weights; a negative one makes them grow instead of letting groups die)")
+    return value
+
+
 def _lam_D(model: nn.Module, lam: float | None) -> tuple[float, int]:
     dset = require_gated(model, "D-Gating training")
-    return (dset.recipe.lam if lam is None else float(lam)), dset.recipe.D
+    return check_lam(dset.recipe.lam if lam is None else lam), dset.recipe.D
 
 
+@accepts_wrapped()
 def param_groups(model: nn.Module, lam: float | None = None, weight_decay: float = 0.0) -> list[dict]:
     """Parameter groups for any ``torch.optim`` optimizer: weight decay ``2 * lam / D`` on the gated
     primary weights and the gates (the paper's L_{2,2/D} objective), ``weight_decay`` on the rest.
-    ``lam=None`` takes the recipe's lambda.
+    ``lam=None`` takes the recipe's lambda. The D-Gating group records ``lam`` and ``D`` (keys
+    ``dgating_lam``, ``dgating_D``), which ``check_optimizer``, ``track`` and ``LambdaScheduler`` read.
 
     Why 2*lam/D: coupled ``weight_decay=wd`` is the gradient of (wd/2)||p||^2, and the paper's
     penalty is (lam/D)||p||^2 on every theta and gamma. Give the rest some decay too when the gated
@@ -51,21 +74,30 @@ def param_groups(model: nn.Module, lam: float | None = None, weight_decay: float
     lam, D = _lam_D(model, lam)
     gated_ids = {id(p) for p in thetas + factors}
     rest = [p for p in model.parameters() if id(p) not in gated_ids and p.requires_grad]
-    groups = [{"params": thetas + factors, "weight_decay": 2.0 * lam / D, "name": "dgating"}]
+    groups = [{"params": thetas + factors, "weight_decay": 2.0 * lam / D, "name": "dgating", LAM_KEY: lam, D_KEY: D}]
     if rest:
         groups.append({"params": rest, "weight_decay": weight_decay, "name": "other"})
     return groups
 
 
+@accepts_wrapped()
 def penalty(model: nn.Module, lam: float | None = None) -> torch.Tensor:
     """(lam / D) * (sum ||theta||^2 + sum gamma^2): the D-Gating regularizer as a loss term.
-    ``lam=None`` takes the recipe's lambda."""
+    ``lam=None`` takes the recipe's lambda. Under FSDP2 each rank sums its own shards and the
+    sums are all-reduced (every rank must call it): the value is the global penalty and the
+    gradient of each shard is its own, ``2 * lam / D * p``, as FSDP expects."""
     thetas, factors = gated_parameters(model)
     lam, D = _lam_D(model, lam)
-    total = sum(p.pow(2).sum() for p in thetas + factors)
+    total = None
+    for p in thetas + factors:
+        sq = (p.float() if p.dtype in LOW_PRECISION else p).pow(2).sum()
+        if is_dtensor(sq):
+            sq = sq.full_tensor()  # sum over the shards; backward leaves each shard its own gradient
+        total = sq if total is None else total + sq
     return (lam / D) * total
 
 
+@accepts_wrapped(gather=True)
 def group_norms(model: nn.Module, of: str = "weights") -> dict[str, torch.Tensor]:
     """L2 norm of every group, per gate key (differentiable). ``of="weights"``: the collapsed
     weights w_j (what the threshold compares); ``of="theta"``: the primary weights alone."""
@@ -75,6 +107,7 @@ def group_norms(model: nn.Module, of: str = "weights") -> dict[str, torch.Tensor
     return {key: group_sq_sums(model, dgate, of).sqrt() for key, dgate in dset.items()}
 
 
+@accepts_wrapped(gather=True)
 def imbalance(model: nn.Module, threshold: float | None = None) -> float:
     """Mean over alive groups of log(max / min) of the D factor magnitudes (||theta_j||,
     |gamma_j,1|, ..., |gamma_j,D-1|). 0 is perfectly balanced: only then does the smooth objective
@@ -92,14 +125,32 @@ def imbalance(model: nn.Module, threshold: float | None = None) -> float:
     return float(spread.mean()) if spread.numel() else 0.0
 
 
+@accepts_wrapped()
 def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: float | None = None,
                     uses_penalty: bool = False) -> list[str]:
     """Warn where an optimizer silently does not optimize the D-Gating objective; returns the
-    messages. ``uses_penalty=True``: the loss already contains ``dg.penalty`` (then gated
-    parameters must have no weight decay, else they are regularized twice)."""
+    messages (each warning points at the caller's line). ``uses_penalty=True``: the loss already
+    contains ``dg.penalty`` (then gated parameters must have no weight decay, else they are
+    regularized twice).
+
+    The lambda checked is, per param group: the one a ``LambdaScheduler`` set last (ramps and
+    targets are understood), else ``lam`` when given, else the one ``dg.param_groups`` recorded,
+    else the recipe's. Also warns when gated weights are stored in bfloat16/float16, where the
+    decay rounds away (see ``precision``)."""
+    problems = optimizer_problems(model, optimizer, lam, uses_penalty)
+    for message in problems:
+        warn_user(message)
+    return problems
+
+
+def optimizer_problems(model: nn.Module, optimizer, lam: float | None = None, uses_penalty: bool = False) -> list[str]:
+    """What ``check_optimizer`` warns about, without warning (for callbacks that log it)."""
+    model = unwrap(model, "dg.check_optimizer")
+    optimizer = unwrap_optimizer(optimizer)
     thetas, factors = gated_parameters(model)
-    lam, D = _lam_D(model, lam)
-    want = 0.0 if uses_penalty else 2.0 * lam / D
+    dset = require_gated(model, "D-Gating training")
+    D = dset.recipe.D
+    lam = None if lam is None else check_lam(lam)
     where = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -118,6 +169,13 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: flo
         if group is None or id(group) in seen:
             continue
         seen.add(id(group))
+        if group.get(SCHEDULED_KEY):
+            group_lam = float(group[LAM_KEY])
+        elif lam is not None:
+            group_lam = lam
+        else:
+            group_lam = float(group.get(LAM_KEY, dset.recipe.lam))
+        want = 0.0 if uses_penalty else 2.0 * group_lam / D
         wd = float(group.get("weight_decay", 0.0))
         if wd and (decoupled or group.get("decoupled_weight_decay", False)):
             problems.append(f"{type(optimizer).__name__} applies decoupled weight decay ({wd:g}) to gated parameters: "
@@ -132,41 +190,75 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: flo
                         "dg.penalty(model, lam) to the loss (and pass uses_penalty=True here)")
             else:
                 hint = "use dg.param_groups(model, lam)"
-            problems.append(f"gated parameters have weight_decay={wd:g}, but lam={lam:g}, D={D} needs 2*lam/D="
+            problems.append(f"gated parameters have weight_decay={wd:g}, but lam={group_lam:g}, D={D} needs 2*lam/D="
                             f"{want:g}: {hint}.")
-    for message in problems:
-        warnings.warn(message, stacklevel=2)
+    if (message := frozen_gates(model)) is not None:
+        problems.append(message[0].upper() + message[1:])
+    problems.extend(precision_problems(model, optimizer, where))
     return problems
+
+
+def precision_problems(model: nn.Module, optimizer=None, where: dict | None = None) -> list[str]:
+    """A warning when gated weights are stored in bfloat16/float16: the weight decay that makes
+    groups die changes a weight by ``lr * wd`` of itself per SGD step, which rounds away."""
+    thetas, factors = gated_parameters(model)
+    low = [p for p in thetas + factors if p.dtype in LOW_PRECISION]
+    if not low:
+        return []
+    named = {id(p): n for n, p in model.named_parameters()}
+    dtype = low[0].dtype
+    name = str(dtype).replace("torch.", "")
+    limit = rounding(dtype)
+    group = where.get(id(low[0])) if where else None
+    step = float(group.get("lr", 0.0)) * float(group.get("weight_decay", 0.0)) if group is not None else None
+    if step is not None and 0 < step < limit:
+        effect = (f"an SGD weight-decay step changes a weight by lr*wd = {step:.2g} of itself, below {name}'s "
+                  f"resolution ({limit:.2g}): p - lr*wd*p rounds back to p, so no group ever dies")
+    else:
+        effect = (f"any update smaller than {limit:.2g} of a weight rounds back to it in {name}, so the slow decay "
+                  "that makes groups die is lost")
+    return [f"{len(low)} gated parameters are stored in {name} (e.g. {named.get(id(low[0]), '?')}): {effect}. Keep "
+            "the weights in float32 and compute in low precision with torch.autocast(device_type, dtype="
+            f"torch.{name}) (or FSDP2's MixedPrecisionPolicy(param_dtype=torch.{name})), so that the optimizer "
+            "updates float32 weights."]
 
 
 class SparsityMonitor:
     """Follows sparsity during training from any loop (``dg.track(model, optimizer)``): call
     ``step(epoch)`` once per epoch (it reads the weights; no forward pass). Each step appends to
     ``history`` a dict with dead/total groups per kind, the removable parameter fraction and the
-    factor ``imbalance``. With an ``optimizer``, the first step also runs ``check_optimizer`` on it.
-    """
+    factor ``imbalance``. With an ``optimizer``, the first step also runs ``check_optimizer`` on it
+    (without one, it still warns about bfloat16/float16 gated weights). Takes the model inside
+    DDP/compile wrappers; under FSDP2 ``step`` is a collective (every rank calls it)."""
 
     def __init__(self, model: nn.Module, optimizer=None, threshold: float | None = None, lam: float | None = None,
                  uses_penalty: bool = False, verbose: bool = False):
+        model = unwrap(model, "dg.track")
         require_gated(model, "dg.track")
         self.model, self.threshold, self.verbose = model, threshold, verbose
-        self._check = (optimizer, lam, uses_penalty) if optimizer is not None else None
+        self._check = (optimizer, None if lam is None else check_lam(lam), uses_penalty)
         self.history: list[dict] = []
 
     def step(self, epoch: int | None = None) -> dict:
         if self._check is not None:
             optimizer, lam, uses_penalty = self._check
-            check_optimizer(self.model, optimizer, lam, uses_penalty)
             self._check = None
-        report = sparsity(self.model, self.threshold)
+            problems = (optimizer_problems(self.model, optimizer, lam, uses_penalty) if optimizer is not None
+                        else precision_problems(self.model))
+            for message in problems:
+                warn_user(message)
+        with full_params(self.model):
+            report = sparsity(self.model, self.threshold)
+            balance = imbalance(self.model, self.threshold)
         kinds = report.by_kind()
         entry = {
             "epoch": len(self.history) if epoch is None else epoch,
             "dead": {k: v["dead"] for k, v in kinds.items()},
             "groups": {k: v["groups"] for k, v in kinds.items()},
             "dead_fraction": report.dead / max(report.groups, 1),
+            "params_removable": report.params_removable,
             "params_removable_fraction": report.params_removable / max(report.params_total, 1),
-            "imbalance": imbalance(self.model, self.threshold),
+            "imbalance": balance,
         }
         self.history.append(entry)
         if self.verbose:

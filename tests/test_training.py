@@ -164,3 +164,47 @@ def test_helpers_refuse_an_ungated_model():
         dg.penalty(MLP(), 0.1)
     with pytest.raises(dg.NotGatedError, match="not gated"):
         dg.track(MLP())
+
+
+def test_readme_training_snippet_gives_no_warning():
+    """The README's 'Training with D-Gating' snippet, walked: lam=1e-2 given to param_groups (the
+    recipe says 1e-3) is what track checks, so nothing is reported."""
+    x = torch.randn(4, 10)
+    gated = dg.gate_model(MLP(), "mlp", example_inputs=x)
+    assert dg.load_recipe("mlp").lam != 1e-2
+    opt = torch.optim.SGD(dg.param_groups(gated, lam=1e-2, weight_decay=5e-4), lr=0.05, momentum=0.9)
+    assert opt.param_groups[0]["dgating_lam"] == 1e-2 and opt.param_groups[0]["dgating_D"] == 3
+    monitor = dg.track(gated, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(2):
+            monitor.format(monitor.step(epoch))
+    # an explicit lam that differs from what the optimizer does is still reported
+    assert "lam=0.001, D=3 needs 2*lam/D=0.000666667" in messages(gated, opt, lam=1e-3)[0]
+
+
+def test_warnings_point_at_the_users_line():
+    model = gated_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    with warnings.catch_warnings(record=True) as direct:
+        warnings.simplefilter("always")
+        dg.check_optimizer(model, opt)
+    monitor = dg.track(model, optimizer=opt)
+    with warnings.catch_warnings(record=True) as tracked:
+        warnings.simplefilter("always")
+        monitor.step(0)
+    for caught in (direct, tracked):
+        assert len(caught) == 1 and "decoupled" in str(caught[0].message)
+        assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("lam", [-1, -1e-9, float("nan"), float("inf"), "much"])
+def test_an_invalid_lambda_is_refused(lam):
+    model = gated_mlp()
+    for call in (lambda: dg.param_groups(model, lam=lam), lambda: dg.penalty(model, lam),
+                 lambda: dg.check_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), lam=lam),
+                 lambda: dg.track(model, lam=lam)):
+        with pytest.raises(dg.LambdaError, match=r"lam=|lam must be a number") as info:
+            call()
+        assert isinstance(info.value, ValueError)
+    assert dg.param_groups(model, lam=0)[0]["weight_decay"] == 0.0

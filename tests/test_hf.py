@@ -1,0 +1,114 @@
+"""The Hugging Face Trainer: the optimizer built from dg.param_groups, the callback that checks
+it, logs dead groups and removable parameters into the Trainer's logs and ramps lambda; a tiny
+in-memory data set, CPU."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dgating_surgery as dg
+from dist_worker import RECIPE, data
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from dgating_surgery.integrations.hf import DGatingCallback, dgating_optimizer  # noqa: E402
+from models import MLP  # noqa: E402
+
+LAM, THRESHOLD = 0.05, 1e-3
+
+
+class Classifier(nn.Module):
+    """What the Trainer expects: keyword inputs, a dict with the loss. The network inside is gated."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        X, _ = data()
+        self.net = dg.gate_model(MLP(), RECIPE, X[:4])
+        self.temperature = nn.Parameter(torch.ones(()))  # a parameter outside the gated module
+
+    def forward(self, x, labels=None):
+        logits = self.net(x) * self.temperature
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def dataset():
+    X, y = data()
+    return [{"x": a, "labels": b} for a, b in zip(X, y)]
+
+
+def arguments(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=128, learning_rate=0.2, max_steps=80,
+                logging_steps=20, report_to="none", use_cpu=True, save_strategy="no", lr_scheduler_type="constant",
+                disable_tqdm=True, seed=0, weight_decay=1e-3)
+    return transformers.TrainingArguments(**{**base, **kwargs})
+
+
+def trainer_for(model, args, optimizer=None, callbacks=()):
+    return transformers.Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
+                                optimizers=(optimizer, None))
+
+
+def test_trainer_with_the_dgating_optimizer_logs_sparsity_and_ramps_lambda(tmp_path):
+    model = Classifier()
+    args = arguments(tmp_path)
+    opt = dgating_optimizer(model, args, lam=LAM, optimizer_cls=torch.optim.SGD, momentum=0.9)
+    assert [len(g["params"]) for g in opt.param_groups] == [6, 3]  # 4 thetas + 2 gates; fc3 and the temperature
+    callback = DGatingCallback(schedule={"warmup_steps": 40}, threshold=THRESHOLD)
+    trainer = trainer_for(model, args, opt, [callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert [str(w.message) for w in caught if "gated" in str(w.message)] == [] and callback.problems == []
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [20, 40, 60, 80]
+    assert [entry["dgating/lam"] for entry in logs] == pytest.approx([LAM / 2, LAM, LAM, LAM])
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(2 * LAM / 3)
+    report = dg.sparsity(model.net, THRESHOLD)
+    assert logs[-1]["dgating/dead_groups"] == report.dead > 0
+    assert logs[-1]["dgating/groups"] == 35
+    assert logs[-1]["dgating/params_removable"] == report.params_removable > 0
+    assert logs[0]["dgating/dead_groups"] <= logs[-1]["dgating/dead_groups"]
+
+
+@pytest.mark.parametrize("weight_decay, expected", [
+    (0.0, "Trainer: gated parameters have weight_decay=0, but lam=0.0001, D=3 needs 2*lam/D=6.66667e-05: nothing "
+          "regularizes the gates"),
+    (0.01, "Trainer: AdamW applies decoupled weight decay (0.01) to gated parameters"),
+])
+def test_the_trainers_default_adamw_is_reported(tmp_path, weight_decay, expected):
+    callback = DGatingCallback()
+    trainer = trainer_for(Classifier(), arguments(tmp_path, max_steps=2, weight_decay=weight_decay), None, [callback])
+    with pytest.warns(UserWarning) as caught:
+        trainer.train()
+    assert any(str(w.message).startswith(expected) for w in caught)
+    # the default splits parameters into decayed and undecayed (biases) groups: a problem for each
+    assert any(p.startswith(expected.removeprefix("Trainer: ")) for p in callback.problems)
+    with pytest.raises(TypeError, match="AdamW's weight decay is decoupled"):
+        dgating_optimizer(Classifier(), optimizer_cls=torch.optim.AdamW)
+
+
+def test_attach_puts_the_callback_before_the_report_integrations(tmp_path):
+    trainer = trainer_for(Classifier(), arguments(tmp_path, max_steps=1))
+    callback = DGatingCallback().attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+
+
+@pytest.mark.xfail(strict=True, reason="DGate keeps python extra state (a dict) in its state_dict, which the Trainer's "
+                                       "safetensors checkpoint cannot hold; another issue turns it into tensors")
+def test_trainer_checkpoint_and_resume(tmp_path):
+    def run(resume=None, max_steps=40):
+        model = Classifier()
+        args = arguments(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=20)
+        opt = dgating_optimizer(model, args, lam=LAM, optimizer_cls=torch.optim.SGD, momentum=0.9)
+        trainer = trainer_for(model, args, opt, [DGatingCallback(schedule={"warmup_steps": 30})])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, opt
+
+    whole, _ = run()
+    resumed, opt = run(resume=str(tmp_path / "checkpoint-20"))
+    for a, b in zip(dg.gates(whole.net), dg.gates(resumed.net)):
+        torch.testing.assert_close(a.factors, b.factors)
+    assert opt.param_groups[0]["dgating_lam"] == pytest.approx(LAM)
