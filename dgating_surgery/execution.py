@@ -78,6 +78,13 @@ def _informative(reference: torch.Tensor) -> bool:
     return reference.numel() > 0 and bool(torch.isfinite(reference).all()) and bool(reference.abs().max() > 0)
 
 
+def tolerance(reference, rtol: float = 1e-4) -> float:
+    """The relative difference an exact cut may show on these outputs: ``rtol``, or four units in the
+    last place of the lowest-precision floating output (a bfloat16 model rounds every layer)."""
+    eps = [torch.finfo(t.dtype).eps for t in output_tensors(reference) if t.is_floating_point()]
+    return max([rtol] + [4 * e for e in eps])
+
+
 def describe_mismatch(reference, other) -> str | None:
     """Why two outputs cannot be compared (count, shape, a degenerate reference), or None."""
     ref, got = output_tensors(reference), output_tensors(other)

@@ -41,11 +41,11 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    # model input features (dim 1); first, so that a set tied to the input (a depthwise conv on it)
-    # is only cut when the recipe asks for features: cutting it changes what the caller passes
-    Kind("features", 0, gated_at_consumer=True, records_input=True),
     Kind("channels", 1),  # conv output channels
     Kind("neurons", 2),  # linear output features
+    # model input features (dim 1); they take precedence, so that a set tied to the input (a
+    # depthwise conv on it) is only cut when the recipe asks for features: it changes the inputs
+    Kind("features", 0, gated_at_consumer=True, records_input=True),
 )}
 
 PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself

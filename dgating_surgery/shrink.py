@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ShrinkError
-from .execution import as_tuple, describe_mismatch, output_diff, run
+from .execution import as_tuple, describe_mismatch, output_diff, run, tolerance
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
 from .kinds import Role
@@ -66,36 +66,66 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
 
 @accepts_wrapped(in_place="shrink")
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
-           rtol: float = 1e-4) -> nn.Module:
+           rtol: float | None = None) -> nn.Module:
     """Collapse the gates into the weights and physically remove the dead groups (in place, like
-    PEFT's ``merge_and_unload``); returns the model, now without gates.
+    PEFT's ``merge_and_unload``); returns the same model object, now without gates.
 
-    With ``example_inputs`` the slim model is run against the gated one (eval mode) and a
-    ``ShrinkError`` is raised if any output differs by more than ``rtol`` times the largest output.
+    With ``example_inputs`` the slim model is run against the gated one (eval mode); if any output
+    differs by more than ``rtol`` times the largest output (default: 1e-4, or a few units in the
+    last place of a low-precision output dtype), the cut is undone, the model is left gated as it
+    was, and a ``ShrinkError`` says by how much.
     """
     plan = plan_cut(model, threshold)
     kwargs = dict(example_kwargs or {})
     check = example_inputs is not None or bool(kwargs)
-    if check:
-        reference = run(model, example_inputs, kwargs)
+    reference = run(model, example_inputs, kwargs) if check else None
+    before = _Snapshot(model)
+    try:
+        _cut(model, plan)
+        if check:
+            _verify(reference, _run_slim(model, example_inputs, kwargs), rtol)
+    except BaseException:
+        before.restore()  # a failed cut or verification leaves the gated model as it was
+        raise
+    return model
+
+
+def _cut(model: nn.Module, plan: CutPlan) -> None:
     _collapse(model)
     for fqn, drop in plan.removed.items():
         if fqn not in plan.counted:
             _slice(model, fqn, drop)
     fix_attributes(model)
-    counts = {fqn: int((~plan.removed[fqn][0]).sum()) for fqn in plan.counted}
-    set_counted_attributes(model, counts)
+    set_counted_attributes(model, {fqn: int((~plan.removed[fqn][0]).sum()) for fqn in plan.counted})
     if plan.kept_inputs:
         model.kept_input_features = {name: torch.tensor(kept) for name, kept in plan.kept_inputs.items()}
-    if check:
-        try:
-            slim = run(model, *select_features(model, example_inputs, kwargs))
-        except Exception as exc:
-            raise ShrinkError(f"the slim model no longer runs on the example inputs ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): a layer keeps a "
-                              "size the cut did not update. Please report the model.") from exc
-        _verify(reference, slim, rtol)
-    return model
+
+
+class _Snapshot:
+    """Enough of every module to undo a cut: its class, its attribute dict and its dicts of
+    parameters, buffers and submodules. A cut replaces tensors and attributes and never writes
+    into a tensor, so keeping the old objects (no copies) is enough."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(m, type(m), {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v)
+                                    for k, v in m.__dict__.items()}) for m in model.modules()]
+
+    def restore(self) -> None:
+        for module, cls, state in self.saved:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update({k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v)
+                                    for k, v in state.items()})
+
+
+def _run_slim(model: nn.Module, example_inputs, kwargs):
+    try:
+        return run(model, *select_features(model, example_inputs, kwargs))
+    except Exception as exc:
+        raise ShrinkError(f"the slim model does not run on the example inputs ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): a size the forward "
+                          "uses did not follow the cut. The model was left gated; exclude the layers named in "
+                          "the error from the recipe (`dgate inspect` lists the sets).") from exc
 
 
 def set_counted_attributes(model: nn.Module, counts: dict[str, int]) -> None:
@@ -115,23 +145,21 @@ def _collapse(model: nn.Module) -> None:
     which ``copy.deepcopy`` shares between a model and its copy; shrinking a copy must not break
     the original, so a module whose only parametrizations are gates gets its own class back here.
     """
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
-        ours = {name: plist for name, plist in module.parametrizations.items()
-                if any(isinstance(p, GateScale) for p in plist)}
-        if len(ours) == len(module.parametrizations):
-            with torch.no_grad():
-                values = {name: (getattr(module, name).detach().clone(), plist.original)
-                          for name, plist in ours.items()}
-            module.__class__ = type(module).__bases__[0]
-            del module._modules["parametrizations"]
-            for name, (value, original) in values.items():
-                replace_tensor(module, name, value, like=original)
-        else:
-            for name in ours:
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        foreign = [attr for attr, plist in module.parametrizations.items()
+                   if not all(isinstance(p, GateScale) for p in plist)]
+        if foreign:
+            raise ShrinkError(f"layer '{name}' has parametrizations besides its gates (on {', '.join(foreign)}): "
+                              "remove them (torch.nn.utils.parametrize.remove_parametrizations) before shrinking")
+        with torch.no_grad():
+            values = {attr: (getattr(module, attr).detach().clone(), plist.original)
+                      for attr, plist in module.parametrizations.items()}
+        module.__class__ = type(module).__bases__[0]
+        del module._modules["parametrizations"]
+        for attr, (value, original) in values.items():
+            replace_tensor(module, attr, value, like=original)
     delattr(model, GATES_ATTR)
 
 
@@ -155,14 +183,15 @@ def select_features(model: nn.Module, example_inputs, example_kwargs=None) -> tu
     return tuple(args), kwargs
 
 
-def _verify(reference, slim, rtol: float) -> None:
+def _verify(reference, slim, rtol: float | None) -> None:
     problem = describe_mismatch(reference, slim)
     if problem is not None:
         raise ShrinkError(f"cannot verify the slim model against the gated one: {problem}. Pass example inputs on "
                           "which the gated model gives a finite, non-zero output")
+    rtol = tolerance(reference) if rtol is None else rtol
     diff = output_diff(reference, slim)
     if diff > rtol:
         raise ShrinkError(f"the slim model's output differs from the gated model's by {diff:.3g} of its largest "
-                          f"value (tolerance {rtol:g}): the groups cut were not exactly zero. Lower the threshold, "
-                          "or pass a larger rtol if near-zero groups are meant to go; if the gates were exactly "
-                          "zero, please report the model.")
+                          f"value (tolerance {rtol:g}), so the cut was undone and the model is still gated: the "
+                          "groups below the threshold were not exactly zero. Lower the threshold, or allow the "
+                          "difference with a larger rtol (`dgate shrink --rtol`).")

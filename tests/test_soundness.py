@@ -1,0 +1,206 @@
+"""One minimal model per failure class the random-architecture fuzzer found (benchmarks/fuzz.py):
+each is either cut exactly (every invariant of ``random_arch.check_case``: gated == original,
+slim == gated, parameter drop == dead groups' parameters, every removed entry dead, no stale shape
+attribute) with its groups gated, or refused with the reason a user reads."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dgating_surgery as dg
+import random_arch as R
+
+IMG = torch.randn(2, 4, 4, 5, generator=torch.Generator().manual_seed(1))
+VEC = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+TOK = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(3))
+
+
+class Sandwich(nn.Module):
+    """conv(4->4) -> op -> conv(4->2): the op's effect on a dead channel decides exactness."""
+
+    def __init__(self, op, **layers):
+        super().__init__()
+        self.c1, self.c2, self.op = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1), op
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+
+    def forward(self, x):
+        return self.c2(self.op(self, self.c1(x), x))
+
+
+class Net(nn.Module):
+    """A model from a forward function and named layers."""
+
+    def __init__(self, forward, **layers):
+        super().__init__()
+        self.body = forward
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def _in_place(op):
+    def forward(m, h, x):
+        y = h * 2.0
+        getattr(y, op)(*([1.0] if op == "add_" else []))  # the graph's `y` is read below, the data is changed
+        return y
+    return forward
+
+
+def _export_literal(m, v):
+    if v.dim() == 3:  # Python control flow: symbolic tracing fails, torch.export is used
+        v = v[0]
+    return m.c2(torch.relu(m.fc(v)).view(v.size(0), 6, 1, 1))  # 6 is written in the code
+
+
+def _export_plain(m, v):
+    if v.dim() == 3:
+        v = v[0]
+    return m.fc(torch.relu(m.fc0(v)))
+
+
+def _shuffle(m, x):
+    b, c, h, w = x.size()
+    return m.c2(x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w))
+
+
+def _cls_token(m, t):
+    t = m.fc(t)
+    return m.head(torch.cat([m.cls.expand(t.size(0), -1, -1), t], 1)[:, 0])
+
+
+def _std_conv():
+    from timm.layers.std_conv import ScaledStdConv2d
+    return Sandwich(lambda m, h, x: m.c3(torch.relu(m.s(h))), s=ScaledStdConv2d(4, 4, 3, padding=1),
+                    c3=nn.Conv2d(4, 4, 1))
+
+
+def _buffer():
+    m = Sandwich(lambda m, h, x: h * m.t)
+    m.register_buffer("t", torch.rand(4, 1, 1) + 0.5)
+    return m
+
+
+# (name, model factory, input, the layer whose groups are judged, expectation: "cut" or a reason fragment)
+CASES = [
+    # zero-keeping only when the op maps 0 to 0
+    ("clamp bounds exclude 0", lambda: Sandwich(lambda m, h, x: h.clamp(0.1, 2.0)), IMG, "c1", "not exactly zero"),
+    ("nn.Hardtanh bounds exclude 0", lambda: Sandwich(lambda m, h, x: m.a(h), a=nn.Hardtanh(-2.0, -0.1)), IMG, "c1",
+     "not exactly zero"),
+    ("clamp bounds include 0", lambda: Sandwich(lambda m, h, x: h.clamp(-0.5, 2.0)), IMG, "c1", "cut"),
+    ("in-place add", lambda: Sandwich(_in_place("add_")), IMG, "c1", "not exactly zero"),
+    ("in-place sigmoid", lambda: Sandwich(_in_place("sigmoid_")), IMG, "c1", "not exactly zero"),
+    ("in-place neg", lambda: Sandwich(_in_place("neg_")), IMG, "c1", "cut"),
+    ("ConstantPad2d non-zero", lambda: Sandwich(lambda m, h, x: m.p(h), p=nn.ConstantPad2d(1, 0.5)), IMG, "c1",
+     "not exactly zero"),
+    ("F.pad zero", lambda: Sandwich(lambda m, h, x: F.pad(h, (1, 1, 1, 1))), IMG, "c1", "cut"),
+    ("pow(2)", lambda: Sandwich(lambda m, h, x: h.pow(2)), IMG, "c1", "cut"),
+    ("InstanceNorm tracked stats, no affine",
+     lambda: Sandwich(lambda m, h, x: m.n(h), n=nn.InstanceNorm2d(4, track_running_stats=True)), IMG, "c1",
+     "not exactly zero"),
+    ("InstanceNorm without tensors", lambda: Sandwich(lambda m, h, x: m.n(h), n=nn.InstanceNorm2d(4)), IMG, "c1",
+     "cut"),
+    ("GroupNorm, a channel per group", lambda: Sandwich(lambda m, h, x: m.n(h), n=nn.GroupNorm(4, 4)), IMG, "c1",
+     "cut"),
+    ("F.normalize over a spatial dim", lambda: Sandwich(lambda m, h, x: F.normalize(h, dim=-1)), IMG, "c1", "cut"),
+    ("F.normalize over channels", lambda: Sandwich(lambda m, h, x: F.normalize(h, dim=1)), IMG, "c1", "cut"),
+    # comparisons, masks, where
+    ("mask across channels", lambda: Sandwich(lambda m, h, x: h * (h.flip(1) > 0).float()), IMG, "c1", "cut"),
+    ("mask from another layer", lambda: Sandwich(lambda m, h, x: h * (m.c3(x) > 0).float(), c3=nn.Conv2d(4, 4, 1)),
+     IMG, "c1", "cut"),
+    ("masked_fill", lambda: Sandwich(lambda m, h, x: h.masked_fill(h < 0, 0.0)), IMG, "c1", "cut"),
+    ("torch.where", lambda: Sandwich(lambda m, h, x: torch.where(h > 0, h, 0.1 * h)), IMG, "c1", "cut"),
+    # sizes
+    ("size of a grouped dim as data", lambda: Sandwich(lambda m, h, x: h / h.size(1)), IMG, "c1",
+     "size of a grouped dim is used as data"),
+    ("numel as data", lambda: Sandwich(lambda m, h, x: h * (1.0 / h.numel())), IMG, "c1",
+     "size of a grouped dim is used as data"),
+    ("view_as another tensor", lambda: Net(lambda m, v: m.fc2(m.fc(m.fc0(v)).view_as(m.fc0(v))),
+                                         fc0=nn.Linear(4, 6), fc=nn.Linear(6, 6), fc2=nn.Linear(6, 2)), VEC, "fc0",
+     "cut"),
+    ("reshape to another tensor's shape", lambda: Net(lambda m, v: m.fc2(m.fc(m.fc0(v)).reshape(m.fc0(v).shape)),
+                                                     fc0=nn.Linear(4, 6), fc=nn.Linear(6, 6), fc2=nn.Linear(6, 2)),
+     VEC, "fc0", "cut"),
+    # operands that carry no group
+    ("full-size buffer", _buffer, IMG, "c1", "cut"),
+    ("zeros_like beside it", lambda: Net(lambda m, x: m.c2(torch.cat([torch.zeros_like(m.c1(x)), m.c1(x)], 1)),
+                                         c1=nn.Conv2d(4, 4, 1), c2=nn.Conv2d(8, 2, 1)), IMG, "c1", "cut"),
+    ("ones_like beside it", lambda: Net(lambda m, x: m.c2(torch.cat([torch.ones_like(m.c1(x)), m.c1(x)], 1)),
+                                        c1=nn.Conv2d(4, 4, 1), c2=nn.Conv2d(8, 2, 1)), IMG, "c1", "not exactly zero"),
+    ("output of an op without a rule",
+     lambda: Sandwich(lambda m, h, x: h * torch.cumsum(m.c3(x), 1), c3=nn.Conv2d(4, 4, 1)), IMG, "c1",
+     "belongs to no group but has the full size"),
+    ("padding a grouped dim, then a residual", lambda: Net(lambda m, v: m.fc2(F.pad(v, (1, 1)) + m.fc(F.pad(v, (1, 1)))),
+                                                          fc=nn.Linear(6, 6), fc2=nn.Linear(6, 2)), VEC, "fc",
+     "meets entries of no group"),
+    # the model input
+    ("depthwise conv on the input", lambda: Net(lambda m, x: m.c2(m.dw(x)), dw=nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                                                c2=nn.Conv2d(4, 2, 1)), IMG, "x", "cut"),
+    ("BatchNorm then grouped conv on the input",
+     lambda: Net(lambda m, x: m.c2(m.dw(m.bn(x))), bn=nn.BatchNorm2d(4), dw=nn.Conv2d(4, 8, 1, groups=4),
+                 c2=nn.Conv2d(8, 2, 1)), IMG, "x", "cut"),
+    ("a feature group over two positions", lambda: Net(lambda m, x: m.c2(x + x.flip(1)), c2=nn.Conv2d(4, 2, 1)), IMG,
+     "x", "cut"),
+    ("channel shuffle of the input", lambda: Net(_shuffle, c2=nn.Conv2d(4, 2, 1)), IMG, "x", "cut"),
+    ("BatchNorm without tensors on the input",
+     lambda: Net(lambda m, x: m.c2(m.n(x)), n=nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+                 c2=nn.Conv2d(4, 2, 1)), IMG, "x", "cut"),
+    # layers used twice
+    ("a layer called twice", lambda: Net(lambda m, x: m.c2(m.f(torch.relu(m.f(m.c0(x))))), c0=nn.Conv2d(4, 4, 1),
+                                         f=nn.Conv2d(4, 4, 1), c2=nn.Conv2d(4, 2, 1)), IMG, "c0", "cut"),
+    ("a shared layer, once on ungrouped input",
+     lambda: Net(lambda m, x: m.head(m.f(x) + m.f(x.new_ones(x.shape))), f=nn.Conv2d(4, 4, 1), head=nn.Conv2d(4, 2, 1)),
+     IMG, "x", "used more than once, once on inputs that belong to no group"),
+    # conv variants
+    ("grouped ConvTranspose", lambda: Net(lambda m, x: m.c2(m.t(m.c0(x))), c0=nn.Conv2d(4, 4, 1),
+                                          t=nn.ConvTranspose2d(4, 8, 2, groups=2), c2=nn.Conv2d(8, 2, 1)), IMG, "c0",
+     "cut"),
+    ("functional grouped conv, groups in the code",
+     lambda: Net(lambda m, x: m.c2(F.conv2d(m.c0(x), m.w, groups=2)), c0=nn.Conv2d(4, 4, 1), c2=nn.Conv2d(8, 2, 1),
+                 w=nn.Parameter(torch.randn(8, 2, 1, 1))), IMG, "c0", "groups=2 is written in the code"),
+    ("nn.PReLU per channel", lambda: Sandwich(lambda m, h, x: m.a(h), a=nn.PReLU(4)), IMG, "c1", "cut"),
+    ("timm ScaledStdConv2d: input", _std_conv, IMG, "c1", "standardizes its weight over its input channels"),
+    ("timm ScaledStdConv2d: output", _std_conv, IMG, "s", "cut"),
+    # data movement
+    ("stack, sum, head conv", lambda: Net(lambda m, x: m.head(torch.stack([m.a(x), m.b(x)], 0).sum(0)),
+                                          a=nn.Conv2d(4, 3, 1), b=nn.Conv2d(4, 3, 1), head=nn.Conv2d(3, 2, 1)), IMG,
+     "a", "cut"),
+    ("class token, then x[:, 0]", lambda: Net(_cls_token, fc=nn.Linear(5, 6), head=nn.Linear(6, 2),
+                                              cls=nn.Parameter(torch.ones(1, 1, 6))), TOK, "fc", "cut"),
+    ("pixel_shuffle", lambda: Net(lambda m, x: m.c2(F.pixel_shuffle(m.c1(x), 2)), c1=nn.Conv2d(4, 8, 1),
+                                  c2=nn.Conv2d(2, 2, 1)), IMG, "c1", "cut"),
+    ("repeat_interleave", lambda: Net(lambda m, x: m.c2(m.c1(x).repeat_interleave(2, 1)), c1=nn.Conv2d(4, 4, 1),
+                                      c2=nn.Conv2d(8, 2, 1)), IMG, "c1", "cut"),
+    # torch.export
+    ("torch.export: a size written in the code", lambda: Net(_export_literal, fc=nn.Linear(4, 6),
+                                                             c2=nn.Conv2d(6, 2, 1)), VEC, "fc", "fixes the size"),
+    ("torch.export: input features", lambda: Net(_export_plain, fc0=nn.Linear(4, 6), fc=nn.Linear(6, 2)), VEC, "x",
+     "cut"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.mark.parametrize("name, make, x, layer, expect", CASES, ids=[c[0] for c in CASES])
+def test_failure_class(name, make, x, layer, expect):
+    model = make()
+    R._randomize(model, torch.Generator().manual_seed(0))
+    model.eval()
+    (judged,) = [s for s in dg.analyze(model, x).sets if s.modules[0] == layer]
+    if expect == "cut":
+        assert judged.removable.all(), judged.reasons
+    else:
+        assert not judged.removable.any()
+        assert any(expect in r for r in judged.reasons), judged.reasons
+    for seed in range(3):  # random subsets of every gate, including the layer judged
+        fresh = make()
+        R._randomize(fresh, torch.Generator().manual_seed(0))
+        outcome = R.check_case(fresh, (x,), seed)
+        assert outcome.kind in ("exact", "nothing gated"), f"{name}: {outcome}"
+    if expect == "cut":
+        assert outcome.kind == "exact"
