@@ -340,8 +340,13 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
     bins = display.histogram(norms, rep.threshold)
     macs_before = macs(model, args, kwargs)
     cut = shrink(copy.deepcopy(model), threshold)  # what `dgate shrink -t` would give, not checked here
-    macs_after = macs(cut, args, kwargs)
-    change = output_diff(forward(model, args, kwargs), forward(cut, args, kwargs))
+    try:
+        macs_after = macs(cut, args, kwargs)
+        change = output_diff(forward(model, args, kwargs), forward(cut, args, kwargs))
+    except Exception as exc:
+        raise click.ClickException(f"a cut at threshold {rep.threshold:g} gives a model that does not run on the example "
+                                   f"inputs ({type(exc).__name__}: {_one_line(exc)[:200]}): a layer keeps a size the cut "
+                                   "did not update. Please report the model.") from None
     rtol = _default_rtol()
     data = {"threshold": rep.threshold, "groups": rep.groups, "dead": rep.dead, "params_total": rep.params_total,
             "params_removable": rep.params_removable, "macs_before": macs_before, "macs_after": macs_after,
@@ -372,8 +377,9 @@ def _rtol_needed(change: float, rtol: float) -> float | None:
     up), or None when the default suffices or the change cannot be measured."""
     if not math.isfinite(change) or change <= rtol:
         return None
-    exponent = math.floor(math.log10(change))
-    return math.ceil(change / 10.0 ** exponent * (1 - 1e-12)) * 10.0 ** exponent
+    value = change * 1.01  # room for a different order of floating-point operations in shrink's own check
+    exponent = math.floor(math.log10(value))
+    return math.ceil(value / 10.0 ** exponent) * 10.0 ** exponent
 
 
 def _describe_change(change: float, rtol: float, threshold: float) -> str:
