@@ -15,6 +15,7 @@ from .errors import ShrinkError
 from .execution import as_tuple, describe_mismatch, output_diff, run
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
+from .recipe import check_threshold
 from .tensors import get_tensor, owner, replace_tensor
 from .wrappers import accepts_wrapped, memory_format
 
@@ -37,6 +38,7 @@ class CutPlan:
 def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     """Dead groups of a gated model at ``threshold`` (absolute L2 norm of the collapsed group;
     None: the recipe's), and what removing them removes. Every gate keeps at least one group."""
+    check_threshold(threshold, "threshold")
     dset = require_gated(model, "shrink (and every sparsity figure)")
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
     dead, norms, removed, kept_inputs = {}, {}, {}, {}
