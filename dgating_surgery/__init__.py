@@ -4,26 +4,39 @@ physically removes the dead groups.
     import dgating_surgery as dg
     gated = dg.gate_model(model, "resnet", example_inputs=torch.randn(1, 3, 224, 224))
     ...train with dg.param_groups(gated, lam) or loss + dg.penalty(gated, lam)...
-    slim = dg.shrink(gated, example_inputs=...)
+    slim = dg.shrink(gated, example_inputs=...)   # cuts `gated` in place and returns it
+
+Importing the package is cheap: each public name is imported from its module (and torch with it)
+on first use, so that ``dgate --help`` does not wait for torch.
 """
-from .checkpoint import kept_groups, load_gated, load_slim, read_manifest, save_gated, save_slim
-from .errors import (CheckpointError, DGatingError, GatingError, LambdaError, ModelSpecError, NotGatedError,
-                     RecipeError, ShrinkError, TraceError, WrapperError)
-from .execution import max_rel_diff, output_diff
-from .gates import DGate, analyze, apply_plan, gate_model, gates
-from .measure import latency_ms, macs, macs_after_cut
-from .models import load_model
-from .recipe import GroupSpec, Recipe, load_recipe, shipped_recipes
-from .report import model_params, sparsity
-from .search import SearchResult, removed_fraction, search_lambda
-from .selfcheck import CutCheck, expose_weights, kill_random_groups, random_cut_check
-from .shrink import plan_cut, select_features, shrink
-from .training import (SparsityMonitor, check_optimizer, group_norms, imbalance, param_groups, penalty,
-                       track)
-from .schedule import LambdaScheduler, set_lam
-from .wrappers import convert_sync_batchnorm, full_params, unwrap
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_HOME = {
+    **dict.fromkeys(["kept_groups", "load_gated", "load_slim", "read_manifest", "save_gated", "save_slim"],
+                    "checkpoint"),
+    **dict.fromkeys(["CheckpointError", "DGatingError", "GatingError", "LambdaError", "ModelSpecError",
+                     "NotGatedError", "RecipeError", "ShrinkError", "TraceError", "WrapperError"], "errors"),
+    **dict.fromkeys(["max_rel_diff", "output_diff"], "execution"),
+    **dict.fromkeys(["DGate", "analyze", "apply_plan", "gate_model", "gates"], "gates"),
+    **dict.fromkeys(["latency_ms", "macs", "macs_after_cut"], "measure"),
+    "load_model": "models",
+    **dict.fromkeys(["GroupSpec", "Recipe", "load_recipe", "shipped_recipes"], "recipe"),
+    **dict.fromkeys(["model_params", "sparsity"], "report"),
+    **dict.fromkeys(["SearchResult", "removed_fraction", "search_lambda"], "search"),
+    **dict.fromkeys(["CutCheck", "expose_weights", "kill_random_groups", "random_cut_check"], "selfcheck"),
+    **dict.fromkeys(["plan_cut", "select_features", "shrink"], "shrink"),
+    **dict.fromkeys(["SparsityMonitor", "check_optimizer", "group_norms", "imbalance", "param_groups", "penalty",
+                     "track"], "training"),
+    **dict.fromkeys(["LambdaScheduler", "set_lam"], "schedule"),
+    **dict.fromkeys(["convert_sync_batchnorm", "full_params", "unwrap"], "wrappers"),
+}
 
 __all__ = [
     # gate, inspect, cut
@@ -44,3 +57,37 @@ __all__ = [
     "DGatingError", "RecipeError", "TraceError", "GatingError", "NotGatedError", "ShrinkError", "CheckpointError",
     "ModelSpecError", "WrapperError", "LambdaError",
 ]
+
+
+def __getattr__(name: str):
+    """A public name (imported from its module on first use) or a submodule (``dg.report``)."""
+    home = _HOME.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Two public functions share their module's name (``shrink``, ``gates``): when the import
+    system binds such a submodule on the package, the function is bound instead, as an eager
+    ``from .shrink import shrink`` did."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _HOME.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

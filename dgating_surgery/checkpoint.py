@@ -12,13 +12,16 @@ its metadata (key ``dgating_surgery``) that says how to rebuild the architecture
   outputs are those of the model that was saved.
 
 Files are written to a temporary file beside the target and renamed (atomic); the manifest holds a
-SHA-256 of the tensors so that a corrupted file is an error, not a silently different model.
+SHA-256 of the tensors so that a corrupted file is an error, not a silently different model. A
+pickle (or factory file) the reference names is stored relative to the checkpoint's directory.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -56,8 +59,8 @@ def save_gated(model: nn.Module, path, reference=None, example_inputs=None, exam
         raise CheckpointError("save_gated needs example_inputs (the batch the model was gated with): loading gates "
                               "a fresh model again on inputs of the same shape")
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    manifest = {"format": "gated", "model": origin.reference.to_dict(), "inputs": origin.inputs.to_dict(),
-                "recipe": dset.recipe.to_dict()}
+    manifest = {"format": "gated", "model": origin.reference.relative_to(Path(path).parent).to_dict(),
+                "inputs": origin.inputs.to_dict(), "recipe": dset.recipe.to_dict()}
     return _write(path, state, manifest)
 
 
@@ -66,7 +69,7 @@ def load_gated(path, allow_pickle: bool = False, reference=None) -> nn.Module:
     and example inputs are kept in ``model.dgate_origin`` for ``save_gated`` and ``shrink``).
     ``reference`` overrides the architecture the file names."""
     state, manifest = _read(path, "gated")
-    ref = as_reference(reference) if reference is not None else ModelRef.from_dict(manifest["model"])
+    ref = as_reference(reference) if reference is not None else _manifest_ref(manifest, path)
     model = _build(ref, allow_pickle, path)
     inputs = InputSpec.from_dict(manifest["inputs"])
     args, kwargs = inputs.make()
@@ -90,17 +93,22 @@ def save_slim(model: nn.Module, path, reference=None, example_inputs=None, examp
     ``reference``: how to build the original architecture (default: ``model.dgate_origin``, else
     derived from the class, see ``models.reference_of``). ``example_inputs``, ``recipe`` and
     ``kept`` (from ``kept_groups`` before the cut) are recorded for the record and for checks.
+    A reference that would not rebuild this model (e.g. an ``nn.Sequential``, whose class called
+    without arguments is empty) is an error here, not when loading: pass ``reference=``.
     """
     if gate_set(model) is not None:
         raise CheckpointError(f"{type(model).__name__} still has gates: dg.shrink it first (or save it with "
                               "dg.save_gated to resume training)")
     origin = _origin(model, reference, example_inputs, example_kwargs)
     recipe = load_recipe(recipe).to_dict() if recipe is not None else origin.recipe
-    manifest = {"format": "slim", "model": origin.reference.to_dict(), "recipe": recipe,
+    state = model.state_dict()
+    if getattr(model, "dgate_origin", None) is None or reference is not None:
+        _check_rebuilds(origin.reference, state, model, derived=reference is None)
+    manifest = {"format": "slim", "model": origin.reference.relative_to(Path(path).parent).to_dict(), "recipe": recipe,
                 "inputs": origin.inputs.to_dict() if origin.inputs is not None else None, "kept_groups": kept,
                 "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()},
                 "cut_attributes": getattr(model, "cut_attributes", {})}
-    return _write(path, model.state_dict(), manifest)
+    return _write(path, state, manifest)
 
 
 def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle: bool = False) -> nn.Module:
@@ -117,7 +125,7 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         ref = reference_of_or_none(model)
         label = ref or type(model).__name__
     else:
-        ref = as_reference(reference) if reference is not None else ModelRef.from_dict(manifest["model"])
+        ref = as_reference(reference) if reference is not None else _manifest_ref(manifest, path)
         model, label = _build(ref, allow_pickle, path), ref
     _resize(model, state, path, label)
     fix_attributes(model)
@@ -155,6 +163,53 @@ def reference_of_or_none(model: nn.Module) -> ModelRef | None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _manifest_ref(manifest: dict, path) -> ModelRef:
+    """The reference a manifest stores, its relative file (a pickle) resolved against the checkpoint."""
+    return ModelRef.from_dict(manifest["model"]).resolved(Path(path).parent)
+
+
+def _check_rebuilds(ref: ModelRef, state: dict, model: nn.Module, derived: bool) -> None:
+    """``load_slim`` will build ``ref`` and fit the saved tensors into it: check now that it can
+    (every tensor present, none larger than in the rebuilt model), on the meta device when the
+    factory allows it, so that no file is written that cannot be loaded."""
+    if ref.kind != "factory":
+        return  # a transformers config or a pickle rebuilds the model it came from
+    how = (f"its class called without arguments ({ref.spec.replace(':', '.')}())" if derived
+           else f"the reference {ref}")
+    fix = ("pass reference='package.module:factory' naming a callable that builds the unpruned architecture "
+           "without arguments (e.g. a function in your package that returns this model before the cut)")
+    try:
+        with torch.device("meta"):
+            fresh = build(ref)
+    except Exception:  # a factory that computes on its tensors fails on meta: build it for real
+        try:
+            fresh = build(ref)
+        except ModelSpecError as exc:
+            raise ModelSpecError(f"save_slim: {type(model).__name__} could not be rebuilt from {how} ({exc}); "
+                                 f"{fix}") from None
+    own = fresh.state_dict()
+    problem = _mismatch_keys(own, state)
+    if problem is None:
+        bigger = [k for k, v in state.items() if own[k].ndim != v.ndim
+                  or any(s > o for s, o in zip(v.shape, own[k].shape))]
+        if bigger:
+            problem = (f"tensor '{bigger[0]}' is {tuple(state[bigger[0]].shape)} here but "
+                       f"{tuple(own[bigger[0]].shape)} in the rebuilt model")
+    if problem is not None:
+        raise ModelSpecError(f"save_slim: {how} builds a {type(fresh).__name__} that does not fit this "
+                             f"{type(model).__name__} ({problem}), so load_slim could not load the file; {fix}")
+
+
+def _mismatch_keys(own: dict, state: dict) -> str | None:
+    missing = [k for k in state if k not in own]
+    extra = [k for k in own if k not in state]
+    parts = []
+    for label, keys in (("not in the rebuilt model", missing), ("only in the rebuilt model", extra)):
+        if keys:
+            parts.append(f"{label}: {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}")
+    return "; ".join(parts) or None
+
+
 def _origin(model, reference, example_inputs, example_kwargs) -> Origin:
     recorded = getattr(model, "dgate_origin", None)
     ref = as_reference(reference) if reference is not None else reference_of(model)
@@ -236,21 +291,32 @@ def _write(path, state: dict, manifest: dict) -> Path:
     manifest = {**manifest, "version": FORMAT_VERSION, "aliases": aliases, "sha256": _digest(tensors),
                 "written_by": f"dgating-surgery {dgating_surgery.__version__}, torch {torch.__version__}"}
     text = dumps(manifest)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         save_file(tensors, tmp, metadata={META_KEY: text})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
+        if isinstance(exc, Exception):  # OSError, or safetensors' error around one (a full disk)
+            raise CheckpointError(f"cannot write {path}: {_write_failure(exc)}; nothing was written") from None
+        raise  # Ctrl-C: the temporary file is gone, the target untouched
     return path
+
+
+def _write_failure(exc: Exception) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    code = exc.errno if isinstance(exc, OSError) else None
+    found = re.search(r"os error (\d+)", text)
+    code = code or (int(found.group(1)) if found else None)
+    if code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"{os.strerror(code)} (is the disk full?)"
+    return text
 
 
 def _read(path, expected: str | None) -> tuple[dict[str, torch.Tensor], dict]:

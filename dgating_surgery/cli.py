@@ -9,46 +9,49 @@
 
 Every expected failure (bad MODEL, recipe, file, path) is one ``Error: ...`` line on stderr and
 exit code 1 (2 for bad command-line usage), never a traceback; ``--json`` prints the figures as
-JSON for scripts.
+JSON for scripts. An output that exists is only replaced with ``--force``, and never the input.
+
+torch and the engine are imported inside the commands, so that ``dgate --help`` is quick.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
-import yaml
-from rich.table import Table
 
-from . import display
-from .checkpoint import kept_groups, load_gated, load_slim, save_gated, save_slim
-from .errors import DGatingError
-from .execution import evaluating, output_diff
-from .gates import analyze, gate_model, select
-from .groups import profile
-from .measure import forward, latency_ms, macs, macs_after_cut
-from .models import DTYPES, Origin, default_inputs, load_model, parse_shape
-from .recipe import load_recipe
-from .report import model_params, sparsity
-from .shrink import plan_cut, select_features, shrink
+from .errors import DGatingError, ShrinkError
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# the names of models.DTYPES, here without importing torch (a test checks that they agree)
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """The package's own warnings (e.g. a recipe entry that matched nothing) as one line; other
     libraries' warnings (tracer internals) are not the user's business here."""
     if str(filename).startswith(PACKAGE_DIR):
+        from . import display
         display.console(stderr=True).print(f"[yellow]warning:[/] {message}")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)))
+
+
 class _Group(click.Group):
-    """Turns the package's errors and OS errors into click's ``Error: ...`` and exit code 1."""
+    """Turns the package's errors, OS errors and running out of memory into click's one
+    ``Error: ...`` line and exit code 1."""
 
     def invoke(self, ctx):
         with warnings.catch_warnings():
@@ -57,9 +60,36 @@ class _Group(click.Group):
             try:
                 return super().invoke(ctx)
             except DGatingError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise click.ClickException(_one_line(exc)) from None
             except OSError as exc:
-                raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
+                raise click.ClickException(_one_line(f"{exc.filename or ''}: {exc.strerror or exc}")) from None
+            except Exception as exc:
+                if _out_of_memory(exc):
+                    raise click.ClickException(
+                        f"out of memory ({_one_line(exc)[:200]}): pass a smaller --input-shape (a batch of 1 finds "
+                        "the same groups), or run it on a machine with more memory") from None
+                raise
+
+
+class _NonNegative(click.ParamType):
+    """A finite number >= 0 (a threshold, a tolerance): -1 or nan is a usage error, not a run
+    that "succeeds" and cuts nothing."""
+
+    name = "number"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        from .recipe import check_threshold
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            return check_threshold(number, self.what)
+        except DGatingError as exc:  # click names the option already
+            self.fail(str(exc).removeprefix(f"{self.what} "), param, ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +110,7 @@ def _model_options(f):
                      help="Shipped recipe name (default, resnet, mlp, ...) or a YAML file."),
         click.option("--input-shape", help="Example input shape, e.g. 1,3,224,224. Default: 1xCx224x224 for a "
                      "model starting with Conv2d, 1xN for Linear, token ids 1x16 for Hugging Face text models."),
-        click.option("--input-dtype", type=click.Choice(list(DTYPES)), help="Example input dtype (default float32; "
+        click.option("--input-dtype", type=click.Choice(list(DTYPE_NAMES)), help="Example input dtype (default float32; "
                      "int64 token ids for text models)."),
         click.option("--weights", help="Weights for a factory: a safetensors or torch.save(state_dict) file."),
         click.option("--arg", "factory_args", multiple=True, metavar="KEY=VALUE",
@@ -101,6 +131,7 @@ def _artefact_options(f):
 
 
 def _factory_kwargs(items) -> dict:
+    import yaml
     kwargs = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -112,19 +143,37 @@ def _factory_kwargs(items) -> dict:
 
 def _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle):
     """The user's model, its reference and the example-input spec, with a spinner while it loads."""
+    from . import display
+    from .models import default_inputs, load_model, parse_shape
     with display.console(stderr=True).status(f"loading {model_spec}"):
         model, ref = load_model(model_spec, weights, _factory_kwargs(factory_args), allow_pickle)
     inputs = default_inputs(model, parse_shape(input_shape) if input_shape else None, input_dtype)
     return model, ref, inputs
 
 
-def _check_output(path: str) -> Path:
-    """Fail before any work when the output could not be written."""
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _check_output(path: str, force: bool = False, inputs=(), also=()) -> Path:
+    """Fail before any work when the output could not be written, is one of the inputs (the slim
+    model must never replace the trained gated one), or exists and ``--force`` was not given.
+    ``also``: further files the command writes beside it (exports)."""
     out = Path(path)
     if not out.parent.is_dir():
         raise click.ClickException(f"cannot write {out}: directory '{out.parent}' does not exist (create it first)")
     if out.is_dir():
         raise click.ClickException(f"cannot write {out}: it is a directory; name the output file")
+    for target in (out, *also):
+        for source in inputs:
+            if source is not None and Path(source).exists() and _same_file(target, Path(source)):
+                raise click.ClickException(f"cannot write {target}: it is the input {source}, which would be lost; "
+                                           "write to another file")
+        if target.exists() and not force:
+            raise click.ClickException(f"{target} exists: pass --force to replace it, or write to another file")
     return out
 
 
@@ -132,6 +181,7 @@ def _emit(as_json: bool, data: dict, *renderables) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    from . import display
     con = display.console()
     for r in renderables:
         con.print(r)
@@ -145,6 +195,12 @@ def _emit(as_json: bool, data: dict, *renderables) -> None:
 def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args, allow_pickle, as_json):
     """Show the groups the recipe would gate, per layer and kind, with their sizes and the
     parameters they cover, and what cannot be gated and why."""
+    from rich.table import Table
+
+    from . import display
+    from .gates import analyze, select
+    from .recipe import load_recipe
+    from .report import model_params
     model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
     rec = load_recipe(recipe)
     args, kwargs = inputs.make()
@@ -189,12 +245,16 @@ def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
     """Parameter entries tied to each set's exactly removable groups (what a cut of all of them
     would remove), and the union over the chosen sets (an entry can belong to two sets: a conv
     weight's output and input channel). Counted per dim, as a cut removes whole slices."""
+    import numpy as np
+    import torch
+
+    from .groups import profile
     params = dict(model.named_parameters())
     set_of_root = np.full(plan.root_of.size, -1, dtype=np.int64)
     for k, gset in enumerate(plan.sets):
         set_of_root[gset.roots[gset.removable]] = k
     chosen_ids = {k for k, s in enumerate(plan.sets) if any(s is c for c in chosen)}
-    lines: dict[tuple[int | None, str], dict[int, torch.Tensor]] = {}  # (set or None: chosen, tensor) -> dim -> owned
+    lines: dict[tuple[int | None, str], dict[int, "torch.Tensor"]] = {}  # (set or None: chosen, tensor) -> dim -> owned
     for att in plan.attachments:
         if att.fqn not in params:
             continue
@@ -222,10 +282,17 @@ def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
 @click.argument("model_spec", metavar="MODEL")
 @_model_options
 @click.option("--output", "-o", required=True, help="The gated artefact to write (.safetensors).")
-def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args, allow_pickle, output):
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args, allow_pickle, output, force):
     """Gate MODEL with the recipe and write the gated artefact, ready to train in Python
     (dg.load_gated) and to cut with `dgate shrink`."""
-    out = _check_output(output)
+    from . import display
+    from .checkpoint import save_gated
+    from .gates import gate_model
+    from .models import Origin
+    from .recipe import load_recipe
+    from .report import sparsity
+    out = _check_output(output, force, inputs=(model_spec, weights))
     model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
     rec = load_recipe(recipe)
     args, kwargs = inputs.make()
@@ -248,11 +315,23 @@ def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
 # -- report ----------------------------------------------------------------------------------------
 @main.command(short_help="Dead/alive groups, removable params and MACs.")
 @click.argument("gated_path", metavar="GATED")
-@click.option("--threshold", "-t", type=float, help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
+@click.option("--threshold", "-t", type=_NonNegative("--threshold"),
+              help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
 @_artefact_options
 def report(gated_path, threshold, reference, allow_pickle, as_json):
-    """Dead and alive groups per layer, parameters and MACs a cut at the threshold removes, and
-    the histogram of group norms (where the threshold falls)."""
+    """Dead and alive groups per layer, parameters and MACs a cut at the threshold removes, the
+    output change that cut would make on the example inputs, and the histogram of group norms
+    (where the threshold falls). Any threshold can be explored: nothing is cut or written."""
+    import copy
+
+    import torch
+
+    from . import display
+    from .checkpoint import load_gated
+    from .execution import output_diff
+    from .measure import forward, macs
+    from .report import sparsity
+    from .shrink import plan_cut, shrink
     model = load_gated(gated_path, allow_pickle, reference)
     rep = sparsity(model, threshold)
     inputs = model.dgate_origin.inputs
@@ -260,10 +339,20 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
     norms = torch.cat(list(plan_cut(model, threshold).norms.values()))
     bins = display.histogram(norms, rep.threshold)
     macs_before = macs(model, args, kwargs)
-    macs_after = macs_after_cut(model, args, kwargs, threshold)
+    cut = shrink(copy.deepcopy(model), threshold)  # what `dgate shrink -t` would give, not checked here
+    try:
+        macs_after = macs(cut, args, kwargs)
+        change = output_diff(forward(model, args, kwargs), forward(cut, args, kwargs))
+    except Exception as exc:
+        raise click.ClickException(f"a cut at threshold {rep.threshold:g} gives a model that does not run on the example "
+                                   f"inputs ({type(exc).__name__}: {_one_line(exc)[:200]}): a layer keeps a size the cut "
+                                   "did not update. Please report the model.") from None
+    rtol = _default_rtol()
     data = {"threshold": rep.threshold, "groups": rep.groups, "dead": rep.dead, "params_total": rep.params_total,
             "params_removable": rep.params_removable, "macs_before": macs_before, "macs_after": macs_after,
             "macs_removable": macs_before - macs_after,
+            "output_change": change if math.isfinite(change) else None,
+            "rtol_needed": _rtol_needed(change, rtol),
             "gates": [{"key": r.key, "name": r.name, "kind": r.kind, "groups": r.groups, "alive": r.alive,
                        "dead": r.dead, "params_removable": r.params_removable} for r in rep.rows],
             "histogram": bins}
@@ -273,51 +362,106 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
                f"{display.n(macs_before)} MACs ({display.pct(macs_before - macs_after, macs_before)}) per forward on "
                f"{inputs}")
     _emit(as_json, data, display.sparsity_table(rep, f"{gated_path}: groups per gate"),
-          display.histogram_table(bins, rep.threshold), summary)
+          display.histogram_table(bins, rep.threshold), summary, _describe_change(change, rtol, rep.threshold))
+
+
+def _default_rtol() -> float:
+    import inspect
+
+    from .shrink import shrink
+    return inspect.signature(shrink).parameters["rtol"].default
+
+
+def _rtol_needed(change: float, rtol: float) -> float | None:
+    """The --rtol `dgate shrink` needs to accept an output change (one significant digit, rounded
+    up), or None when the default suffices or the change cannot be measured."""
+    if not math.isfinite(change) or change <= rtol:
+        return None
+    value = change * 1.01  # room for a different order of floating-point operations in shrink's own check
+    exponent = math.floor(math.log10(value))
+    return math.ceil(value / 10.0 ** exponent) * 10.0 ** exponent
+
+
+def _describe_change(change: float, rtol: float, threshold: float) -> str:
+    if not math.isfinite(change):
+        return ("expected output change: cannot be measured on the example inputs (the gated output is all zeros or "
+                "not finite, or the cut changes its shape)")
+    if change == 0:
+        return "expected output change on the example inputs: none (the groups cut are exactly zero)"
+    text = f"expected output change on the example inputs: {change:.3g} of the largest output"
+    needed = _rtol_needed(change, rtol)
+    if needed is None:
+        return f"{text}, within `dgate shrink`'s tolerance ({rtol:g})"
+    return f"{text}; `dgate shrink -t {threshold:g}` needs --rtol {needed:.0e} to cut there (default {rtol:g})"
 
 
 # -- shrink ----------------------------------------------------------------------------------------
 @main.command(name="shrink", short_help="Cut the dead groups; write the slim checkpoint.")
 @click.argument("gated_path", metavar="GATED")
-@click.option("--output", "-o", required=True, help="The slim checkpoint to write (.safetensors).")
-@click.option("--threshold", "-t", type=float, help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
+@click.option("--output", "-o", required=True, help="The slim checkpoint to write (.safetensors); not GATED.")
+@click.option("--threshold", "-t", type=_NonNegative("--threshold"),
+              help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
+@click.option("--rtol", type=_NonNegative("--rtol"), default=None,
+              help="Largest output change allowed, relative to the largest output (default 1e-4); a threshold above "
+              "exact zero needs a larger one, which `dgate report -t` shows.")
 @click.option("--verify", is_flag=True, help="Reload the written checkpoint (dg.load_slim) and check that its outputs "
               "are identical to the slim model's.")
 @click.option("--export", "exports", multiple=True, type=click.Choice(["onnx", "torch.export"]),
               help="Also write a deployment export beside the checkpoint (.onnx, or .pt2 from torch.export).")
+@click.option("--force", is_flag=True, help="Replace the output (and exports) if they exist.")
 @_artefact_options
-def shrink_cmd(gated_path, output, threshold, verify, exports, reference, allow_pickle, as_json):
+def shrink_cmd(gated_path, output, threshold, rtol, verify, exports, force, reference, allow_pickle, as_json):
     """Cut the dead groups out of GATED and write the slim checkpoint; prints parameters, MACs and
-    measured latency before and after. The slim model is always checked against the gated one on
-    the example inputs."""
-    out = _check_output(output)
+    latency before and after (interleaved runs, with their spread). The slim model is always
+    checked against the gated one on the example inputs; GATED is left as it is."""
+    from . import display
+    from .checkpoint import kept_groups, load_gated, save_slim
+    from .measure import collapsed, compare_latency, macs
+    from .report import model_params, sparsity
+    from .shrink import shrink
+    out = _check_output(output, force, inputs=(gated_path,), also=[_export_target(output, f) for f in exports])
     model = load_gated(gated_path, allow_pickle, reference)
     inputs = model.dgate_origin.inputs
     args, kwargs = inputs.make()
-    before = {"params": model_params(model), "macs": macs(model, args, kwargs), "latency_ms": latency_ms(model, args, kwargs)}
+    before = {"params": model_params(model), "macs": macs(model, args, kwargs)}
     kept = kept_groups(model, threshold)
     dead = sparsity(model, threshold).dead
-    slim = shrink(model, threshold, args, kwargs)
-    after = {"params": model_params(slim), "macs": macs(slim, args, kwargs), "latency_ms": latency_ms(slim, args, kwargs)}
+    uncut = collapsed(model)  # the gated function at the dense cost: timed against the slim model, interleaved
+    try:
+        slim = shrink(model, threshold, args, kwargs, **({} if rtol is None else {"rtol": rtol}))
+    except ShrinkError as exc:
+        raise click.ClickException(_one_line(str(exc).replace("pass a larger rtol", "pass a larger --rtol")) + (
+            f" `dgate report {gated_path} -t T` shows the output change a threshold makes.")) from None
+    timing = compare_latency(uncut, slim, args, kwargs)
+    after = {"params": model_params(slim), "macs": macs(slim, args, kwargs)}
     save_slim(slim, out, kept=kept)
     if verify:
         _verify_reload(slim, out, allow_pickle, args, kwargs)
     written = [str(out)] + [str(_export(slim, out, fmt, args, kwargs)) for fmt in exports]
     data = {"output": written, "groups_cut": dead, "verified_reload": verify,
-            **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
+            **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
+            "latency_ms_before": timing.before_ms, "latency_ms_after": timing.after_ms, "latency": timing.to_dict()}
     rows = [("parameters", display.n(before["params"]), display.n(after["params"]),
              display.ratio(before["params"], after["params"])),
             ("MACs", display.n(before["macs"]), display.n(after["macs"]), display.ratio(before["macs"], after["macs"])),
-            ("latency (ms, median)", f"{before['latency_ms']:.3f}", f"{after['latency_ms']:.3f}",
-             display.speedup(before["latency_ms"], after["latency_ms"]))]
+            (f"latency (ms, median and IQR of {timing.rounds} interleaved runs)",
+             display.ms_spread(timing.before_ms, timing.before_iqr), display.ms_spread(timing.after_ms, timing.after_iqr),
+             display.latency_change(timing))]
     note = (f"cut {display.n(dead)} groups; slim model checked against the gated one on {inputs}"
             f"{'; reloaded from disk: outputs identical' if verify else ''}. Wrote {', '.join(written)}. "
             f"Load it with dg.load_slim({str(out)!r}).")
     _emit(as_json, data, display.before_after_table(rows, f"{gated_path} -> {out}"), note)
 
 
+def _export_target(output: str, fmt: str) -> Path:
+    return Path(output).with_suffix(".onnx" if fmt == "onnx" else ".pt2")
+
+
 def _verify_reload(slim, out: Path, allow_pickle: bool, args, kwargs) -> None:
     """Outputs of the checkpoint as loaded from disk must equal the in-memory slim model's exactly."""
+    from .checkpoint import load_slim
+    from .execution import output_diff
+    from .measure import forward
     reloaded = load_slim(out, allow_pickle=allow_pickle)
     if output_diff(forward(slim, args, kwargs), forward(reloaded, args, kwargs)) != 0.0:
         out.unlink()
@@ -327,7 +471,11 @@ def _verify_reload(slim, out: Path, allow_pickle: bool, args, kwargs) -> None:
 
 def _export(slim, out: Path, fmt: str, args, kwargs) -> Path:
     """A deployment export of the slim model; written atomically like the checkpoint."""
-    target = out.with_suffix(".onnx" if fmt == "onnx" else ".pt2")
+    import torch
+
+    from .execution import evaluating
+    from .shrink import select_features
+    target = _export_target(str(out), fmt)
     tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # torch.export insists on the suffix
     sel_args, sel_kwargs = select_features(slim, args, kwargs)
     try:
@@ -352,7 +500,7 @@ def _export(slim, out: Path, fmt: str, args, kwargs) -> Path:
 @click.option("--out", type=click.Path(file_okay=False), help="Keep the slim checkpoint in this directory "
               "(default: a temporary one).")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--lam", default=7e-3, show_default=True, type=click.FloatRange(min=0), help="D-Gating strength.")
+@click.option("--lam", default=7e-3, show_default=True, type=_NonNegative("--lam"), help="D-Gating strength.")
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(out, epochs, lam, seed):
     """The whole journey on a built-in model and scikit-learn's digits: gate, train (progress

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from .report import SparsityReport
+if TYPE_CHECKING:  # importing them would import torch; `dgate --help` does without
+    import torch
+
+    from .measure import LatencyComparison
+    from .report import SparsityReport
 
 
 def console(stderr: bool = False) -> Console:
@@ -92,9 +96,30 @@ def before_after_table(rows: list[tuple[str, str, str, str]], title: str) -> Tab
 
 
 def ratio(before: float, after: float) -> str:
+    if before == after:
+        return "same"
     return f"{before / after:.2f}x smaller" if after and before >= after else (
         f"{after / before:.2f}x larger" if before else "-")
 
 
 def speedup(before_ms: float, after_ms: float) -> str:
-    return f"{before_ms / after_ms:.2f}x faster" if after_ms else "-"
+    """A ratio of two times, written the way it goes: "1.80x faster" or "1.30x slower"."""
+    if not (before_ms > 0 and after_ms > 0):
+        return "-"
+    ratio = before_ms / after_ms
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def latency_change(cmp: "LatencyComparison") -> str:
+    """"1.80x faster", "1.30x slower", or "within noise" when the rounds do not tell them apart."""
+    if cmp.within_noise:
+        return "within noise"
+    if not (cmp.speedup > 0 and math.isfinite(cmp.speedup)):
+        return "-"
+    return f"{cmp.speedup:.2f}x faster" if cmp.speedup >= 1 else f"{1 / cmp.speedup:.2f}x slower"
+
+
+def ms_spread(median: float, iqr: tuple[float, float]) -> str:
+    """A median time with its interquartile range: "0.628 (0.611-0.650)"."""
+    digits = 3 if median < 100 else 1
+    return f"{median:.{digits}f} ({iqr[0]:.{digits}f}-{iqr[1]:.{digits}f})"

@@ -10,13 +10,22 @@ A MODEL spec is one of
   model (``from_pretrained``, local files only); the manifest keeps the config itself;
 - a file from ``torch.save(model)``: a whole-model pickle can run arbitrary code when loaded, so it
   is only read with ``allow_pickle=True`` (``--allow-pickle``).
+
+A factory may also be a file, ``path/to/file.py:callable``, or a timm model name, ``timm:resnet18``
+(``timm.create_model``). Modules in the current directory are importable, for factories and for the
+classes a pickle names. A checkpoint's manifest stores a pickle's path (and a factory file's)
+relative to the checkpoint, so that the two can be moved together.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import json
+import math
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,8 @@ from torch import nn
 from .errors import ModelSpecError
 
 PICKLE_FLAG = "--allow-pickle (allow_pickle=True in Python)"
+# libraries a MODEL spec commonly names, and the extra of this package that installs each
+EXTRAS = {"torchvision": "vision", "timm": "timm", "transformers": "transformers"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 HF_TEXT_SHAPE = (1, 16)  # default token-id input of a Hugging Face text model
@@ -56,6 +67,35 @@ class ModelRef:
         if not isinstance(data, dict) or data.get("kind") not in ("factory", "pickle", "hf") or "spec" not in data:
             raise ModelSpecError(f"not a model reference: {data!r}")
         return cls(data["kind"], data["spec"], dict(data.get("kwargs") or {}), data.get("config"))
+
+    def _path(self) -> tuple[str, str] | None:
+        """The file this reference names (a pickle, or a factory's .py file) and the rest of the spec."""
+        if self.kind == "pickle":
+            return self.spec, ""
+        if self.kind == "factory" and is_file_factory(self.spec):
+            module, _, attr = self.spec.rpartition(":")
+            return module, f":{attr}"
+        return None
+
+    def relative_to(self, directory) -> "ModelRef":
+        """This reference with its file written relative to ``directory`` (a checkpoint's), so that
+        a manifest holds no machine-specific absolute path."""
+        named = self._path()
+        if named is None or not os.path.isabs(named[0]):
+            return self
+        try:
+            rel = os.path.relpath(named[0], Path(directory).resolve())
+        except ValueError:  # another drive (Windows): keep it absolute
+            return self
+        return ModelRef(self.kind, Path(rel).as_posix() + named[1], dict(self.kwargs), self.config)
+
+    def resolved(self, directory) -> "ModelRef":
+        """This reference with a relative file resolved against ``directory`` (the checkpoint's)."""
+        named = self._path()
+        if named is None or os.path.isabs(named[0]):
+            return self
+        return ModelRef(self.kind, str((Path(directory) / named[0]).resolve()) + named[1], dict(self.kwargs),
+                        self.config)
 
     def __str__(self) -> str:
         if self.kind == "hf":
@@ -129,6 +169,23 @@ def _make(desc: dict, gen: torch.Generator):
     return torch.ones(desc["shape"], dtype=dtype)
 
 
+def factory_ref(spec: str, kwargs: dict | None = None) -> ModelRef:
+    """The reference of a factory spec; a factory file's path is made absolute (the manifest stores
+    it relative to the checkpoint)."""
+    if is_file_factory(spec):
+        module, _, attr = spec.rpartition(":")
+        path = Path(module).expanduser()
+        if path.is_file():
+            spec = f"{path.resolve()}:{attr}"
+    return ModelRef("factory", spec, dict(kwargs or {}))
+
+
+def is_file_factory(spec: str) -> bool:
+    """``path/to/file.py:callable`` rather than ``package.module:callable``."""
+    module = spec.rpartition(":")[0]
+    return module.endswith(".py") or "/" in module or os.sep in module
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """"1,3,224,224" (or "1x3x224x224") -> (1, 3, 224, 224)."""
     try:
@@ -152,7 +209,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, kwargs: dict
     if kwargs and not is_factory:
         raise ModelSpecError(f"MODEL '{spec}': keyword arguments (--arg) only apply to a factory 'package.module:callable'")
     if is_factory:
-        ref = ModelRef("factory", spec, dict(kwargs or {}))
+        ref = factory_ref(spec, kwargs)
         model = build(ref)
     elif path.is_dir():
         model, ref = _load_hf(path)
@@ -169,29 +226,127 @@ def build(ref: ModelRef, allow_pickle: bool = False) -> nn.Module:
         return _load_pickle(Path(ref.spec), allow_pickle)
     if ref.kind == "hf":
         return _hf_from_config(ref.spec, ref.config)
-    module_name, _, attr = ref.spec.partition(":")
+    module_name, _, attr = ref.spec.rpartition(":")
     if not module_name or not attr:
-        raise ModelSpecError(f"factory '{ref.spec}': write it as package.module:callable")
-    if os.getcwd() not in sys.path:  # like uvicorn/gunicorn: a user's own module in the current directory
-        sys.path.insert(0, os.getcwd())
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(f"factory '{ref.spec}': cannot import module '{module_name}' ({exc}); is it installed or "
-                             "in the current directory?") from None
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ModelSpecError(f"factory '{ref.spec}': module '{module_name}' has no attribute '{attr}'")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ModelSpecError(f"factory '{ref.spec}' is not callable")
+        raise ModelSpecError(f"factory '{ref.spec}': write it as package.module:callable (or path/to/file.py:callable)")
+    target = _factory(ref.spec, module_name, attr)
     try:
         model = target(**ref.kwargs)
-    except TypeError as exc:
-        raise ModelSpecError(f"factory '{ref.spec}' rejected its arguments {ref.kwargs}: {exc}") from None
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if isinstance(exc, TypeError) and len(frames) == 1:  # raised by the call itself: the arguments
+            raise ModelSpecError(f"factory '{ref.spec}' rejected its arguments {ref.kwargs}: {exc}") from None
+        raise ModelSpecError(f"factory '{ref.spec}' raised {_describe_exc(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory '{ref.spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _factory(spec: str, module_name: str, attr: str):
+    """The callable a factory spec names: an attribute of an importable module or of a .py file, or
+    a timm model name (``timm:resnet18`` calls ``timm.create_model("resnet18")``)."""
+    _cwd_importable()
+    if is_file_factory(spec):
+        target: Any = _import_file(module_name, spec)
+    else:
+        try:
+            target = importlib.import_module(module_name)
+        except ImportError as exc:
+            missing = (getattr(exc, "name", None) or "").partition(".")[0]
+            hint = (f": install {missing} (pip install {missing}, or this package's '{EXTRAS[missing]}' extra: "
+                    f"pip install '.[{EXTRAS[missing]}]')" if missing in EXTRAS else
+                    "; is it installed or in the current directory?")
+            raise ModelSpecError(f"factory '{spec}': cannot import module '{module_name}' ({exc}){hint}") from None
+        except Exception as exc:
+            raise ModelSpecError(f"factory '{spec}': importing module '{module_name}' raised {_describe_exc(exc)}") \
+                from None
+    found = target
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            if module_name == "timm" and "." not in attr:
+                return _timm_model(spec, attr)
+            names = [n for n in dir(found) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ModelSpecError(f"factory '{spec}': module '{module_name}' has no attribute '{attr}'{hint}")
+        found = getattr(found, part)
+    if not callable(found):
+        raise ModelSpecError(f"factory '{spec}' is not callable")
+    return found
+
+
+def _timm_model(spec: str, name: str):
+    import timm
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else " (timm.list_models() lists them)"
+        raise ModelSpecError(f"factory '{spec}': timm has no attribute or model named '{name}'{hint}")
+
+    def create(**kwargs):
+        return timm.create_model(name, **kwargs)
+    return create
+
+
+def _import_file(path_text: str, spec: str):
+    """The module a factory's .py file defines (imported once; its directory becomes importable,
+    so that it can import its neighbours and a pickle can name its classes)."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ModelSpecError(f"factory '{spec}': file '{path}' not found")
+    path = path.resolve()
+    name = path.stem
+    existing = sys.modules.get(name)
+    if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
+        return existing
+    if existing is not None or not name.isidentifier():
+        name = f"_dgate_factory_{abs(hash(str(path)))}"
+        if name in sys.modules:
+            return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ModelSpecError(f"factory '{spec}': importing {path} raised {_describe_exc(exc)}") from None
+    return module
+
+
+def _cwd_importable() -> None:
+    """Like uvicorn/gunicorn: a user's own module in the current directory can be imported (for a
+    factory, and for the class a pickle names), also from the console script."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _describe_exc(exc: BaseException) -> str:
+    """An exception raised by the user's code as one line: its type and message and where it was
+    raised (the innermost frame outside torch and this package)."""
+    text = str(exc).strip()
+    message = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    where = None
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f"{_short(exc.filename)}:{exc.lineno}"
+    else:
+        skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)), "<frozen")
+        frames = traceback.extract_tb(exc.__traceback__)
+        user = [f for f in frames if not f.filename.startswith(skip)]
+        if user or frames:
+            frame = (user or frames)[-1]
+            where = f"{_short(frame.filename)}:{frame.lineno} in {frame.name}"
+    return f"{message} (at {where})" if where else message
+
+
+def _short(filename: str) -> str:
+    """A file name relative to the current directory when it is inside it."""
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:
+        return filename
+    return filename if rel.startswith("..") else rel
 
 
 def reference_of(model: nn.Module) -> ModelRef:
@@ -220,7 +375,7 @@ def as_reference(reference) -> ModelRef:
     if isinstance(reference, dict):
         return ModelRef.from_dict(reference)
     if isinstance(reference, str) and ":" in reference:
-        return ModelRef("factory", reference)
+        return factory_ref(reference)
     raise ModelSpecError(f"reference {reference!r}: pass 'package.module:callable', a ModelRef or its dict")
 
 
@@ -229,7 +384,9 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
         raise ModelSpecError(f"{path} holds weights, not a model: pass the architecture as MODEL "
                              "(package.module:factory) and this file as --weights")
     if not path.is_file():
-        raise ModelSpecError(f"pickled model {path} not found (the reference in the checkpoint names it)")
+        raise ModelSpecError(f"pickled model {path} not found (a checkpoint names it relative to itself: keep the two "
+                             "together, or pass the architecture with --model / reference=)")
+    _cwd_importable()
     if not allow_pickle:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
@@ -242,7 +399,9 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelSpecError(f"could not unpickle {path}: {type(exc).__name__}: {exc}") from None
+        hint = (" (the class it names must be importable: run from the directory of its module, or put that on "
+                "PYTHONPATH)" if isinstance(exc, (ImportError, AttributeError)) else "")
+        raise ModelSpecError(f"could not unpickle {path}: {_describe_exc(exc)}{hint}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module (for a state_dict: pass "
                              "the architecture as MODEL and this file as --weights)")
@@ -330,7 +489,26 @@ def default_inputs(model: nn.Module, shape: tuple[int, ...] | None = None, dtype
     dtype = dtype or (guess_dtype if shape == guess else "float32")
     if dtype not in DTYPES:
         raise ModelSpecError(f"input dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    _check_size(shape, dtype)
     return InputSpec([{"shape": list(shape), "dtype": dtype}], kwargs)
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_size(shape: tuple[int, ...], dtype: str) -> None:
+    """Refuse an example input that alone would fill half the machine's memory (the activations
+    need many times more): an error now instead of an allocation failure or the OOM killer."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    memory = _memory_bytes()
+    if memory and nbytes > memory // 2:
+        raise ModelSpecError(f"input shape {'x'.join(map(str, shape))} {dtype} needs {nbytes / 1e9:,.1f} GB for the "
+                             f"input alone, and this machine has {memory / 1e9:,.1f} GB of memory: pass a smaller "
+                             "--input-shape (a batch of 1 finds the same groups)")
 
 
 # -- weights ---------------------------------------------------------------------------------------

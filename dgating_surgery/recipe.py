@@ -2,12 +2,15 @@
 
 A recipe is data, not code, so that a user can keep one per model family and share it. Every
 field but ``D`` and ``groups`` has a default; unknown fields are errors, because a misspelt field
-that is silently ignored is the worst kind of configuration bug.
+that is silently ignored is the worst kind of configuration bug. Errors in a YAML file name the
+line of the field.
 """
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,40 @@ class Recipe:
         return out
 
 
+_MEANING = {"threshold": "the collapsed L2 norm under which a group is dead, e.g. 1e-5",
+            "lam": "the strength of the penalty, e.g. 1e-4",
+            "rtol": "the largest output change allowed, relative to the largest output, e.g. 1e-4"}
+
+
+def check_threshold(value, name: str = "threshold"):
+    """``value`` as a float when it is a finite number >= 0 (a threshold, a tolerance, a lambda);
+    ``None`` passes through (then the recipe's value is used). Anything else raises
+    ``RecipeError``: a negative or NaN threshold would otherwise "succeed" and cut nothing."""
+    if value is None:
+        return None
+    number = None
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not math.isfinite(number) or number < 0:
+        meaning = _MEANING.get(name.rsplit(".", 1)[-1].lstrip("-"))
+        raise RecipeError(f"{name} must be a finite number >= 0{f' ({meaning})' if meaning else ''}, got {value!r}")
+    return number
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as a string (it wants 1.0e-4); a recipe may write either
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value):
+    """A number written in YAML, also one PyYAML left as a string (``lam: 1e-4``)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 _TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "name", "description"}
 _GROUP_FIELDS = {"kind", "modules", "names", "exclude"}
 
@@ -129,14 +166,43 @@ def _from_text(text: str, source: str) -> Recipe:
         raise RecipeError(f"{source}: YAML syntax error{where}: {problem}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'D' and 'groups', got {type(data).__name__}")
-    return _from_dict(data, source)
+    return _from_dict(data, source, _field_lines(text))
 
 
-def _from_dict(data: dict, source: str) -> Recipe:
-    def fail(fieldname: str, msg: str):
-        raise RecipeError(f"{source}: field '{fieldname}': {msg}")
+def _field_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of every field of a YAML recipe, keyed as errors name them:
+    ``lam``, ``groups``, ``groups[0]``, ``groups[0].modulez``."""
+    lines: dict[str, int] = {}
 
-    unknown = sorted(set(data) - _TOP_FIELDS)
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = f"{path}.{key.value}" if path else str(key.value)
+                lines.setdefault(sub, key.start_mark.line + 1)
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                lines.setdefault(sub, item.start_mark.line + 1)
+                walk(item, sub)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _from_dict(data: dict, source: str, lines: dict[str, int] | None = None) -> Recipe:
+    def fail(fieldname, msg: str):
+        fieldname = str(fieldname)
+        path = fieldname  # a missing field: the line of the entry that lacks it
+        while lines and path not in lines and re.search(r"[.\[]", path):
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+        line = f", line {lines[path]}" if lines and path in lines else ""
+        raise RecipeError(f"{source}{line}: field '{fieldname}': {msg}")
+
+    unknown = sorted(set(data) - _TOP_FIELDS, key=str)
     if unknown:
         fail(unknown[0], f"unknown field; valid fields are {', '.join(sorted(_TOP_FIELDS))}")
     if "D" not in data:
@@ -146,9 +212,9 @@ def _from_dict(data: dict, source: str) -> Recipe:
         fail("D", f"must be an integer >= 2, got {D!r}")
     kwargs: dict[str, Any] = {"D": D, "source": source}
     for key, default in (("lam", 1e-4), ("threshold", 1e-5)):
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            fail(key, f"must be a number >= 0, got {value!r}")
+        value = _number(data.get(key, default))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            fail(key, f"must be a finite number >= 0 ({_MEANING[key]}), got {value!r}")
         kwargs[key] = float(value)
     init = data.get("init", "balanced")
     if init not in INITS:
@@ -168,10 +234,12 @@ def _from_dict(data: dict, source: str) -> Recipe:
             entry = {"kind": entry}
         if not isinstance(entry, dict):
             fail(where, f"must be a mapping with a 'kind', got {entry!r}")
-        unknown = sorted(set(entry) - _GROUP_FIELDS)
+        unknown = sorted(set(entry) - _GROUP_FIELDS, key=str)
         if unknown:
             fail(f"{where}.{unknown[0]}", f"unknown field; valid fields are {', '.join(sorted(_GROUP_FIELDS))}")
         kind = entry.get("kind")
+        if "kind" not in entry:
+            fail(f"{where}.kind", f"missing; each entry names a kind, one of {', '.join(KINDS)}")
         if kind not in KINDS:
             fail(f"{where}.kind", f"unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
         lists = {}

@@ -16,7 +16,9 @@ from .execution import as_tuple, describe_mismatch, output_diff, run, tolerance
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
 from .kinds import Role
+from .recipe import check_threshold
 from .tensors import get_tensor, owner, replace_tensor
+from .tracing import check_not_meta
 from .wrappers import accepts_wrapped, memory_format
 
 
@@ -39,7 +41,9 @@ class CutPlan:
 def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     """Dead groups of a gated model at ``threshold`` (absolute L2 norm of the collapsed group;
     None: the recipe's), and what removing them removes. Every gate keeps at least one group."""
+    check_threshold(threshold, "threshold")
     dset = require_gated(model, "shrink (and every sparsity figure)")
+    check_not_meta(model, "shrink (and every sparsity figure)", error=ShrinkError)
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
     dead, norms, removed, kept_inputs, counted = {}, {}, {}, {}, set()
     for key, dgate in dset.items():
@@ -76,6 +80,7 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     was, and a ``ShrinkError`` says by how much.
     """
     plan = plan_cut(model, threshold)
+    check_threshold(rtol, "rtol")
     kwargs = dict(example_kwargs or {})
     check = example_inputs is not None or bool(kwargs)
     reference = run(model, example_inputs, kwargs) if check else None

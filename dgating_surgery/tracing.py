@@ -9,6 +9,7 @@ are the user's own parameter names, so later stages edit the user's modules, nev
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from .errors import DGatingError, TraceError
 from .execution import as_tuple, evaluating, training_mode
 
 
@@ -70,6 +71,7 @@ class _Recorder(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm)
+        self.extra_traceback = False  # our message names the node; torch's would add the graph and a URL
         self.values: dict[torch.fx.Node, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -82,7 +84,7 @@ class _Recorder(torch.fx.Interpreter):
                 f"the model failed on the example inputs at {describe_node(self.module, n)}: "
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
                 "Pass example_inputs shaped like a real batch for this model (for an image model "
-                "e.g. torch.randn(1, 3, 224, 224))") from exc
+                "e.g. torch.randn(1, 3, 224, 224); from the shell: --input-shape 1,3,224,224)") from exc
         self.values[n] = _summarize(result)
         return result
 
@@ -118,6 +120,12 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
     if not args and not kwargs:
         raise TraceError(f"gating {type(model).__name__} needs example_inputs (a batch the model accepts, "
                          "e.g. torch.randn(1, 3, 224, 224)) to trace and check it")
+    check_not_meta(model, "gating", (args, kwargs))
+    with quiet_torch_logs():
+        return _capture(model, args, kwargs, is_leaf)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, is_leaf) -> Capture:
     try:
         with training_mode(model, True):
             gm = _symbolic_trace(model, is_leaf)
@@ -211,6 +219,43 @@ def _run_with_kwargs(recorder: _Recorder, gm: torch.fx.GraphModule, args: tuple,
         raise TraceError(f"{type(model).__name__}.forward takes {len(placeholders)} input(s) "
                          f"({[n.target for n in placeholders]}), example_inputs has {len(values)}")
     recorder.run(*values)
+
+
+def check_not_meta(model: nn.Module, doing: str, example=None, error: type[DGatingError] = TraceError) -> None:
+    """Raise ``error`` when the model's parameters or buffers (or the example inputs) are on the
+    meta device: they have shapes but no values, so nothing can run them or read their norms."""
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
+        raise error(f"{type(model).__name__} has tensors on the meta device ('{meta[0]}'{more}): they have shapes but "
+                    f"no values, so {doing} cannot use them. Load real weights first: "
+                    "model.to_empty(device='cpu') then model.load_state_dict(state_dict), or build it outside a "
+                    "meta-device context (torch.device('meta'), device_map='meta', init_empty_weights)")
+    if example is not None and any(isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves(example)):
+        raise error(f"the example inputs for {doing} {type(model).__name__} are on the meta device: pass real tensors, "
+                    "e.g. torch.randn(1, 3, 224, 224)")
+
+
+# torch's own loggers write tracebacks (fake-tensor errors, export's graph breaks) to stderr while
+# a capture attempt fails; the attempt's failure reaches the user as one TraceError instead
+_QUIET = logging.CRITICAL + 1
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """Silence every ``torch`` logger for the block (levels restored afterwards)."""
+    manager = logging.Logger.manager
+    names = ["torch"] + [n for n in list(manager.loggerDict) if n.startswith("torch.")]
+    saved = []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level))
+        logger.setLevel(_QUIET)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def _first_line(exc: Exception) -> str:

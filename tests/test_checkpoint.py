@@ -1,7 +1,9 @@
 """Checkpoints without pickle: the gated artefact resumes, the slim checkpoint reloads to the same
 outputs, and every broken or mismatched file is a clear error that leaves nothing half-written."""
+import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +233,44 @@ def test_factory_with_weights_and_kwargs(tmp_path):
                           ("missing.pt", "no such file")]:
         with pytest.raises(dg.ModelSpecError, match=message):
             load_model(spec)
+
+
+# -- issue 11 ---------------------------------------------------------------------------------------
+def sequential(hidden=(20, 15)):
+    """A factory for the architecture below: what `reference=` names."""
+    return nn.Sequential(nn.Linear(10, hidden[0]), nn.ReLU(), nn.Linear(*hidden), nn.ReLU(), nn.Linear(hidden[1], 5))
+
+
+def test_save_slim_refuses_a_file_load_slim_could_not_load(tmp_path):
+    """Item 6: an nn.Sequential saved without reference= was written, and load_slim failed on it."""
+    x = torch.randn(4, 10)
+    slim = dg.shrink(kill(dg.gate_model(sequential(), "mlp", x)), example_inputs=x)
+    path = tmp_path / "slim.safetensors"
+    with pytest.raises(dg.ModelSpecError) as err:
+        dg.save_slim(slim, path)
+    msg = str(err.value)
+    assert "torch.nn.modules.container.Sequential()" in msg and "not in the rebuilt model: 0.weight" in msg
+    assert "pass reference='package.module:factory'" in msg
+    assert os.listdir(tmp_path) == []  # nothing written
+    narrow = {"kind": "factory", "spec": "test_checkpoint:sequential", "kwargs": {"hidden": [2, 2]}}
+    with pytest.raises(dg.ModelSpecError, match=r"tensor '0.weight' is \(\d+, 10\) here but \(2, 10\)"):
+        dg.save_slim(slim, path, reference=narrow)
+    with pytest.raises(dg.ModelSpecError, match="rejected its arguments"):
+        dg.save_slim(slim, path, reference={**narrow, "kwargs": {"width": 4}})
+    with pytest.raises(dg.ModelSpecError, match="not in the rebuilt model: 0.weight"):
+        dg.save_slim(slim, path, reference="models:MLP")
+    assert os.listdir(tmp_path) == []
+    dg.save_slim(slim, path, reference="test_checkpoint:sequential")  # what the message says to do
+    assert torch.equal(run(dg.load_slim(path), x), run(slim, x))
+
+
+def test_shrink_works_in_place(tmp_path):
+    """Item 10: `slim = dg.shrink(gated)` reads like a copy; it is the same model, cut. README says so."""
+    x = torch.randn(4, 10)
+    gated = kill(dg.gate_model(M.MLP(), "mlp", x))
+    kept = copy.deepcopy(gated)
+    slim = dg.shrink(gated, example_inputs=x)
+    assert slim is gated and slim.fc1.out_features < 20 and not hasattr(slim, "dgates")
+    assert kept.fc1.weight.shape[0] == 20 and len(dg.gates(kept)) == 2  # the README's way to keep it
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "works **in place**" in readme and "copy.deepcopy(gated)" in readme

@@ -1,8 +1,10 @@
 """`dgate` from a shell: every command through click's runner and the console script in a real
 subprocess; the figures printed are those of the Python API; bad input is one clear error line,
 a non-zero exit, no traceback and no file written."""
+import copy
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,12 +35,30 @@ def dgate(*args, ok=True):
     return result
 
 
-def shell(*args, cwd=None):
-    """The installed console script, as a user runs it."""
+def shell(*args, cwd=None, preexec_fn=None):
+    """The installed console script, as a user runs it (the current directory is not on its
+    sys.path: no empty PYTHONPATH entry may put it there)."""
     script = Path(sys.executable).with_name("dgate")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    path = [p for p in [str(TESTS), *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=300)
+                          timeout=300, preexec_fn=preexec_fn)
+
+
+def one_error_line(done) -> str:
+    """A failed run as the README promises it: exit code 1 and a single `Error: ...` line."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    return lines[0]
+
+
+def fade(model, fraction=0.5, scale=0.05):
+    """What long training leaves: a fraction of every gate's groups near zero, not exactly zero
+    (each of the D-1 factors scaled by ``scale``)."""
+    with torch.no_grad():
+        for g in dg.gates(model):
+            g.factors[:, : int(g.num_groups * fraction)] *= scale
+    return model
 
 
 def trained_gated(tmp_path):
@@ -98,7 +118,7 @@ def test_convert_train_report_shrink_load(tmp_path):
     assert data["macs_after"] == dg.macs(slim, args) and data["latency_ms_after"] > 0
     reference = dg.shrink(dg.load_gated(gated_path), example_inputs=args)
     assert torch.equal(run(reference, *args), run(slim, *args))
-    assert "parameters" in dgate("shrink", gated_path, "-o", out).stdout  # overwrites in place
+    assert "parameters" in dgate("shrink", gated_path, "-o", out, "--force").stdout  # replaces it when asked
 
 
 def test_shrink_exports_and_features(tmp_path):
@@ -191,3 +211,180 @@ def test_bad_input_is_a_clear_error(files, args, message):
 def test_usage_errors_exit_2():
     assert dgate("inspect", "models:MLP", "--arg", "oops", ok=False).exit_code == 2
     assert dgate("shrink", "x.safetensors", ok=False).exit_code == 2  # -o is required
+
+
+# -- issue 11: what a new user trips over -----------------------------------------------------------
+def test_shrink_never_writes_over_its_input_or_an_existing_file(tmp_path, monkeypatch):
+    """Item 1: `dgate shrink X -o X` replaced the trained gated file with the slim one (exit 0)."""
+    gated = trained_gated(tmp_path)
+    trained = gated.read_bytes()
+    line = one_error_line(shell("shrink", "gated.safetensors", "-o", "gated.safetensors", cwd=tmp_path))
+    assert "is the input" in line and gated.read_bytes() == trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.safetensors").symlink_to(gated)
+    for other_name in ("./gated.safetensors", str(gated), "link.safetensors"):
+        result = dgate("shrink", "gated.safetensors", "-o", other_name, "--force", ok=False)  # --force keeps it too
+        assert result.exit_code == 1 and "is the input" in result.stderr, result.output
+        assert gated.read_bytes() == trained
+    out = tmp_path / "slim.safetensors"
+    out.write_bytes(b"an older slim model")
+    result = dgate("shrink", gated, "-o", out, ok=False)
+    assert result.exit_code == 1 and "exists: pass --force" in result.stderr
+    assert out.read_bytes() == b"an older slim model"
+    (tmp_path / "new.pt2").write_bytes(b"an older export")
+    result = dgate("shrink", gated, "-o", "new.safetensors", "--export", "torch.export", ok=False)
+    assert result.exit_code == 1 and "new.pt2 exists" in result.stderr and not (tmp_path / "new.safetensors").exists()
+    dgate("shrink", gated, "-o", out, "--force")
+    assert dg.model_params(dg.load_slim(out)) < dg.model_params(dg.load_gated(gated))
+    assert gated.read_bytes() == trained
+    result = dgate("convert", "models:Residual", "-o", gated, ok=False)  # convert over a trained model
+    assert result.exit_code == 1 and "exists: pass --force" in result.stderr and gated.read_bytes() == trained
+
+
+def test_report_explores_any_threshold_and_shrink_takes_the_tolerance(tmp_path):
+    """Item 2: report at a threshold above exact zero says what the cut removes and how much it
+    changes the output; shrink cuts there with the --rtol the report names."""
+    path = tmp_path / "gated.safetensors"
+    dgate("convert", "models:MLP", "-r", "mlp", "-o", path)
+    dg.save_gated(fade(dg.load_gated(path)), path)
+    gated = dg.load_gated(path)
+    args, _ = InputSpec.from_dict(dg.read_manifest(path)["inputs"]).make()
+    assert dg.sparsity(gated).dead == 0  # near zero is not exact zero: the default threshold cuts nothing
+
+    data = json.loads(dgate("report", path, "-t", "1e-2", "--json").stdout)
+    cut = dg.shrink(copy.deepcopy(gated), 1e-2)  # what the user would measure in Python
+    expected = dg.output_diff(run(gated, *args), run(cut, *args))
+    assert data["dead"] == dg.sparsity(gated, 1e-2).dead == 17
+    assert data["output_change"] == pytest.approx(expected, rel=1e-6) and expected > 1e-4
+    assert expected <= data["rtol_needed"] < 10 * expected
+    assert data["macs_after"] == dg.macs(cut, args) < data["macs_before"]
+    text = dgate("report", path, "-t", "1e-2").stdout
+    assert f"needs --rtol {data['rtol_needed']:.0e}" in " ".join(text.split())
+    assert "none (the groups cut are exactly zero)" in dgate("report", path, "-t", "0").stdout
+
+    out = tmp_path / "slim.safetensors"
+    failed = dgate("shrink", path, "-o", out, "-t", "1e-2", ok=False)
+    assert failed.exit_code == 1 and "pass a larger --rtol" in failed.stderr and not out.exists()
+    done = json.loads(dgate("shrink", path, "-o", out, "-t", "1e-2", "--rtol", data["rtol_needed"], "--json").stdout)
+    slim = dg.load_slim(out)
+    assert done["groups_cut"] == data["dead"] and done["params_after"] == dg.model_params(slim)
+    assert dg.output_diff(run(gated, *args), run(slim, *args)) <= data["rtol_needed"]
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "ten"])
+def test_nonsense_thresholds_are_refused(files, value):
+    """Item 5: threshold -1 or nan "succeeded" and cut nothing, from the shell, a recipe or Python."""
+    before = sorted(p.name for p in files.iterdir())
+    gated, out = files / "gated.safetensors", files / "out.safetensors"
+    for args in (["report", gated, "-t", value], ["shrink", gated, "-o", out, "-t", value],
+                 ["shrink", gated, "-o", out, "--rtol", value], ["demo", "--lam", value]):
+        result = dgate(*args, ok=False)
+        assert result.exit_code == 2, result.output
+        assert "must be a finite number >= 0" in result.stderr or "is not a number" in result.stderr
+    assert sorted(p.name for p in files.iterdir()) == before
+    if value == "ten":
+        return
+    model = dg.load_gated(gated)
+    for call in (dg.shrink, dg.sparsity, dg.kept_groups, dg.plan_cut, dg.macs_after_cut):
+        args = (model, torch.randn(1, 10), None, float(value)) if call is dg.macs_after_cut else (model, float(value))
+        with pytest.raises(dg.RecipeError, match="threshold must be a finite number >= 0"):
+            call(*args)
+    assert len(dg.gates(model)) == 2  # nothing was cut
+    recipe = files / f"threshold{value}.yaml"
+    recipe.write_text(f"D: 3\nthreshold: {'.nan' if value == 'nan' else '.inf' if value == 'inf' else value}\n"
+                      "groups: [neurons]\n")
+    result = dgate("convert", "models:MLP", "-r", recipe, "-o", out, ok=False)
+    assert result.exit_code == 1 and "line 2: field 'threshold': must be a finite number" in result.stderr
+    recipe.unlink()
+    assert not out.exists()
+
+
+def test_latency_is_interleaved_with_spread_and_says_within_noise(tmp_path):
+    """Item 9: a cut that removed nothing printed "5.00x faster"; now the two models run in
+    interleaved rounds and the table shows each median with its spread."""
+    gated = trained_gated(tmp_path)
+    data = json.loads(dgate("shrink", gated, "-o", tmp_path / "same.safetensors", "-t", "0", "--json").stdout)
+    timing = data["latency"]
+    assert data["groups_cut"] == 0 and data["params_after"] == data["params_before"]
+    assert timing["rounds"] >= 7 and timing["within_noise"], timing
+    assert timing["before_iqr_ms"][0] <= timing["before_ms"] <= timing["before_iqr_ms"][1]
+    text = " ".join(dgate("shrink", gated, "-o", tmp_path / "same.safetensors", "-t", "0", "--force").stdout.split())
+    assert "within noise" in text and "interleaved runs" in text and "faster" not in text
+
+
+def test_help_does_not_import_torch():
+    """Item 10: `dgate --help` took 2 s because the package imported torch eagerly."""
+    code = ("import sys\nfrom dgating_surgery.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy'))\n"
+            "import dgating_surgery as dg\nassert callable(dg.shrink) and callable(dg.gates) and 'torch' in sys.modules\n"
+            "print('heavy:', heavy[:3])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("heavy: []"), done.stdout[-300:] + done.stderr
+    done = shell("--help")
+    assert done.returncode == 0 and "shrink" in done.stdout
+    from dgating_surgery import cli, models
+    assert list(cli.DTYPE_NAMES) == list(models.DTYPES)
+
+
+def test_pickle_of_a_class_in_the_current_directory(tmp_path):
+    """Item 10: a pickle whose class lives in a module of the current directory failed to load
+    from the console script, where a factory from the same directory worked."""
+    (tmp_path / "usernet.py").write_text(USERNET)
+    subprocess.run([sys.executable, "-c", "import torch, usernet; torch.save(usernet.Net(), 'net.pt')"], cwd=tmp_path,
+                   check=True, timeout=120)
+    factory = shell("inspect", "usernet:Net", "--json", cwd=tmp_path)
+    pickled = shell("inspect", "net.pt", "--allow-pickle", "--json", cwd=tmp_path)
+    assert factory.returncode == 0 and pickled.returncode == 0, pickled.stderr
+    assert json.loads(pickled.stdout)["gated_groups"] == json.loads(factory.stdout)["gated_groups"] == 8
+    # the manifest names the pickle relative to the checkpoint: the two move together
+    assert shell("convert", "net.pt", "--allow-pickle", "-r", "mlp", "-o", "gated.safetensors",
+                 cwd=tmp_path).returncode == 0
+    assert dg.read_manifest(tmp_path / "gated.safetensors")["model"] == {"kind": "pickle", "spec": "net.pt"}
+    moved = tmp_path / "elsewhere" / "project"
+    moved.mkdir(parents=True)
+    for name in ("net.pt", "gated.safetensors", "usernet.py"):
+        (tmp_path / name).rename(moved / name)
+    done = shell("report", "project/gated.safetensors", "--allow-pickle", "--json", cwd=tmp_path / "elsewhere")
+    assert done.returncode == 1 and "usernet" in done.stderr and "importable" in done.stderr  # its class is not here
+    done = shell("report", "gated.safetensors", "--allow-pickle", "--json", cwd=moved)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["groups"] == 8
+
+
+def test_timm_model_names(tmp_path):
+    """Item 10: `timm:resnet18` failed with no hint; timm's registered names are accepted."""
+    pytest.importorskip("timm")
+    data = json.loads(dgate("inspect", "timm:resnet18", "--input-shape", "1,3,32,32", "--json").stdout)
+    assert data["model"] == "timm:resnet18()" and data["gated_groups"] > 0
+    path = tmp_path / "gated.safetensors"
+    dgate("convert", "timm:resnet18", "--arg", "num_classes=7", "-r", "resnet", "--input-shape", "1,3,32,32", "-o", path)
+    model = dg.load_gated(path)
+    assert model.fc.out_features == 7 and type(model).__name__ == "ResNet"
+    result = dgate("inspect", "timm:resnet181", ok=False)
+    assert result.exit_code == 1 and "did you mean 'resnet18'" in result.stderr
+
+
+USERNET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def broken():
+    raise ValueError("num_classes must be set")
+
+
+def on_meta():
+    with torch.device("meta"):
+        return Net()
+"""

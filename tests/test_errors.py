@@ -1,4 +1,7 @@
 """Bad input gets a clear error that names the problem and says what to do."""
+import importlib
+import signal
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +9,7 @@ from torch import nn
 import dgating_surgery as dg
 
 import models as M
+from test_cli import USERNET, dgate, one_error_line, shell
 
 
 class Untraceable(nn.Module):
@@ -72,3 +76,83 @@ def test_verification_catches_a_cut_that_changes_the_function():
     gated = dg.gate_model(M.MLP(), "mlp", x)
     with pytest.raises(dg.ShrinkError, match="differs from the gated model"):
         dg.shrink(gated, threshold=1.0, example_inputs=x)  # kills live neurons
+
+
+# -- issue 11, item 7: one `Error:` line where there was a traceback --------------------------------
+
+
+@pytest.fixture
+def userdir(tmp_path):
+    """A user's directory: a module with a model, a factory that raises and one on the meta device."""
+    (tmp_path / "usernet.py").write_text(USERNET)
+    return tmp_path
+
+
+def test_factory_that_raises_shows_its_message_and_where(userdir):
+    line = one_error_line(shell("inspect", "usernet:broken", cwd=userdir))
+    assert "factory 'usernet:broken' raised ValueError: num_classes must be set" in line
+    assert "usernet.py:17 in broken" in line
+
+
+def test_factory_given_as_a_file(userdir):
+    done = shell("convert", "./usernet.py:Net", "-r", "mlp", "-o", "gated.safetensors", cwd=userdir)
+    assert done.returncode == 0, done.stderr
+    # the manifest names the file relative to the checkpoint: it loads from any directory
+    assert dg.read_manifest(userdir / "gated.safetensors")["model"]["spec"] == "usernet.py:Net"
+    model = dg.load_gated(userdir / "gated.safetensors")
+    assert type(model).__name__ == "Net" and len(dg.gates(model)) == 1
+    line = one_error_line(shell("inspect", "./nowhere.py:Net", cwd=userdir))
+    assert "file 'nowhere.py' not found" in line
+
+
+def test_huge_input_shape_is_refused_before_allocating(userdir):
+    line = one_error_line(shell("inspect", "usernet:Net", "--input-shape", "1000000,4000000", cwd=userdir))
+    assert "needs 16,000.0 GB for the input alone" in line and "--input-shape" in line
+
+
+def test_out_of_memory_anywhere_is_one_line(monkeypatch):
+    gates = importlib.import_module("dgating_surgery.gates")  # the module: dg.gates is the function
+
+    def exhausted(*args, **kwargs):
+        raise getattr(torch, "OutOfMemoryError", RuntimeError)(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 60211200000 bytes.")
+    monkeypatch.setattr(gates, "analyze", exhausted)
+    result = dgate("inspect", "models:MLP", ok=False)
+    assert result.exit_code == 1 and "Error: out of memory" in result.stderr and "--input-shape" in result.stderr
+
+
+def test_meta_device_model(userdir):
+    line = one_error_line(shell("inspect", "usernet:on_meta", cwd=userdir))
+    assert "meta device" in line and "to_empty" in line
+    with torch.device("meta"):
+        model = M.MLP()
+    x = torch.randn(2, 10)
+    with pytest.raises(dg.TraceError, match=r"meta device \('fc1.weight' and 5 more\).*to_empty"):
+        dg.gate_model(model, "mlp", x)
+    with pytest.raises(dg.TraceError, match="example inputs .* are on the meta device"):
+        dg.gate_model(M.MLP(), "mlp", torch.empty(2, 10, device="meta"))
+    model.to_empty(device="cpu")  # the fix the message names
+    model.load_state_dict(M.MLP().state_dict())
+    assert len(dg.gates(dg.gate_model(model, "mlp", x))) == 2
+
+
+def test_wrong_input_shape_is_one_line_without_torch_logs(userdir):
+    """The real message was buried under 30-70 lines of torch's fake-tensor log."""
+    line = one_error_line(shell("inspect", "usernet:Net", "--input-shape", "2,5", cwd=userdir))
+    assert "layer 'fc1' (Linear)" in line and "mat1 and mat2 shapes cannot be multiplied" in line
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_full_disk_is_one_line_and_leaves_nothing(userdir):
+    import resource
+
+    def small_disk():  # the child may write 4 KB per file: like a disk that fills up
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    done = shell("convert", "usernet:Net", "-r", "mlp", "--input-shape", "1,4", "-o", "gated.safetensors", cwd=userdir)
+    assert done.returncode == 0  # fits
+    big = shell("convert", "models:Residual", "-r", "resnet", "--input-shape", "1,3,16,16", "-o", "big.safetensors",
+                cwd=userdir, preexec_fn=small_disk)
+    line = one_error_line(big)
+    assert "cannot write big.safetensors: File too large (is the disk full?); nothing was written" in line
+    assert sorted(p.name for p in userdir.iterdir() if p.name != "__pycache__") == ["gated.safetensors", "usernet.py"]

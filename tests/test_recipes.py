@@ -2,8 +2,10 @@
 import pytest
 import torch
 import torchvision
+import yaml
 
 import dgating_surgery as dg
+from dgating_surgery.gates import gate_set
 
 from conftest import assert_exact_cut
 import models as M
@@ -23,13 +25,20 @@ def test_shipped_recipes_are_listed_and_load():
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("D: 3\ngroups:\n  - kind: channels\n    modulez: [Conv2d]\n", "field 'groups[0].modulez': unknown field"),
-    ("D: 3\ngroups: [channels]\nlamda: 0.1\n", "field 'lamda': unknown field"),
-    ("D: 1\ngroups: [channels]\n", "field 'D': must be an integer >= 2"),
-    ("groups: [channels]\n", "field 'D': missing"),
-    ("D: 3\ngroups: []\n", "field 'groups': must be a non-empty list"),
-    ("D: 3\ninit: random\ngroups: [channels]\n", "field 'init': must be one of balanced, ones"),
+    ("D: 3\ngroups:\n  - kind: channels\n    modulez: [Conv2d]\n", "line 4: field 'groups[0].modulez': unknown field"),
+    ("D: 3\ngroups: [channels]\nlamda: 0.1\n", "line 3: field 'lamda': unknown field"),
+    ("D: 1\ngroups: [channels]\n", "line 1: field 'D': must be an integer >= 2"),
+    ("groups: [channels]\n", ": field 'D': missing"),
+    ("D: 3\ngroups: []\n", "line 2: field 'groups': must be a non-empty list"),
+    ("D: 3\ninit: random\ngroups: [channels]\n", "line 2: field 'init': must be one of balanced, ones"),
     ("D: 3\ngroups:\n  - kind: channels\n   names: [a]\n", "YAML syntax error at line 4"),
+    ("# a comment\nD: 3\ngroups:\n  - kind: neurons\n  - modules: [Linear]\n",
+     "line 5: field 'groups[1].kind': missing"),
+    ("D: 3\ngroups:\n  - neurons\n  - kind: channels\n    names: 3\n", "line 5: field 'groups[1].names': must be a list"),
+    ("D: 3\nlam: -1e-4\ngroups: [channels]\n", "line 2: field 'lam': must be a finite number >= 0"),
+    ("D: 3\nthreshold: .nan\ngroups: [channels]\n", "line 2: field 'threshold': must be a finite number >= 0"),
+    ("D: 3\nthreshold: 1e-5x\ngroups: [channels]\n", "line 2: field 'threshold': must be a finite number >= 0"),
+    ("D: 3\n1: 2\ngroups: [channels]\n", "line 2: field '1': unknown field"),
 ])
 def test_bad_recipe_files(tmp_path, text, fragment):
     path = tmp_path / "bad.yaml"
@@ -37,6 +46,29 @@ def test_bad_recipe_files(tmp_path, text, fragment):
     with pytest.raises(dg.RecipeError) as err:
         dg.load_recipe(path)
     assert str(path) in str(err.value) and fragment in str(err.value)
+
+
+def test_numbers_written_as_the_readme_writes_them(tmp_path):
+    """Item 8: `lam: 1e-4` (the README's default) is a string to YAML 1.1, and was rejected."""
+    path = tmp_path / "r.yaml"
+    path.write_text("D: 3\nlam: 1e-4\nthreshold: 5E-5\ngroups: [neurons]\n")
+    assert yaml.safe_load(path.read_text())["lam"] == "1e-4"  # what PyYAML makes of it
+    r = dg.load_recipe(path)
+    assert (r.lam, r.threshold) == (1e-4, 5e-5) and isinstance(r.lam, float)
+    gated = dg.gate_model(M.MLP(), path, torch.randn(2, 10))
+    assert gate_set(gated).recipe.lam == 1e-4
+
+
+def test_cli_recipe_error_gives_the_line(tmp_path):
+    from click.testing import CliRunner
+
+    from dgating_surgery.cli import main
+    path = tmp_path / "r.yaml"
+    path.write_text("D: 3\nlam: 1e-4\ngroups:\n  - kind: neurons\n    modules: Linear\n    exlude: [fc1]\n")
+    result = CliRunner().invoke(main, ["convert", "models:MLP", "-r", str(path), "-o", str(tmp_path / "g.safetensors")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: {path}, line 6: field 'groups[0].exlude': unknown field" in result.stderr
+    assert not (tmp_path / "g.safetensors").exists()
 
 
 def test_unknown_recipe_name_lists_shipped():
