@@ -328,7 +328,7 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
 
     from . import display
     from .checkpoint import load_gated
-    from .execution import output_diff
+    from .execution import output_diff, tolerance
     from .measure import forward, macs
     from .report import sparsity
     from .shrink import plan_cut, shrink
@@ -340,14 +340,15 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
     bins = display.histogram(norms, rep.threshold)
     macs_before = macs(model, args, kwargs)
     cut = shrink(copy.deepcopy(model), threshold)  # what `dgate shrink -t` would give, not checked here
+    reference = forward(model, args, kwargs)
     try:
         macs_after = macs(cut, args, kwargs)
-        change = output_diff(forward(model, args, kwargs), forward(cut, args, kwargs))
+        change = output_diff(reference, forward(cut, args, kwargs))
     except Exception as exc:
         raise click.ClickException(f"a cut at threshold {rep.threshold:g} gives a model that does not run on the example "
-                                   f"inputs ({type(exc).__name__}: {_one_line(exc)[:200]}): a layer keeps a size the cut "
-                                   "did not update. Please report the model.") from None
-    rtol = _default_rtol()
+                                   f"inputs ({type(exc).__name__}: {_one_line(exc)[:200]}): a size the forward uses did "
+                                   "not follow the cut; exclude the layers named there from the recipe") from None
+    rtol = tolerance(reference)
     data = {"threshold": rep.threshold, "groups": rep.groups, "dead": rep.dead, "params_total": rep.params_total,
             "params_removable": rep.params_removable, "macs_before": macs_before, "macs_after": macs_after,
             "macs_removable": macs_before - macs_after,
@@ -363,13 +364,6 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
                f"{inputs}")
     _emit(as_json, data, display.sparsity_table(rep, f"{gated_path}: groups per gate"),
           display.histogram_table(bins, rep.threshold), summary, _describe_change(change, rtol, rep.threshold))
-
-
-def _default_rtol() -> float:
-    import inspect
-
-    from .shrink import shrink
-    return inspect.signature(shrink).parameters["rtol"].default
 
 
 def _rtol_needed(change: float, rtol: float) -> float | None:

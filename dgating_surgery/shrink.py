@@ -198,5 +198,5 @@ def _verify(reference, slim, rtol: float | None) -> None:
     if diff > rtol:
         raise ShrinkError(f"the slim model's output differs from the gated model's by {diff:.3g} of its largest "
                           f"value (tolerance {rtol:g}), so the cut was undone and the model is still gated: the "
-                          "groups below the threshold were not exactly zero. Lower the threshold, or allow the "
-                          "difference with a larger rtol (`dgate shrink --rtol`).")
+                          "groups below the threshold were not exactly zero. Lower the threshold, or pass a larger "
+                          "rtol if near-zero groups are meant to go.")

@@ -78,6 +78,43 @@ def test_verification_catches_a_cut_that_changes_the_function():
         dg.shrink(gated, threshold=1.0, example_inputs=x)  # kills live neurons
 
 
+def test_a_failed_verification_leaves_the_model_gated_and_a_retry_works():
+    x = torch.randn(4, 10)
+    gated = dg.gate_model(M.MLP(), "mlp", x)
+    with torch.no_grad():
+        dg.gates(gated)[0].factors[0, :3] = 0
+    before = gated(x)
+    state = {k: v.clone() for k, v in gated.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(dg.ShrinkError, match="the cut was undone and the model is still gated"):
+        dg.shrink(gated, threshold=1.0, example_inputs=x)
+    assert len(dg.gates(gated)) == 2 and gated.fc1.out_features == 20
+    assert torch.equal(gated(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in gated.state_dict().items() if isinstance(v, torch.Tensor))
+    slim = dg.shrink(gated, example_inputs=x)  # the exact cut still works afterwards
+    assert slim.fc1.out_features == 17 and dg.max_rel_diff(before, slim(x)) < 1e-6
+
+
+def test_tolerance_follows_the_output_dtype():
+    x = torch.randn(64, 10)
+    model = M.MLP(hidden=(64, 64)).to(torch.bfloat16)
+    gated = dg.gate_model(model, "mlp", x.to(torch.bfloat16))
+    with torch.no_grad():
+        for gate in dg.gates(gated):
+            gate.factors[0, ::3] = 0
+    reference = gated(x.to(torch.bfloat16))
+    from dgating_surgery.execution import tolerance
+    assert tolerance(reference) == 4 * torch.finfo(torch.bfloat16).eps  # a bfloat16 model rounds every layer
+    assert tolerance(torch.randn(3)) == 1e-4
+    slim = dg.shrink(gated, example_inputs=x.to(torch.bfloat16))
+    assert dg.output_diff(reference, slim(x.to(torch.bfloat16))) <= tolerance(reference)
+
+
+def test_shrink_of_a_model_on_the_meta_device():
+    gated = dg.gate_model(M.MLP(), "mlp", torch.randn(2, 10)).to("meta")
+    with pytest.raises(dg.ShrinkError, match=r"meta device .*to_empty"):
+        dg.shrink(gated)
+
+
 # -- issue 11, item 7: one `Error:` line where there was a traceback --------------------------------
 
 
