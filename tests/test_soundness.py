@@ -171,6 +171,8 @@ CASES = [
                                               cls=nn.Parameter(torch.ones(1, 1, 6))), TOK, "fc", "cut"),
     ("pixel_shuffle", lambda: Net(lambda m, x: m.c2(F.pixel_shuffle(m.c1(x), 2)), c1=nn.Conv2d(4, 8, 1),
                                   c2=nn.Conv2d(2, 2, 1)), IMG, "c1", "cut"),
+    ("F.glu over channels", lambda: Net(lambda m, x: m.c2(F.glu(m.c1(x), 1)), c1=nn.Conv2d(4, 8, 1),
+                                        c2=nn.Conv2d(4, 2, 1)), IMG, "c1", "cut"),
     ("repeat_interleave", lambda: Net(lambda m, x: m.c2(m.c1(x).repeat_interleave(2, 1)), c1=nn.Conv2d(4, 4, 1),
                                       c2=nn.Conv2d(8, 2, 1)), IMG, "c1", "cut"),
     # torch.export

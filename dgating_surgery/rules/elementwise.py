@@ -191,7 +191,7 @@ def _all(flags):
 
 
 __all__ = ["unary", "elementwise", "add", "mul", "div", "compare", "where", "masked_fill", "clamp", "clamp_min_max",
-           "power", "like", "prelu"]
+           "power", "like", "prelu", "glu"]
 
 
 def prelu(ctx: RuleContext, node):
@@ -209,3 +209,18 @@ def prelu(ctx: RuleContext, node):
     if per_channel is not None:
         ctx.attach(weight, Role.CUT_ONLY, per_channel.ids.reshape(-1), 0)
     return lab
+
+
+def glu(ctx: RuleContext, node):
+    """GLU: a * sigmoid(b) with a, b the two halves of ``dim``. The halves meet entry by entry, so a
+    group along ``dim`` takes its entry in both; the result is zero where a is."""
+    x = node.args[0]
+    lab = ctx.labels(x)
+    if lab is None:
+        return None
+    dim = (ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim", -1)) % lab.ids.ndim
+    size = ctx.shape(x)[dim]
+    full = lab.map(lambda t: t.expand(*[size if d == dim else t.shape[d] for d in range(t.ndim)]))
+    a, b = (full.map(lambda t, k=k: t.narrow(dim, k * (size // 2), size // 2)) for k in (0, 1))
+    ctx.tie(a.ids.numpy(), b.ids.numpy(), node)
+    return a.compressed()

@@ -14,8 +14,8 @@ from functools import partial
 from torch import nn
 
 from .context import RuleContext, unknown
-from .elementwise import (add, clamp, clamp_min_max, compare, div, like, masked_fill, mul, power, prelu, unary,
-                          where)
+from .elementwise import (add, clamp, clamp_min_max, compare, div, glu, like, masked_fill, mul, power, prelu,
+                          unary, where)
 from .movement import (check_as, check_cat, check_chunk, check_index, check_pixel_shuffle, check_roll, check_split,
                        check_unflatten, check_view, getitem, movement, pack, pad)
 from .names import op_name
@@ -72,6 +72,7 @@ MODULE_RULES = {
     nn.PixelUnshuffle: movement,
     nn.Hardtanh: clamp,
     nn.PReLU: prelu,
+    nn.GLU: glu,
     **{cls: partial(unary, keeps_zero=True) for cls in ZERO_KEEPING},
     **{cls: partial(unary, keeps_zero=False) for cls in NOT_ZERO_KEEPING},
     **{cls: spatial for cls in SPATIAL},
@@ -102,7 +103,7 @@ NAME_RULES = {
     **{name: clamp for name in ("clamp", "clamp_", "clip", "clip_", "hardtanh", "hardtanh_")},
     "clamp_min": partial(clamp_min_max, bound="min"), "clamp_min_": partial(clamp_min_max, bound="min"),
     "clamp_max": partial(clamp_min_max, bound="max"), "clamp_max_": partial(clamp_min_max, bound="max"),
-    "pow": power, "pow_": power, "prelu": prelu, "_prelu_kernel": prelu,
+    "pow": power, "pow_": power, "prelu": prelu, "_prelu_kernel": prelu, "glu": glu,
     "zeros_like": partial(like, value=0), "ones_like": partial(like, value=1), "full_like": partial(like, value_pos=1),
     "size": size, "getattr": size, "sym_size": size, "numel": numel,
     **{name: partial(unary, keeps_zero=True) for name in ZERO_KEEPING_FN},
