@@ -1,7 +1,10 @@
 """The README as a new user reads it (issue 11): the install section says how to get PyTorch's CPU
 build and which extra each use needs, a missing library names its extra, and every code block of
-the journey (up to "How the engine works") runs as written in a fresh directory, the shell lines
-through the installed console script."""
+the journey (up to "Lambda within a run") runs as written in a fresh directory, the shell lines
+through the installed console script. The sections after it (schedules, distributed training, the
+Trainer and Lightning callbacks, precision, PEFT) show fragments of a larger program; their own
+tests run them (test_schedule.py, test_distributed.py, test_hf.py, test_lightning.py,
+test_precision.py, test_peft.py)."""
 import re
 import shlex
 import sys
@@ -18,7 +21,7 @@ from test_cli import shell
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-JOURNEY = README.split("## How the engine works")[0]
+JOURNEY = README.split("## Lambda within a run")[0]
 
 
 def blocks():
