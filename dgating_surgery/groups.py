@@ -109,9 +109,8 @@ def _apply(ctx: RuleContext, node):
     if isinstance(result, Labels) and not ctx.is_tensor(node):  # never drop groups silently
         ctx.taint_inputs(node, f"flows into {ctx.where(node)}, whose result the tool cannot follow")
         return None
-    result = _canonical(ctx, result)
     _follow_mutation(ctx, node, result)
-    return result
+    return _canonical(ctx, result)
 
 
 def _canonical(ctx: RuleContext, result):
@@ -129,8 +128,8 @@ def _follow_mutation(ctx: RuleContext, node, result) -> None:
     """An in-place op changes the tensor it was given: later reads of that tensor see its result.
     A mutation through a view would change the viewed tensor too, which the walk does not follow."""
     target = mutated_argument(node, ctx.module(node) if node.op == "call_module" else None)
-    if target is None or not isinstance(result, Labels):
-        return
+    if target is None or not isinstance(result, Labels) or result is ctx.labels(target):
+        return  # no change a reader could see: a zero-keeping op (relu_, dropout) keeps labels and flags
     ctx.env[target] = result
     if isinstance(target, torch.fx.Node) and target.op != "placeholder" and op_name(target) in ALIASING_OPS:
         ctx.taint(result.ids, f"{ctx.where(node)} changes a view of another tensor in place, which the tool "
