@@ -92,6 +92,10 @@ def _prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.numel()
 
 
+def _embedding(m: nn.Embedding) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
 for _cls, _fix in ((nn.modules.conv._ConvNd, _conv), (nn.Linear, _linear), (nn.modules.batchnorm._NormBase, _batch_norm),
-                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu)):
+                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu), (nn.Embedding, _embedding)):
     register_module_fixer(_cls, _fix)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.fx
 
-from .kinds import KINDS, POLICIES, Role, set_kind
+from .kinds import KINDS, POLICY, Role, set_kind
 from .labels import NONE, Labels
-from .rules import Attachment, ParamRef, RuleContext, output, rule_for
+from .rules import PREPASSES, Attachment, ParamRef, RuleContext, output, rule_for
 from .rules.names import ALIASING_OPS, mutated_argument, op_name
 from .rules.shapes import size_use
 from .tensors import along
@@ -78,10 +78,14 @@ def profile(index: np.ndarray, att: Attachment, dim: int | None = None) -> tuple
 
 
 # -- the walk ---------------------------------------------------------------------------------------
-def discover(capture: Capture, split_policy: dict[str, str] | None = None) -> Plan:
+def discover(capture: Capture, split_policy: dict | None = None) -> Plan:
     """Group discovery over a captured model. ``split_policy``: node name -> a key of
-    ``rules.SPLIT_POLICIES`` for reshapes whose carrier dim a rule should not guess."""
-    ctx = RuleContext(capture, split_policy)
+    ``rules.SPLIT_POLICIES`` (or an output dim) for reshapes whose carrier dim the pre-passes
+    (``rules.PREPASSES``, e.g. the attention heads) should not decide."""
+    directed = {}
+    for prepass in PREPASSES:
+        directed.update(prepass(capture.gm, capture.values))
+    ctx = RuleContext(capture, {**directed, **(split_policy or {})})
     for node in capture.gm.graph.nodes:
         ctx.env[node] = _apply(ctx, node)
     _tie_reused_parameters(ctx)
@@ -92,7 +96,8 @@ def _apply(ctx: RuleContext, node):
     if node.op == "placeholder":
         return _input(ctx, node)
     if node.op == "get_attr":
-        return ParamRef(node.target) if ctx.is_tensor_attribute(node.target) else None
+        name = ctx.tensor_name(node.target)
+        return ParamRef(name) if name is not None else None
     if node.op == "output":
         return output(ctx, node)
     refs = ctx.size_refs((node.args, node.kwargs))
@@ -245,12 +250,11 @@ def _spaces_of_groups(ctx: RuleContext, root_of: np.ndarray) -> tuple[dict, dict
 
 
 def _choose_policy(ctx: RuleContext, r: int, s_list: list[int], facts: _Facts) -> str | None:
-    """The first policy of ``kinds.POLICIES`` that makes group ``r`` exactly zero, or a reason."""
-    at_consumer = all(KINDS[ctx.spaces[s].kind].gated_at_consumer for s in s_list)
-    for pol in POLICIES:
+    """The first policy of the group's kind (``kinds.KINDS``) that makes group ``r`` exactly zero,
+    or a reason."""
+    kind = set_kind({ctx.spaces[s].kind for s in s_list})
+    for pol in (POLICY[name] for name in KINDS[kind].policies):
         if not any(facts.has_role[role][r] for role in pol.needs):
-            continue
-        if pol.only_kinds_gated_at_consumer and not at_consumer:
             continue
         exact = facts.zero[pol.zero_flag][r] if pol.zero_flag else facts.scalable_consumers[r]
         if exact:
@@ -273,7 +277,7 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
         roots.sort(key=lambda r: first_elem[r])
         kind = set_kind({ctx.spaces[s].kind for s in key})
         modules, types = [], []
-        for s in key:
+        for s in sorted(key, key=lambda s: ctx.spaces[s].kind != kind):  # the set kind's own layers first
             if ctx.spaces[s].module not in modules:
                 modules.append(ctx.spaces[s].module)
                 types.append(ctx.spaces[s].module_type)

@@ -5,7 +5,7 @@
 - A *role* is how a parameter or buffer slice is attached to a group: the cut removes every
   attached slice, but a gate scales only the roles its policy names.
 - A *policy* is the set of roles a gate scales so that the group's contribution is exactly zero
-  when the gate is; the first policy in ``POLICIES`` that applies to a group is used.
+  when the gate is; each kind lists the policies it may use, and the first that is exact wins.
 
 Adding a kind is one row in ``KINDS`` plus the rule that creates its groups.
 """
@@ -27,47 +27,17 @@ class Role(str, Enum):
 
 
 @dataclass(frozen=True)
-class Kind:
-    """A group kind. ``precedence``: a set whose groups mix kinds (a feature tied into a conv's
-    channels) is named by its kind of lowest precedence. ``gated_at_consumer``: nothing produces
-    it, so its gate may scale the consumers' input slices. ``records_input``: its gate records
-    each group's position along the model input and the input's width, so shrink knows which
-    input features remain without example inputs."""
-
-    name: str
-    precedence: int
-    gated_at_consumer: bool = False
-    records_input: bool = False
-
-
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("channels", 1),  # conv output channels
-    Kind("neurons", 2),  # linear output features
-    # model input features (dim 1); they take precedence, so that a set tied to the input (a
-    # depthwise conv on it) is only cut when the recipe asks for features: it changes the inputs
-    Kind("features", 0, gated_at_consumer=True, records_input=True),
-)}
-
-PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself
-
-
-def set_kind(kinds) -> str:
-    """The kind a set of groups made of these kinds is shown and selected as."""
-    return min(kinds, key=lambda k: KINDS[k].precedence)
-
-
-@dataclass(frozen=True)
 class Policy:
     """Which roles a gate scales, and when that is exact. ``needs``: the group has a slice of one
     of these roles. ``zero_flag``: the label flag (see ``labels.Labels``) that says the group is
-    exactly zero at every consumer that mixes it when these roles are scaled; None for a policy
-    that scales the consumers themselves (then every consumer must have a parameter)."""
+    exactly zero at every op that mixes it when these roles are scaled; None for a policy that
+    scales the consumers themselves (then every op that mixes the group must have a parameter
+    slice to scale)."""
 
     name: str
     scales: tuple[Role, ...]
     needs: tuple[Role, ...]
     zero_flag: str | None
-    only_kinds_gated_at_consumer: bool = False
 
 
 POLICIES: tuple[Policy, ...] = (
@@ -76,6 +46,41 @@ POLICIES: tuple[Policy, ...] = (
     # scale the producing conv/linear too (nothing per-channel follows it, or it would undo the gate)
     Policy("producer", (Role.AFFINE, Role.PRODUCER), (Role.PRODUCER, Role.AFFINE), "zall"),
     # input features: nothing produces them, so scale the columns of every layer that reads them
-    Policy("consumer", (Role.AFFINE, Role.CONSUMER), (Role.CONSUMER,), None, only_kinds_gated_at_consumer=True),
+    Policy("consumer", (Role.AFFINE, Role.CONSUMER), (Role.CONSUMER,), None),
+    # attention heads: scale the output projection's columns of the head, nothing else (its query,
+    # key and value rows and per-head tables are cut with it; softmax never gives zeros)
+    Policy("head_output", (Role.CONSUMER,), (Role.CONSUMER,), None),
 )
 POLICY = {p.name: p for p in POLICIES}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A group kind. ``precedence``: a set whose groups mix kinds (a feature tied into a conv's
+    channels, a linear's neurons tied into attention heads) is named by its kind of lowest
+    precedence. ``policies``: the gating policies it may use, the first that is exact wins.
+    ``records_input``: its gate records each group's positions along the model input and the
+    input's width, so shrink knows which input features remain without example inputs."""
+
+    name: str
+    precedence: int
+    policies: tuple[str, ...] = ("affine", "producer")
+    records_input: bool = False
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("channels", 2),  # conv output channels
+    Kind("neurons", 3),  # linear output features
+    # attention heads: made by the attention rules, tied to the q/k/v projections' rows of the head
+    Kind("heads", 1, policies=("head_output",)),
+    # model input features (dim 1); they take precedence, so that a set tied to the input (a
+    # depthwise conv on it) is only cut when the recipe asks for features: it changes the inputs
+    Kind("features", 0, policies=("affine", "producer", "consumer"), records_input=True),
+)}
+
+PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself
+
+
+def set_kind(kinds) -> str:
+    """The kind a set of groups made of these kinds is shown and selected as."""
+    return min(kinds, key=lambda k: KINDS[k].precedence)

@@ -1,4 +1,5 @@
-"""timm: rules for its weight-standardized convs (BiT, NFNets).
+"""timm: rules for its weight-standardized convs (BiT, NFNets), and the attributes of its attention
+layers after heads are cut.
 
 ``StdConv2d`` and ``ScaledStdConv2d`` standardize each output channel's weight over its input
 channels and kernel in every forward. Removing an input channel changes that standardization, so
@@ -7,8 +8,11 @@ the groups reaching their input are blocked; scaling a weight row is undone by i
 """
 from __future__ import annotations
 
+import sys
+
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
+from ..fixers import MODULE_FIXERS, register_module_fixer
 from ..kinds import Role
 from ..labels import Labels
 from ..rules import RuleContext, register_module_rule, unknown
@@ -34,3 +38,23 @@ def std_conv(ctx: RuleContext, node):
 
 for _cls in (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame):
     register_module_rule(_cls, std_conv)
+
+
+def _attention(m) -> None:
+    """timm's Attention reshapes qkv to (B, N, 3, num_heads, head_dim) and back to attn_dim."""
+    m.num_heads = m.proj.weight.shape[1] // m.head_dim
+    m.attn_dim = m.num_heads * m.head_dim
+
+
+def _window_attention(m) -> None:
+    """Swin's WindowAttention: num_heads also sizes its relative-position bias (table columns)."""
+    m.num_heads = m.relative_position_bias_table.shape[1]
+
+
+def refresh() -> None:
+    """Register the fixers of timm's attention classes whose modules are imported by now."""
+    for module, name, fix in (("timm.layers.attention", "Attention", _attention),
+                              ("timm.models.swin_transformer", "WindowAttention", _window_attention)):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and cls not in MODULE_FIXERS:
+            register_module_fixer(cls, fix)

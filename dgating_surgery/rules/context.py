@@ -105,9 +105,14 @@ class RuleContext:
         self.visits: list[Visit] = []
         self.taints: list[tuple[np.ndarray, str]] = []
         self.env: dict[torch.fx.Node, object] = {}  # node -> its Labels, list of Labels, ParamRef or None
-        self.split_policy = dict(split_policy or {})  # node name -> SPLIT_POLICIES key
+        self.split_policy = dict(split_policy or {})  # node name -> SPLIT_POLICIES key, or a directed output dim
         self._params = dict(capture.model.named_parameters())
         self._tensors = {**dict(capture.model.named_buffers()), **self._params}
+        # tied weights (GPT-2's lm_head and wte) are one tensor under several names: its first name
+        first = {id(t): name for name, t in self._tensors.items()}
+        model = capture.model
+        self._name = {name: first[id(t)] for name, t in [*model.named_parameters(remove_duplicate=False),
+                                                          *model.named_buffers(remove_duplicate=False)]}
         self._param_labels: dict[str, Labels] = {}
 
     # -- reading the graph --------------------------------------------------------------------
@@ -140,22 +145,21 @@ class RuleContext:
         return [n for n in self.flat_nodes((node.args, node.kwargs)) if self.is_tensor(n)]
 
     def is_parameter(self, name: str) -> bool:
-        return name in self._params
+        return self._name.get(name) in self._params
 
-    def is_tensor_attribute(self, name: str) -> bool:
-        """A parameter or buffer of the model."""
-        return name in self._tensors
+    def tensor_name(self, name: str) -> str | None:
+        """The name of a parameter or buffer (the first name of a tied one), or None."""
+        return self._name.get(name)
 
     def fqn(self, arg) -> str | None:
         """The parameter/buffer name a ``get_attr`` argument reads, or None."""
-        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in self._tensors:
-            return arg.target
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            return self._name.get(arg.target)
         return None
 
     def fqn_of(self, node, attr: str) -> str | None:
         """``module.attr``'s full name for a ``call_module`` node, or None if it has no such tensor."""
-        name = f"{node.target}.{attr}"
-        return name if name in self._tensors else None
+        return self._name.get(f"{node.target}.{attr}")
 
     def labels(self, arg) -> Labels | None:
         """The labels of a tensor argument (a parameter used element-wise gets its own ids), or None."""
@@ -181,16 +185,15 @@ class RuleContext:
         return [self.fixed_by_code(node, s) for s in sizes]
 
     def fixed_by_code(self, node, value) -> bool:
-        """Whether a size or count argument of ``node`` cannot follow a cut. Under symbolic tracing
-        the size of a grouped dim read in the forward is a ``SizeRef`` (free) and a layer's own
-        attribute (``m.groups``) is read by its ``call_module``; an int is a literal, or a size
-        computed from dims that carry no group: either way it stays. Under torch.export every size is an int: it counts as computed only when it is an
-        int attribute of the layer the node comes from and a fixer keeps that layer's attributes
-        up to date (GPT-2's Conv1D views its output with ``self.nf``)."""
+        """Whether a size or count argument of ``node`` cannot follow a cut. A size read from a
+        grouped dim in the forward is a ``SizeRef`` (free); -1 is free. An int is a literal of the
+        code, a size computed from dims that carry no group, or (torch.export writes every size as
+        an int) one computed from a grouped dim: it is taken as free only when it is an int
+        attribute of the layer the node comes from and a fixer keeps that layer's attributes up to
+        date (GPT-2's Conv1D views its output with ``self.nf``, timm's Attention reshapes with
+        ``self.num_heads``)."""
         if not isinstance(value, int) or isinstance(value, bool) or value == -1:
             return False
-        if self.frontend != "export":
-            return True
         stack = node.meta.get("nn_module_stack") or {}
         for path, _ in reversed(list(stack.values())):
             try:
@@ -203,10 +206,14 @@ class RuleContext:
             break
         return True
 
-    def split_carrier(self, node, free: list[int]) -> int:
+    def split_carrier(self, node, free: list[int]) -> int | None:
         """The output dim that carries the groups when a reshape splits a grouped dim into the
-        ``free`` dims (see ``SPLIT_POLICIES``; a rule may direct it per node)."""
-        return SPLIT_POLICIES[self.split_policy.get(node.name, "innermost")](free)
+        ``free`` dims: by a named policy (``SPLIT_POLICIES``), or the dim a rule directed for this
+        node (the attention rules direct the head dim); None when the directed dim is not free."""
+        policy = self.split_policy.get(node.name, "innermost")
+        if isinstance(policy, int):
+            return policy if policy in free else None
+        return SPLIT_POLICIES[policy](free)
 
     # -- recording ---------------------------------------------------------------------------
     def new_space(self, n: int, kind: str, owner: str, node, module_type: str | None = None) -> torch.Tensor:
@@ -318,6 +325,16 @@ class RuleContext:
         if isinstance(ids, (list, tuple)):
             return [Labels(i - 1, za.bool(), zl.bool()) for i, za, zl in zip(ids, zaff, zall)]
         return Labels(ids - 1, zaff.bool(), zall.bool())
+
+    def only_parameters(self, ids) -> bool:
+        """Whether these ids are entries of parameters or buffers used element-wise, not yet tied to
+        any group of a kind (a constant table such as RoPE's inverse frequencies)."""
+        ids = np.unique(self.uf.find(np.asarray(torch.as_tensor(ids)).reshape(-1)))
+        ids = ids[ids >= 0]
+        starts = np.array([s.start for s in self.spaces])
+        order = np.argsort(starts)
+        owner = order[np.searchsorted(starts[order], ids, side="right") - 1]
+        return all(self.spaces[i].kind == PARAM_SPACE for i in owner)
 
     def size_refs(self, structure) -> list[SizeRef]:
         """The sizes of grouped dims among the nodes of an argument structure."""

@@ -50,11 +50,14 @@ def elementwise(ctx: RuleContext, node, operands: list, zero) -> Labels | None:
                         ctx.taint(other.ids, f"meets '{v}' at {ctx.where(node)}, which belongs to no group but has "
                                              "the full size along the grouped dim, so it cannot shrink with it")
             met.append(Labels.unlabeled((1,) * nd))
-        elif shared and lab.varying_dims():  # its groups meet the others' groups along another dim
-            for other in labs:
-                if other is not None:
-                    ctx.taint(other.ids, f"meets groups along another dim at {ctx.where(node)} (each entry there "
-                                         "belongs to two groups at once)")
+        elif shared and lab.varying_dims():  # its entries meet the others' groups along another dim
+            reason = f"meets groups along another dim at {ctx.where(node)} (each entry there belongs to two groups)"
+            if ctx.only_parameters(lab.ids):  # a table of constants (RoPE's inverse frequencies): kept whole
+                ctx.taint(lab.ids, reason)
+            else:
+                for other in labs:
+                    if other is not None:
+                        ctx.taint(other.ids, reason)
             met.append(Labels.unlabeled((1,) * nd))
         elif shared:  # broadcast over groups: tied to none of them, scaled by none of their gates
             met.append(Labels.unlabeled((1,) * nd))

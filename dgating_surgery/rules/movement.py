@@ -11,7 +11,7 @@ from torch import nn
 
 from ..tensors import along
 from .context import RuleContext, SizeRef, unknown
-from .structural import arg
+from .structural import arg, embedding
 
 
 def movement(ctx: RuleContext, node, check=None, call=None):
@@ -88,11 +88,17 @@ def _check_reshape(ctx: RuleContext, node, out, sizes):
             continue
         big = [d for d in outs if dst[d] > 1]
         free = [d for d in big if not literal[d]]
+        if ctx.frontend == "export" and len(big) == 1 and sum(src[i] > 1 for i in ins) > 1:
+            free = big  # torch.export wrote a merge's computed size (grouped-query attention's repeat) as an int
         if big and not free:
             ctx.taint(lab.ids, f"the forward code fixes the size of a grouped dim to {[dst[d] for d in big]} "
                                f"at {ctx.where(node)}, so it cannot shrink")
             continue
         carrier = ctx.split_carrier(node, free) if free else None
+        if free and carrier is None:
+            ctx.taint(lab.ids, f"the forward code fixes the head count at {ctx.where(node)} (a literal, or an "
+                               "attribute no fixer keeps up to date), so heads cannot be removed")
+            continue
         for d in big:
             if d != carrier:
                 for k in range(1, dst[d]):
@@ -264,6 +270,8 @@ def getitem(ctx: RuleContext, node):
     if not ctx.is_tensor(node.args[0]):
         return None
     if any(ctx.is_tensor(i) for i in ctx.flat_nodes(node.args[1])):
+        if ctx.fqn(node.args[0]) is not None and ctx.is_tensor(node.args[1]):
+            return embedding(ctx, node)  # a parameter table read by indices (a relative position bias)
         return unknown(ctx, node)  # indexing with a tensor of positions
     return movement(ctx, node, check_index)
 

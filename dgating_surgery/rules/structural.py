@@ -102,15 +102,6 @@ def linear_call(ctx: RuleContext, node):
     return linear(ctx, node, node.args[0], ctx.fqn(arg(node, 1, "weight")), ctx.fqn(arg(node, 2, "bias")))
 
 
-def matmul_param(ctx: RuleContext, node):
-    """x @ W with W a 2-D parameter is a linear layer stored (in, out); a product of two
-    activations (attention) has no rule yet."""
-    x, w = node.args[0], node.args[1]
-    if ctx.fqn(w) is None or len(ctx.param_shape(ctx.fqn(w))) != 2:
-        return unknown(ctx, node)
-    return linear(ctx, node, x, ctx.fqn(w), None, transposed=True)
-
-
 def addmm(ctx: RuleContext, node):  # addmm(bias, x, W): GPT-2's Conv1D
     bias, x, w = node.args[:3]
     if ctx.fqn(w) is None:
@@ -123,3 +114,20 @@ def unknown_weights(ctx: RuleContext, node):
     ctx.taint_inputs(node, f"flows into {ctx.where(node)}, whose weight is computed in the forward (not a "
                            "parameter the tool can slice), so it keeps every group reaching it")
     return None
+
+
+def embedding(ctx: RuleContext, node):
+    """A parameter table read by indices (``F.embedding``, ``aten.embedding``, ``table[idx]``): each
+    column of the table makes an entry of the output's last dim, like a layer's neuron."""
+    if node.op == "call_module":
+        weight = ctx.fqn_of(node, "weight")
+    elif ctx.op_name(node) == "embedding" and node.op == "call_function" and ctx.fqn(node.args[0]) is not None:
+        weight = ctx.fqn(node.args[0])  # aten.embedding(weight, indices)
+    else:
+        weight = ctx.fqn(arg(node, 1, "weight")) if ctx.op_name(node) == "embedding" else ctx.fqn(node.args[0])
+    if weight is None or len(ctx.param_shape(weight)) != 2:
+        return unknown(ctx, node)
+    out_shape = ctx.shape(node)
+    cols = ctx.new_space(out_shape[-1], "neurons", weight, node)
+    ctx.attach(weight, Role.PRODUCER, along(cols, 1, 2), 1)
+    return Labels.fresh(along(cols, len(out_shape) - 1, len(out_shape)), zaff=False, zall=True)

@@ -24,7 +24,8 @@ from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_m
                             vector_normalize)
 from .pooling import reduction, spatial
 from .shapes import numel, shape_only, size
-from .structural import addmm, conv_call, conv_module, convolution_call, linear_call, linear_module, matmul_param
+from .attention import head_splits, matmul, sdpa
+from .structural import addmm, conv_call, conv_module, convolution_call, embedding, linear_call, linear_module
 
 ZERO_KEEPING = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.Mish, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -61,6 +62,7 @@ MODULE_RULES = {
     **{cls: conv_module for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                                      nn.ConvTranspose3d)},
     nn.Linear: linear_module,
+    nn.Embedding: embedding,
     **{cls: batch_norm_module for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                                            nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
     nn.LayerNorm: layer_norm_module,
@@ -89,7 +91,8 @@ NAME_RULES = {
     "conv1d": conv_call, "conv2d": conv_call, "conv3d": conv_call, "convolution": convolution_call,
     "conv_transpose1d": partial(conv_call, transposed=True), "conv_transpose2d": partial(conv_call, transposed=True),
     "conv_transpose3d": partial(conv_call, transposed=True),
-    "linear": linear_call, "addmm": addmm, "mm": matmul_param, "matmul": matmul_param,
+    "linear": linear_call, "addmm": addmm, "mm": matmul, "matmul": matmul, "bmm": matmul,
+    "scaled_dot_product_attention": sdpa, "embedding": embedding,
     "batch_norm": batch_norm_call, "_native_batch_norm_legit_no_training": batch_norm_call,
     "instance_norm": batch_norm_call, "F.batch_norm": batch_norm_functional,
     "layer_norm": layer_norm_call, "native_layer_norm": layer_norm_call, "group_norm": group_norm_call,
@@ -128,6 +131,11 @@ NAME_RULES = {
                                                                                          dim_pos=2),
     **{name: shape_only for name in SHAPE_ONLY_FN},
 }
+
+
+# passes over the whole graph before the walk; each returns split directions (node name -> the output
+# dim that carries the groups) for reshapes whose carrier a later rule knows (the attention heads)
+PREPASSES = [head_splits]
 
 
 def register_module_rule(cls: type, rule) -> None:
