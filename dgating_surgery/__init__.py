@@ -91,3 +91,7 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+from .plugins import watch_transformers  # noqa: E402  (cheap: no torch import)
+
+watch_transformers()

@@ -58,7 +58,7 @@ def save_gated(model: nn.Module, path, reference=None, example_inputs=None, exam
     if origin.inputs is None:
         raise CheckpointError("save_gated needs example_inputs (the batch the model was gated with): loading gates "
                               "a fresh model again on inputs of the same shape")
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state = model.state_dict()
     manifest = {"format": "gated", "model": origin.reference.relative_to(Path(path).parent).to_dict(),
                 "inputs": origin.inputs.to_dict(), "recipe": dset.recipe.to_dict()}
     return _write(path, state, manifest)
@@ -79,8 +79,7 @@ def load_gated(path, allow_pickle: bool = False, reference=None) -> nn.Module:
             gate_model(model, manifest["recipe"], args, kwargs)
     except DGatingError as exc:
         raise CheckpointError(f"{path}: gating a fresh {ref} again failed: {exc}") from None
-    extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
-    _load_strict(model, {**state, **extra}, path, ref)
+    _load_strict(model, state, path, ref)
     model.dgate_origin = Origin(ref, inputs, manifest["recipe"])
     return model.train()
 

@@ -42,7 +42,9 @@ class Cut:
 class DGate(nn.Module):
     """D-Gating factors of one group set: ``factors`` has shape (D-1, num_groups) and the gate of
     group j is ``factors[:, j].prod()``. Also records which parameter slices belong to each group,
-    so that ``shrink`` can cut the model without tracing it again."""
+    so that ``shrink`` can cut the model without tracing it again. Only ``factors`` is state: the
+    rest follows from the architecture (gating is deterministic), so a gated model's state_dict
+    holds only tensors, as Hugging Face, safetensors and ONNX tools expect."""
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
                  D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None):
@@ -68,17 +70,6 @@ class DGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, kind={self.kind}, groups={self.num_groups}, D={self.D}"
-
-    def get_extra_state(self):
-        return {"name": self.name, "kind": self.kind, "modules": self.modules, "module_types": self.module_types,
-                "cuts": [(c.fqn, c.role, c.dim, c.index, c.scale) for c in self.cuts], "positions": self.positions,
-                "width": self.width}
-
-    def set_extra_state(self, state):
-        self.name, self.kind = state["name"], state["kind"]
-        self.modules, self.module_types = state["modules"], state["module_types"]
-        self.cuts = [Cut(fqn, Role(role), dim, index, scale) for fqn, role, dim, index, scale in state["cuts"]]
-        self.positions, self.width = state.get("positions"), state.get("width")
 
 
 class DGateSet(nn.ModuleDict):

@@ -96,8 +96,6 @@ def test_attach_puts_the_callback_before_the_report_integrations(tmp_path):
     assert trainer.callback_handler.callbacks[0] is callback
 
 
-@pytest.mark.xfail(strict=True, reason="DGate keeps python extra state (a dict) in its state_dict, which the Trainer's "
-                                       "safetensors checkpoint cannot hold; another issue turns it into tensors")
 def test_trainer_checkpoint_and_resume(tmp_path):
     def run(resume=None, max_steps=40):
         model = Classifier()

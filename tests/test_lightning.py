@@ -80,9 +80,6 @@ def test_adamw_from_configure_optimizers_is_reported(tmp_path):
     assert len(callback.problems) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="DGate keeps python extra state (cuts with kinds.Role enums) in its state_dict, "
-                                       "which Lightning's weights_only checkpoint load refuses; another issue turns it "
-                                       "into tensors")
 def test_schedule_state_survives_a_checkpoint(tmp_path):
     callback = DGatingCallback(schedule={"target": 0.5, "by_step": 60, "every": 10}, threshold=THRESHOLD)
     fit = trainer(tmp_path / "a", callback, epochs=10, enable_checkpointing=True,

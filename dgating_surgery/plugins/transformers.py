@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from transformers.pytorch_utils import Conv1D
 
-from ..fixers import MODULE_FIXERS, register_module_fixer
+from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
+from ..shrink import set_counted_attributes
+from ..tensors import owner, replace_tensor
 
 
 def _conv1d(m: Conv1D) -> None:
@@ -69,6 +72,9 @@ ATTRIBUTE_FIXERS = {
 
 def refresh() -> None:
     """Register the fixers of the model classes whose modules are imported by now."""
+    if "transformers.modeling_utils" in sys.modules:
+        _register_model_fixer()
+        install_loader()
     for (module, name), fix in ATTRIBUTE_FIXERS.items():
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and cls not in MODULE_FIXERS:
@@ -76,3 +82,58 @@ def refresh() -> None:
 
 
 register_module_fixer(Conv1D, _conv1d)
+
+
+# -- save_pretrained / from_pretrained of a slim model ----------------------------------------------
+# Per-layer widths differ after D-Gating, which a Hugging Face config cannot express. The config of a
+# slim model carries them (``config.dgating_surgery``: the shape of every tensor a cut changed, and the
+# layer attributes no tensor shows); with dgating_surgery imported, from_pretrained gives the freshly
+# built (meta-device) model those shapes before it loads the weights. Without dgating_surgery the
+# weights do not fit and transformers refuses to load them.
+CONFIG_KEY = "dgating_surgery"
+
+
+def _record_widths(model) -> None:
+    """Model-level fixer: write the slim widths into the config (``save_pretrained`` saves them)."""
+    with torch.device("meta"):
+        default = type(model)(type(model.config).from_dict({k: v for k, v in model.config.to_dict().items()
+                                                            if k != CONFIG_KEY}))
+    full = default.state_dict()
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if k in full and full[k].shape != v.shape}
+    counted = dict(getattr(model, "cut_attributes", {}))
+    if shapes or counted:
+        setattr(model.config, CONFIG_KEY, {"shapes": shapes, "attributes": counted})
+
+
+def restore_widths(model) -> None:
+    """Give a model built from a slim config the saved widths (its tensors are still empty)."""
+    spec = getattr(model.config, CONFIG_KEY, None)
+    if not spec:
+        return
+    for name, shape in spec.get("shapes", {}).items():
+        module, attr = owner(model, name)
+        old = getattr(module, attr)
+        replace_tensor(module, attr, torch.empty(shape, dtype=old.dtype, device=old.device))
+    fix_attributes(model)
+    set_counted_attributes(model, spec.get("attributes", {}))
+
+
+def install_loader() -> None:
+    """Wrap ``PreTrainedModel._load_pretrained_model`` (transformers' loader, which from_pretrained
+    calls on the model it has just built) so that a slim checkpoint's widths are restored first."""
+    from transformers.modeling_utils import PreTrainedModel
+    load = PreTrainedModel._load_pretrained_model
+    if getattr(load, "_dgating_surgery", False):
+        return
+
+    def load_slim_aware(model, *args, **kwargs):
+        restore_widths(model)
+        return load(model, *args, **kwargs)
+    load_slim_aware._dgating_surgery = True
+    PreTrainedModel._load_pretrained_model = staticmethod(load_slim_aware)
+
+
+def _register_model_fixer() -> None:
+    from transformers.modeling_utils import PreTrainedModel
+    if PreTrainedModel not in MODEL_FIXERS:
+        register_model_fixer(PreTrainedModel, _record_widths)
