@@ -16,6 +16,7 @@ from typing import Callable
 from torch import nn
 
 from . import plugins
+from .slim_layers import SlimMultiheadAttention
 
 Fixer = Callable[[nn.Module], None]
 MODULE_FIXERS: dict[type, Fixer] = {}
@@ -92,10 +93,20 @@ def _prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.numel()
 
 
+def _multihead_attention(m: nn.MultiheadAttention) -> None:
+    """Heads cut from a packed in_proj: the layer computes with its own widths from now on."""
+    inner = m.in_proj_weight.shape[0] // 3
+    m.embed_dim = m.in_proj_weight.shape[1]
+    m.num_heads = inner // m.head_dim
+    if inner != m.embed_dim and not isinstance(m, SlimMultiheadAttention):
+        m.__class__ = SlimMultiheadAttention
+
+
 def _embedding(m: nn.Embedding) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 for _cls, _fix in ((nn.modules.conv._ConvNd, _conv), (nn.Linear, _linear), (nn.modules.batchnorm._NormBase, _batch_norm),
-                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu), (nn.Embedding, _embedding)):
+                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu), (nn.Embedding, _embedding),
+                   (nn.MultiheadAttention, _multihead_attention)):
     register_module_fixer(_cls, _fix)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kinds import Role
 from ..labels import NONE, Labels
 from ..tensors import along
 from .context import RuleContext, unknown
@@ -255,3 +256,36 @@ def _project(lab: Labels, keep: list[int], nd: int, out) -> Labels:
                 t = t.narrow(d, 0, 1)
         return t.expand(*out)
     return Labels(project(lab.ids), project(lab.zaff), project(lab.zall))
+
+
+def multihead_attention(ctx: RuleContext, node):
+    """nn.MultiheadAttention (self-attention, packed in_proj): head h is the rows [h*D, (h+1)*D) of
+    each third (query, key, value) of ``in_proj_weight`` and the same columns of ``out_proj``. Its
+    forward derives the head width from ``embed_dim``, so a cut layer becomes a
+    ``slim_layers.SlimMultiheadAttention``, which computes from its own tensors' widths."""
+    m = ctx.module(node)
+    query, key, value = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    unsupported = (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn
+                   or not (query is key is value))
+    weight, bias = ctx.fqn_of(node, "in_proj_weight"), ctx.fqn_of(node, "in_proj_bias")
+    if unsupported or weight is None:
+        ctx.taint_inputs(node, f"flows into {ctx.where(node)}: only self-attention with one packed in_proj and no "
+                               "bias_k/bias_v or zero attention is cut by heads")
+        return [None, None]
+    nd = len(ctx.shape(query))
+    feature_dim = nd - 1
+    heads, dim = m.num_heads, m.head_dim
+    ctx.consume(weight, 1, 2, ctx.per_dim(query, feature_dim, node), node)
+    ids = _heads(ctx, node, heads)
+    rows = ids.repeat_interleave(dim).repeat(3)  # q, k and v thirds, each head's D rows
+    ctx.attach(weight, Role.PRODUCER, along(rows, 0, 2), 0)
+    if bias is not None:
+        ctx.attach(bias, Role.PRODUCER, rows, 0)
+    columns = ids.repeat_interleave(dim)
+    out_weight, out_bias = ctx.fqn_of(node, "out_proj.weight"), ctx.fqn_of(node, "out_proj.bias")
+    ctx.consume(out_weight, 1, 2, Labels.fresh(columns, zaff=False, zall=True), node)
+    out = ctx.new_space(m.embed_dim, "neurons", out_weight, node)
+    ctx.attach(out_weight, Role.PRODUCER, along(out, 0, 2), 0)
+    if out_bias is not None:
+        ctx.attach(out_bias, Role.PRODUCER, out, 0)
+    return [Labels.fresh(along(out, feature_dim, nd), zaff=False, zall=True), None]

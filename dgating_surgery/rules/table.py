@@ -24,7 +24,7 @@ from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_m
                             vector_normalize)
 from .pooling import reduction, spatial
 from .shapes import numel, shape_only, size
-from .attention import head_splits, matmul, sdpa
+from .attention import head_splits, matmul, multihead_attention, sdpa
 from .structural import addmm, conv_call, conv_module, convolution_call, embedding, linear_call, linear_module
 
 ZERO_KEEPING = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
@@ -63,6 +63,7 @@ MODULE_RULES = {
                                      nn.ConvTranspose3d)},
     nn.Linear: linear_module,
     nn.Embedding: embedding,
+    nn.MultiheadAttention: multihead_attention,
     **{cls: batch_norm_module for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                                            nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
     nn.LayerNorm: layer_norm_module,
