@@ -37,7 +37,7 @@ def sparsity_table(report: SparsityReport, title: str = "D-Gating sparsity") -> 
                           ("dead", "right"), ("params removable", "right")):
         table.add_column(name, justify=justify)
     for row in report.rows:
-        table.add_row(row.name, row.kind, n(row.groups), n(row.alive), n(row.dead), n(row.params_removable),
+        table.add_row(row.label, row.kind, n(row.groups), n(row.alive), n(row.dead), n(row.params_removable),
                       style="dim" if row.dead == 0 else None)
     table.add_section()
     table.add_row("total", "", n(report.groups), n(report.groups - report.dead), n(report.dead),

@@ -65,8 +65,12 @@ class DGate(nn.Module):
         return self.factors.shape[1]
 
     def gate(self) -> torch.Tensor:
-        """The gate value of every group: the product of its D-1 factors."""
-        return self.factors.prod(0)
+        """The gate value of every group: the product of its D-1 factors (written as products of
+        rows, which every exporter folds; the legacy ONNX exporter mis-folds a ReduceProd here)."""
+        gate = self.factors[0]
+        for row in self.factors[1:]:
+            gate = gate * row
+        return gate
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, kind={self.kind}, groups={self.num_groups}, D={self.D}"

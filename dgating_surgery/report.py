@@ -21,6 +21,12 @@ class GateRow:
     groups: int
     dead: int
     params_removable: int  # entries of this gate's own slices that a cut removes
+    all_dead: bool = False  # every group is below the threshold: the strongest is kept (zero), so the layer keeps a width
+
+    @property
+    def label(self) -> str:
+        """The gate's name, noting when all its groups died and the strongest is kept."""
+        return f"{self.name} (all dead: strongest kept)" if self.all_dead else self.name
 
     @property
     def alive(self) -> int:
@@ -56,7 +62,7 @@ class SparsityReport:
     def __str__(self) -> str:
         lines = [f"{'gate':40s} {'kind':9s} {'groups':>7s} {'dead':>6s} {'params cut':>11s}"]
         for r in self.rows:
-            lines.append(f"{r.name[:40]:40s} {r.kind:9s} {r.groups:7d} {r.dead:6d} {r.params_removable:11d}")
+            lines.append(f"{r.label[:60]:40s} {r.kind:9s} {r.groups:7d} {r.dead:6d} {r.params_removable:11d}")
         lines.append(f"total: {self.dead}/{self.groups} groups dead, {self.params_removable}/{self.params_total} "
                      f"parameters removable at threshold {self.threshold:g}")
         return "\n".join(lines)
@@ -89,7 +95,8 @@ def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport
                 shape = get_tensor(model, cut.fqn).shape
                 idx = cut.index.expand(shape[cut.dim])
                 own += int(((idx >= 0) & dead[idx.clamp(min=0)]).sum()) * (shape.numel() // shape[cut.dim])
-        report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own))
+        all_dead = bool((plan.norms[key] < report.threshold).all())
+        report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own, all_dead))
     return report
 
 

@@ -158,8 +158,11 @@ def sdpa(ctx: RuleContext, node):
         ctx.tie(ids.numpy(), mapped.ids.numpy() if mapped is not None else torch.full((heads,), NONE).numpy(), node)
         if t is v:
             value = mapped
+    mask_size = (1,) * (nd - len(ctx.shape(mask))) + tuple(ctx.shape(mask)) if ctx.is_tensor(mask) else None
+    if mask_size is not None and ctx.labels(mask) is None and mask_size[hdim] > 1:
+        ctx.tie(ids.numpy(), torch.full((heads,), NONE).numpy(), node)  # a per-head mask of no group: heads stay
     if mask is not None and ctx.labels(mask) is not None:
-        size = (1,) * (nd - len(ctx.shape(mask))) + tuple(ctx.shape(mask))
+        size = mask_size
         if size[hdim] == heads:
             line = _head_line(ctx, mask, hdim - (nd - len(ctx.shape(mask))), node, heads)
             if line is not None:
