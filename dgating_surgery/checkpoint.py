@@ -36,7 +36,7 @@ from .fixers import fix_attributes
 from .gates import gate_model, gate_set, require_gated
 from .models import InputSpec, ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
 from .recipe import load_recipe
-from .shrink import plan_cut, set_counted_attributes
+from .shrink import plan_cut, set_cut_attributes
 from .tensors import owner, replace_tensor
 from .wrappers import accepts_wrapped
 
@@ -127,8 +127,8 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         ref = as_reference(reference) if reference is not None else _manifest_ref(manifest, path)
         model, label = _build(ref, allow_pickle, path), ref
     _resize(model, state, path, label)
+    set_cut_attributes(model, manifest.get("cut_attributes") or {})
     fix_attributes(model)
-    set_counted_attributes(model, manifest.get("cut_attributes") or {})
     _load_strict(model, state, path, label)
     if manifest.get("kept_input_features"):
         model.kept_input_features = {k: torch.tensor(v, dtype=torch.long)

@@ -76,7 +76,7 @@ def _linear(m: nn.Linear) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
-def _layer_norm(m: nn.LayerNorm) -> None:
+def _layer_norm(m: nn.LayerNorm | nn.RMSNorm) -> None:
     if m.weight is not None:
         m.normalized_shape = tuple(m.weight.shape)
 
@@ -107,6 +107,6 @@ def _embedding(m: nn.Embedding) -> None:
 
 
 for _cls, _fix in ((nn.modules.conv._ConvNd, _conv), (nn.Linear, _linear), (nn.modules.batchnorm._NormBase, _batch_norm),
-                   (nn.LayerNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu), (nn.Embedding, _embedding),
+                   (nn.LayerNorm, _layer_norm), (nn.RMSNorm, _layer_norm), (nn.GroupNorm, _group_norm), (nn.PReLU, _prelu), (nn.Embedding, _embedding),
                    (nn.MultiheadAttention, _multihead_attention)):
     register_module_fixer(_cls, _fix)

@@ -24,6 +24,8 @@ class Role(str, Enum):
     CONSUMER = "consumer"  # a conv/linear's input slice (columns of its weight)
     CUT_ONLY = "cut_only"  # cut with the group, never scaled (a buffer, PReLU's slopes, attention's query/key rows)
     COUNT = "count"  # not a tensor: a layer attribute counting the group's entries, set after the cut
+    RESCALE = "rescale"  # not a tensor: an RMS norm over the group's dim; its weight and epsilon are rescaled
+    # after the cut (its mean of squares runs over fewer entries), ``fqn`` naming its epsilon attribute
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,14 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("channels", 2),  # conv output channels
-    Kind("neurons", 3),  # linear output features
+    Kind("channels", 3),  # conv output channels
+    Kind("neurons", 4),  # linear output features
     # attention heads: made by the attention rules, tied to the q/k/v projections' rows of the head
     Kind("heads", 1, policies=("head_output",)),
+    # the residual stream of a transformer under RMSNorm: a channel zero in every producer (embedding,
+    # every output projection) is removed exactly with the norms rescaled; made by the RMSNorm rule, so
+    # a recipe asks for it by name (opt-in)
+    Kind("hidden", 2),
     # model input features (dim 1); they take precedence, so that a set tied to the input (a
     # depthwise conv on it) is only cut when the recipe asks for features: it changes the inputs
     Kind("features", 0, policies=("affine", "producer", "consumer"), records_input=True),

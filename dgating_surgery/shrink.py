@@ -28,9 +28,9 @@ class CutPlan:
 
     dead: dict[str, torch.Tensor]  # gate key -> bool per group
     norms: dict[str, torch.Tensor]  # gate key -> collapsed L2 norm per group
-    removed: dict[str, dict[int, torch.Tensor]]  # tensor (or counted attribute) name -> dim -> bool per position
+    removed: dict[str, dict[int, torch.Tensor]]  # tensor (or layer attribute) name -> dim -> bool per position
     kept_inputs: dict[str, list[int]]  # input name -> feature positions (dim 1) kept, where some go
-    counted: set[str]  # names in ``removed`` that are layer attributes counting entries, not tensors
+    attributes: dict[str, Role]  # names in ``removed`` that are layer attributes (COUNT, RESCALE), not tensors
 
     def kept_shape(self, fqn: str, shape) -> tuple[int, ...]:
         drop = self.removed.get(fqn, {})
@@ -45,7 +45,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     dset = require_gated(model, "shrink (and every sparsity figure)")
     check_not_meta(model, "shrink (and every sparsity figure)", error=ShrinkError)
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
-    dead, norms, removed, kept_inputs, counted = {}, {}, {}, {}, set()
+    dead, norms, removed, kept_inputs, attributes = {}, {}, {}, {}, {}
     for key, dgate in dset.items():
         with torch.no_grad():
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
@@ -57,15 +57,15 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
         if gone:
             kept_inputs[dgate.modules[0]] = [p for p in range(dgate.width) if p not in gone]
         for cut in dgate.cuts:
-            if cut.role == Role.COUNT:
-                counted.add(cut.fqn)
+            if cut.role in (Role.COUNT, Role.RESCALE):
+                attributes[cut.fqn] = cut.role
                 along = cut.index
             else:
                 along = cut.index.expand(get_tensor(model, cut.fqn).shape[cut.dim])
             gone = (along >= 0) & is_dead[along.clamp(min=0)]
             per_dim = removed.setdefault(cut.fqn, {})
             per_dim[cut.dim] = per_dim.get(cut.dim, torch.zeros_like(gone)) | gone
-    return CutPlan(dead, norms, removed, kept_inputs, counted)
+    return CutPlan(dead, norms, removed, kept_inputs, attributes)
 
 
 @accepts_wrapped(in_place="shrink")
@@ -98,10 +98,15 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
 def _cut(model: nn.Module, plan: CutPlan) -> None:
     _collapse(model)
     for fqn, drop in plan.removed.items():
-        if fqn not in plan.counted:
+        if fqn not in plan.attributes:
             _slice(model, fqn, drop)
-    fix_attributes(model)
-    set_counted_attributes(model, {fqn: int((~plan.removed[fqn][0]).sum()) for fqn in plan.counted})
+    values = {}
+    for fqn, role in plan.attributes.items():
+        gone = plan.removed[fqn][0]
+        kept = int((~gone).sum())
+        values[fqn] = kept if role == Role.COUNT else _rescale_rms_norm(model, fqn, gone.numel(), kept)
+    set_cut_attributes(model, values)
+    fix_attributes(model)  # after the attributes: a model-level fixer records them (a Hugging Face config)
     if plan.kept_inputs:
         model.kept_input_features = {name: torch.tensor(kept) for name, kept in plan.kept_inputs.items()}
 
@@ -133,14 +138,31 @@ def _run_slim(model: nn.Module, example_inputs, kwargs):
                           "the error from the recipe (`dgate inspect` lists the sets).") from exc
 
 
-def set_counted_attributes(model: nn.Module, counts: dict[str, int]) -> None:
-    """Set the layer attributes no tensor shows (``shrink``, and ``load_slim`` from the manifest);
-    the model keeps them in ``model.cut_attributes`` for ``save_slim``."""
-    for fqn, value in counts.items():
+def set_cut_attributes(model: nn.Module, values: dict) -> None:
+    """Set the layer attributes no tensor shows (a count, a rescaled epsilon), in ``shrink`` and in
+    ``load_slim`` from the manifest; the model keeps them in ``model.cut_attributes`` for saving."""
+    for fqn, value in values.items():
         module, attr = owner(model, fqn)
         setattr(module, attr, value)
-    if counts:
-        model.cut_attributes = dict(counts)
+    if values:
+        model.cut_attributes = {**getattr(model, "cut_attributes", {}), **values}
+
+
+def _rescale_rms_norm(model: nn.Module, fqn: str, width: int, kept: int) -> float:
+    """An RMS norm whose mean of squares now runs over ``kept`` of ``width`` entries (the removed ones
+    were exactly zero): with epsilon and the weight rescaled it computes what it did,
+    w * x / sqrt(S/width + eps) == (w * sqrt(width/kept)) * x / sqrt(S/kept + eps * width/kept).
+    Returns the new epsilon."""
+    module, attr = owner(model, fqn)
+    eps = getattr(module, attr)
+    weight = getattr(module, "weight", None)
+    if eps is None:  # torch's RMSNorm default: the dtype's machine epsilon
+        eps = torch.finfo(weight.dtype if weight is not None else torch.get_default_dtype()).eps
+    if kept == width:
+        return eps
+    if weight is not None:
+        replace_tensor(module, "weight", weight.detach() * (width / kept) ** 0.5)
+    return eps * width / kept
 
 
 def _collapse(model: nn.Module) -> None:

@@ -1706,7 +1706,7 @@ def _check_dead(gated, inputs, plan, gated_out, scale, params_before, fail, rng)
     gscale = max([float(g.abs().max()) for g in grads if g is not None] + [1e-30]) if grads is not None else 1.0
     tol = 1e-9 * gscale
     for fqn, per_dim in plan.removed.items():
-        if fqn in plan.counted:  # a layer attribute counting entries, not a tensor
+        if fqn in plan.attributes:  # a layer attribute (a count, a norm's epsilon), not a tensor
             continue
         t = _tensor_of(full, fqn)
         mask = torch.zeros(t.shape, dtype=torch.bool)

@@ -168,11 +168,11 @@ for cls in (T.LlamaForCausalLM, T.AutoModelForCausalLM):
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     model, args, kwargs = _hf("llama")
     dg.expose_weights(model.eval())
-    gated = dg.gate_model(model, RECIPE, args, kwargs)
+    gated = dg.gate_model(model, "llama", args, kwargs)  # heads, neurons and the residual stream
     dg.kill_random_groups(gated, 0.4, seed=2)
     slim = dg.shrink(gated, example_inputs=args, example_kwargs=kwargs)
     widths = [layer.mlp.down_proj.in_features for layer in slim.model.layers]
-    assert widths != [128, 128]
+    assert widths != [128, 128] and slim.model.embed_tokens.embedding_dim < 64
     slim.save_pretrained(tmp_path)
     torch.save({"ids": IDS, "logits": slim(IDS, use_cache=False).logits}, tmp_path / "reference.pt")
     runs = {mode: subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), mode], capture_output=True, text=True,
@@ -206,9 +206,43 @@ def test_legacy_onnx_export_of_a_gated_model(tmp_path):
     assert (tmp_path / "gated.onnx").stat().st_size > 0
 
 
-@pytest.mark.parametrize("recipe, name", [("vit", "vit"), ("bert", "bert"), ("gpt2", "gpt2"), ("llama", "llama")])
-def test_transformer_recipes(recipe, name):
+@pytest.mark.parametrize("recipe, name, kinds", [("vit", "vit", {"heads", "neurons"}), ("bert", "bert", {"heads", "neurons"}),
+                                                ("gpt2", "gpt2", {"heads", "neurons"}),
+                                                ("llama", "llama", {"heads", "neurons", "hidden"})])
+def test_transformer_recipes(recipe, name, kinds):
     model, args, kwargs = _hf(name)
     check = assert_exact_cut(model.eval(), args, recipe, example_kwargs=kwargs)
     assert check.groups_cut > 0
-    assert {s.kind for s in dg.load_recipe(recipe).groups} == {"heads", "neurons"}
+    model, args, kwargs = _hf(name)
+    assert {g.kind for g in dg.gates(dg.gate_model(model.eval(), recipe, args, kwargs))} == kinds
+
+
+class RMSNormNet(nn.Module):
+    """A residual stream under nn.RMSNorm (symbolic tracing keeps the norm as one layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm1, self.fc = nn.Linear(6, 16), nn.RMSNorm(16, eps=1e-3), nn.Linear(16, 16)
+        self.norm2, self.head = nn.RMSNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.fc(torch.relu(self.norm1(h)))
+        return self.head(self.norm2(h))
+
+
+def test_residual_stream_under_rmsnorm_is_cut_exactly_with_the_norms_rescaled():
+    x = torch.randn(4, 6)
+    gated = dg.gate_model(dg.expose_weights(RMSNormNet().eval()), {"D": 3, "groups": [{"kind": "hidden"}]}, x)
+    (hidden,) = dg.gates(gated)
+    assert hidden.kind == "hidden" and hidden.num_groups == 16
+    with torch.no_grad():
+        hidden.factors[0, :4] = 0
+    reference = gated(x)
+    slim = dg.shrink(gated, example_inputs=x)
+    assert slim.embed.out_features == slim.norm1.weight.numel() == slim.head.in_features == 12
+    assert slim.norm1.eps == pytest.approx(1e-3 * 16 / 12) and slim.norm1.normalized_shape == (12,)
+    assert dg.max_rel_diff(reference, slim(x)) < 1e-5
+    assert dg.analyze(RMSNormNet(), x).sets[1].kind == "hidden"  # never cut unless a recipe asks for it
+    with pytest.raises(dg.GatingError, match="matched nothing"):  # channels and neurons: the stream is not among them
+        dg.gate_model(RMSNormNet(), "default", x)

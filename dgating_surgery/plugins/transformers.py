@@ -13,7 +13,8 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
-from ..shrink import set_counted_attributes
+from ..rules import register_rms_norm
+from ..shrink import set_cut_attributes
 from ..tensors import owner, replace_tensor
 
 
@@ -70,8 +71,16 @@ ATTRIBUTE_FIXERS = {
 }
 
 
+RMS_NORMS = {(f"transformers.models.{name}.modeling_{name}", f"{prefix}RMSNorm"): "variance_epsilon"
+             for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))}
+
+
 def refresh() -> None:
-    """Register the fixers of the model classes whose modules are imported by now."""
+    """Register the fixers (and RMS norms) of the model classes whose modules are imported by now."""
+    for (module, name), eps in RMS_NORMS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            register_rms_norm(cls, eps)
     if "transformers.modeling_utils" in sys.modules:
         _register_model_fixer()
         install_loader()
@@ -100,9 +109,9 @@ def _record_widths(model) -> None:
                                                             if k != CONFIG_KEY}))
     full = default.state_dict()
     shapes = {k: list(v.shape) for k, v in model.state_dict().items() if k in full and full[k].shape != v.shape}
-    counted = dict(getattr(model, "cut_attributes", {}))
-    if shapes or counted:
-        setattr(model.config, CONFIG_KEY, {"shapes": shapes, "attributes": counted})
+    attributes = dict(getattr(model, "cut_attributes", {}))
+    if shapes or attributes:
+        setattr(model.config, CONFIG_KEY, {"shapes": shapes, "attributes": attributes})
 
 
 def restore_widths(model) -> None:
@@ -114,8 +123,8 @@ def restore_widths(model) -> None:
         module, attr = owner(model, name)
         old = getattr(module, attr)
         replace_tensor(module, attr, torch.empty(shape, dtype=old.dtype, device=old.device))
+    set_cut_attributes(model, spec.get("attributes", {}))
     fix_attributes(model)
-    set_counted_attributes(model, spec.get("attributes", {}))
 
 
 def install_loader() -> None:

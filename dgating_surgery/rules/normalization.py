@@ -119,3 +119,59 @@ def softmax(ctx: RuleContext, node):
 
 def softmax_module(ctx: RuleContext, node):
     return normalization(ctx, node, node.args[0], [ctx.module(node).dim], "Softmax")
+
+
+# RMS norms whose epsilon a cut may rescale: class -> the attribute holding epsilon (plugins add theirs)
+RMS_NORMS: dict[type, str] = {nn.RMSNorm: "eps"}
+
+
+def register_rms_norm(cls: type, eps_attr: str) -> None:
+    """An RMS norm class of a library (its forward: w * x / sqrt(mean(x^2) + eps))."""
+    RMS_NORMS[cls] = eps_attr
+
+
+def rms_scope(ctx: RuleContext, node) -> tuple[str, str] | None:
+    """(path, epsilon attribute) of the registered RMS norm whose forward ``node`` belongs to, if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = next(reversed(stack.values()))[0]
+    try:
+        module = ctx.capture.model.get_submodule(path)
+    except AttributeError:
+        return None
+    return next(((path, attr) for cls, attr in RMS_NORMS.items() if type(module) is cls), None)
+
+
+def rms_statistics(ctx: RuleContext, node, x, dim: int, scope: tuple[str, str]) -> None:
+    """The mean of squares of an RMS norm over a grouped dim: a channel that arrives as exact zeros
+    adds nothing to the sum, so it can go if the norm is rescaled for the smaller count (see
+    ``shrink._rescale_rms_norm``). Such channels form ``hidden`` groups (opt-in by recipe)."""
+    line = ctx.per_dim(x, dim, node)
+    if line is None:
+        return
+    ctx.visit(line, node)
+    path, eps = scope
+    ids = ctx.new_space(line.ids.numel(), "hidden", f"{path}.{eps}", node)
+    ctx.tie(ids.numpy(), line.ids.reshape(-1).numpy(), node)
+    ctx.attach(f"{path}.{eps}", Role.RESCALE, line.ids.reshape(-1), 0)
+
+
+def rms_norm_module(ctx: RuleContext, node):
+    """nn.RMSNorm over the last dim(s): its statistics (see ``rms_statistics``) and its per-channel
+    weight, which a gate may scale like BatchNorm's."""
+    m = ctx.module(node)
+    x = node.args[0]
+    lab = ctx.labels(x)
+    if lab is None:
+        return None
+    nd = lab.ids.ndim
+    dims = list(range(nd - len(m.normalized_shape), nd))
+    if len(dims) != 1 or not any(d in lab.varying_dims() for d in dims):
+        return normalization(ctx, node, x, dims, "RMSNorm")
+    rms_statistics(ctx, node, x, dims[0], (node.target, "eps"))
+    weight = ctx.fqn_of(node, "weight")
+    if weight is None:
+        return lab
+    ctx.attach(weight, Role.AFFINE, ctx.per_dim(x, dims[0], node).ids.reshape(-1), 0)
+    return Labels.fresh(lab.ids, zaff=True, zall=True)

@@ -3,6 +3,7 @@ group they keep the labels; over a grouped dim only a sum is exact (zeros add no
 from __future__ import annotations
 
 from .context import RuleContext
+from .normalization import rms_scope, rms_statistics
 from .structural import arg
 
 
@@ -30,6 +31,10 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
     dims = range(nd) if dims is None else sorted(d % nd for d in ([dims] if isinstance(dims, int) else dims))
     keep = bool(arg(node, dim_pos + 1, "keepdim", False))
     if any(d in lab.varying_dims() for d in dims):
+        scope = rms_scope(ctx, node) if kind == "mean" and len(dims) == 1 else None
+        if scope is not None:  # the mean of squares inside an RMS norm
+            rms_statistics(ctx, node, x, dims[0], scope)
+            return None
         if kind not in ("sum", "norm"):
             ctx.taint(lab.ids, f"{ctx.where(node)} takes the {kind} over a grouped dim")
             return None

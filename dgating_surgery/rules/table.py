@@ -20,8 +20,8 @@ from .movement import (check_as, check_cat, check_chunk, check_index, check_pixe
                        check_unflatten, check_view, getitem, movement, pack, pad)
 from .names import op_name
 from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm_call,
-                            group_norm_module, layer_norm_call, layer_norm_module, softmax, softmax_module,
-                            vector_normalize)
+                            group_norm_module, layer_norm_call, layer_norm_module, register_rms_norm,
+                            rms_norm_module, softmax, softmax_module, vector_normalize)
 from .pooling import reduction, spatial
 from .shapes import numel, shape_only, size
 from .attention import head_splits, matmul, multihead_attention, sdpa
@@ -67,7 +67,7 @@ MODULE_RULES = {
     **{cls: batch_norm_module for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                                            nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
     nn.LayerNorm: layer_norm_module,
-    nn.RMSNorm: layer_norm_module,
+    nn.RMSNorm: rms_norm_module,
     nn.GroupNorm: group_norm_module,
     nn.Softmax: softmax_module,
     nn.Flatten: movement,
