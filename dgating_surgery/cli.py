@@ -15,6 +15,7 @@ torch and the engine are imported inside the commands, so that ``dgate --help`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -400,11 +401,14 @@ def _describe_change(change: float, rtol: float, threshold: float) -> str:
               "exact zero needs a larger one, which `dgate report -t` shows.")
 @click.option("--verify", is_flag=True, help="Reload the written checkpoint (dg.load_slim) and check that its outputs "
               "are identical to the slim model's.")
+@click.option("--round-to", "round_to", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Keep each cut layer's width a multiple of N (e.g. 8) by keeping its strongest dead groups; "
+              "default: the recipe's round_to (1: no rounding).")
 @click.option("--export", "exports", multiple=True, type=click.Choice(["onnx", "torch.export"]),
               help="Also write a deployment export beside the checkpoint (.onnx, or .pt2 from torch.export).")
 @click.option("--force", is_flag=True, help="Replace the output (and exports) if they exist.")
 @_artefact_options
-def shrink_cmd(gated_path, output, threshold, rtol, verify, exports, force, reference, allow_pickle, as_json):
+def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, exports, force, reference, allow_pickle, as_json):
     """Cut the dead groups out of GATED and write the slim checkpoint; prints parameters, MACs and
     latency before and after (interleaved runs, with their spread). The slim model is always
     checked against the gated one on the example inputs; GATED is left as it is."""
@@ -415,6 +419,8 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, exports, force, refe
     from .shrink import shrink
     out = _check_output(output, force, inputs=(gated_path,), also=[_export_target(output, f) for f in exports])
     model = load_gated(gated_path, allow_pickle, reference)
+    if round_to is not None:  # through the recipe, so that every figure and the manifest's kept groups follow it
+        model.dgates.recipe = dataclasses.replace(model.dgates.recipe, round_to=round_to)
     inputs = model.dgate_origin.inputs
     args, kwargs = inputs.make()
     before = {"params": model_params(model), "macs": macs(model, args, kwargs)}

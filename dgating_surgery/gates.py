@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import gate_modes
 from . import groups as groups_mod
 from . import plugins
 from . import tracing
@@ -89,23 +90,53 @@ class DGateSet(nn.ModuleDict):
         return x
 
 
+def gate_values(dgate: DGate) -> torch.Tensor:
+    """``dgate.gate()`` (the product of the D-1 factors of every group) with fewer autograd nodes:
+    ``prod``'s backward checks for zeros on every call; one unbind and D-2 multiplications do not."""
+    factors = dgate.factors
+    if factors.shape[0] == 1:
+        return factors.view(-1)
+    rows = factors.unbind(0)
+    g = rows[0]
+    for row in rows[1:]:
+        g = g * row
+    return g
+
+
 class GateScale(nn.Module):
     """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
     its group's position in the concatenated gates of ``sources`` (-1: not gated). When one gate
     owns every entry in order (a BatchNorm after its conv, the usual case) the gate vector is used
-    as it is: no concatenation or gather in the training step."""
+    as it is: no concatenation or gather in the training step.
+
+    ``side`` is None for a gate that can only act on this weight; for the weight of a Linear/Conv
+    whose gate may act on the layer's output instead it is ``"auto"``, ``"weight"`` or ``"output"``
+    (``gate_modes``; ``bias_gated``: the bias shares this gate)."""
 
     def __init__(self, sources: list[DGate], index: torch.Tensor):
         super().__init__()
         self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
         flat = index.reshape(-1)
         self.in_order = len(sources) == 1 and torch.equal(flat, torch.arange(sources[0].num_groups))
+        self.flat = index.ndim == 1
+        self.side, self.bias_gated = None, False
         self.register_buffer("index", index + 1, persistent=False)
+
+    def vector(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gate of every position along the gated dim, as a 1-D tensor of ``dtype``."""
+        if self.in_order:
+            g = gate_values(self.sources[0])
+            return g if g.dtype == dtype else g.to(dtype)
+        gates = torch.cat([self.sources[0].factors.new_ones(1, dtype=dtype)]
+                          + [gate_values(s).to(dtype) for s in self.sources])
+        return gates[self.index.reshape(-1)]
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.in_order:
-            return theta * self.sources[0].gate().to(theta.dtype).reshape(self.index.shape)
-        gates = torch.cat([theta.new_ones(1)] + [g.gate().to(theta.dtype) for g in self.sources])
+            g = gate_values(self.sources[0])
+            g = g if g.dtype == theta.dtype else g.to(theta.dtype)
+            return theta * (g if self.flat else g.view(self.index.shape))
+        gates = torch.cat([theta.new_ones(1)] + [gate_values(g).to(theta.dtype) for g in self.sources])
         return theta * gates[self.index]
 
 
@@ -325,3 +356,4 @@ def _register_scales(model: nn.Module, dgates) -> None:
                                   "the sets)")
             index[here] = scale[here] + offsets[id(dgate)]
         parametrize.register_parametrization(module, attr, GateScale(sources, along(index, dim, len(shape))))
+    gate_modes.install(model)  # where a gate may act on a layer's output, it does so when that is cheaper

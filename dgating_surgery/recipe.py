@@ -56,13 +56,15 @@ class GroupSpec:
 class Recipe:
     """A validated recipe. ``D``: gating depth (>= 2); ``lam``: the L_{2,2/D} strength;
     ``init``: "balanced" (factors equal, function unchanged) or "ones"; ``threshold``: absolute
-    L2 norm under which a collapsed group counts as dead."""
+    L2 norm under which a collapsed group counts as dead; ``round_to``: ``shrink`` keeps each cut
+    layer's width a multiple of this by keeping the strongest dead groups (1: no rounding)."""
 
     D: int
     groups: tuple[GroupSpec, ...]
     lam: float = 1e-4
     init: str = "balanced"
     threshold: float = 1e-5
+    round_to: int = 1
     name: str = ""
     source: str = "<dict>"
 
@@ -76,7 +78,7 @@ class Recipe:
                     entry[key] = list(getattr(g, key))
             groups.append(entry)
         out: dict[str, Any] = {"D": self.D, "lam": self.lam, "init": self.init,
-                               "threshold": self.threshold, "groups": groups}
+                               "threshold": self.threshold, "round_to": self.round_to, "groups": groups}
         if self.name:
             out["name"] = self.name
         return out
@@ -105,6 +107,20 @@ def check_threshold(value, name: str = "threshold"):
     return number
 
 
+def check_round_to(value, fail=None) -> int:
+    """``value`` as an int >= 1 (the multiple every cut layer's width is kept at; 1: no rounding), or a
+    ``RecipeError`` (through ``fail(message)`` when given, which names the field and line)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        message = (f"must be an integer >= 1 (cut layers keep widths that are multiples of it, e.g. 8; 1: no "
+                   f"rounding), got {value!r}")
+        if fail is not None:
+            fail(message)
+        raise RecipeError(f"round_to {message}")
+    return value
+
+
 # YAML 1.1 (PyYAML) reads 1e-4 as a string (it wants 1.0e-4); a recipe may write either
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -116,7 +132,7 @@ def _number(value):
     return value
 
 
-_TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "name", "description"}
+_TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "round_to", "name", "description"}
 _GROUP_FIELDS = {"kind", "modules", "names", "exclude"}
 
 
@@ -216,6 +232,7 @@ def _from_dict(data: dict, source: str, lines: dict[str, int] | None = None) -> 
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             fail(key, f"must be a finite number >= 0 ({_MEANING[key]}), got {value!r}")
         kwargs[key] = float(value)
+    kwargs["round_to"] = check_round_to(data.get("round_to", 1), lambda msg: fail("round_to", msg))
     init = data.get("init", "balanced")
     if init not in INITS:
         fail("init", f"must be one of {', '.join(INITS)}, got {init!r}")

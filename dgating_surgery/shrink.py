@@ -16,7 +16,7 @@ from .execution import as_tuple, describe_mismatch, output_diff, run, tolerance
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
 from .kinds import Role
-from .recipe import check_threshold
+from .recipe import check_round_to, check_threshold
 from .tensors import get_tensor, owner, replace_tensor
 from .tracing import check_not_meta
 from .wrappers import accepts_wrapped, memory_format
@@ -38,9 +38,10 @@ class CutPlan:
 
 
 @accepts_wrapped(gather=True)
-def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
+def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | None = None) -> CutPlan:
     """Dead groups of a gated model at ``threshold`` (absolute L2 norm of the collapsed group;
-    None: the recipe's), and what removing them removes. Every gate keeps at least one group."""
+    None: the recipe's), and what removing them removes. Every gate keeps at least one group.
+    ``round_to`` (None: the recipe's): keep each cut layer's width a multiple of it (``round_kept``)."""
     check_threshold(threshold, "threshold")
     dset = require_gated(model, "shrink (and every sparsity figure)")
     check_not_meta(model, "shrink (and every sparsity figure)", error=ShrinkError)
@@ -52,6 +53,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
         is_dead = norm < threshold
         if is_dead.all():
             is_dead[norm.argmax()] = False
+        is_dead = round_kept(model, dgate, norm, is_dead, dset.recipe.round_to if round_to is None else round_to)
         dead[key], norms[key] = is_dead, norm
         gone = {p for owned, d in zip(dgate.positions or [], is_dead.tolist()) if d for p in owned}
         if gone:
@@ -68,18 +70,46 @@ def plan_cut(model: nn.Module, threshold: float | None = None) -> CutPlan:
     return CutPlan(dead, norms, removed, kept_inputs, attributes)
 
 
+def round_kept(model: nn.Module, dgate, norm: torch.Tensor, is_dead: torch.Tensor, round_to: int) -> torch.Tensor:
+    """``is_dead`` with the strongest dead groups kept until the width the gate leaves its layer is a
+    multiple of ``round_to`` (hardware-friendly widths; still an exact cut, since keeping a group never
+    changes the function). The layer is the first producer the gate cuts (a conv's or linear's output
+    rows; for input features, the first consumer's columns); its width counts the positions of the kept
+    groups and the positions no group of this gate owns. When no multiple can be reached (the layer
+    is narrower than the next one), nothing is kept back."""
+    round_to = check_round_to(round_to)
+    if round_to == 1 or not bool(is_dead.any()):
+        return is_dead
+    cuts = [c for c in dgate.cuts if c.role != Role.COUNT]
+    if not cuts:
+        return is_dead
+    ref = next((c for c in cuts if c.role == Role.PRODUCER), None) or next(
+        (c for c in cuts if c.role == Role.CONSUMER), cuts[0])
+    along = ref.index.expand(get_tensor(model, ref.fqn).shape[ref.dim])
+    per_group = torch.bincount(along[along >= 0], minlength=dgate.num_groups)
+    width = int((along < 0).sum() + per_group[~is_dead].sum())
+    out = is_dead.clone()
+    for j in sorted(is_dead.nonzero().reshape(-1).tolist(), key=lambda j: -float(norm[j])):
+        if width % round_to == 0:
+            break
+        out[j] = False
+        width += int(per_group[j])
+    return out if width % round_to == 0 else is_dead
+
+
 @accepts_wrapped(in_place="shrink")
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
-           rtol: float | None = None) -> nn.Module:
+           rtol: float | None = None, round_to: int | None = None) -> nn.Module:
     """Collapse the gates into the weights and physically remove the dead groups (in place, like
     PEFT's ``merge_and_unload``); returns the same model object, now without gates.
 
     With ``example_inputs`` the slim model is run against the gated one (eval mode); if any output
     differs by more than ``rtol`` times the largest output (default: 1e-4, or a few units in the
     last place of a low-precision output dtype), the cut is undone, the model is left gated as it
-    was, and a ``ShrinkError`` says by how much.
+    was, and a ``ShrinkError`` says by how much. ``round_to`` (None: the recipe's ``round_to``): keep
+    each cut layer's width a multiple of it by keeping the strongest dead groups (``round_kept``).
     """
-    plan = plan_cut(model, threshold)
+    plan = plan_cut(model, threshold, round_to)
     check_threshold(rtol, "rtol")
     kwargs = dict(example_kwargs or {})
     check = example_inputs is not None or bool(kwargs)
