@@ -126,9 +126,9 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
 
 
 def _cut(model: nn.Module, plan: CutPlan) -> None:
-    _collapse(model)
+    sliced = _collapse(model, plan.removed)  # a gated tensor is collapsed and sliced at once: no full copy
     for fqn, drop in plan.removed.items():
-        if fqn not in plan.attributes:
+        if fqn not in plan.attributes and fqn not in sliced:
             _slice(model, fqn, drop)
     values = {}
     for fqn, role in plan.attributes.items():
@@ -195,13 +195,16 @@ def _rescale_rms_norm(model: nn.Module, fqn: str, width: int, kept: int) -> floa
     return eps * width / kept
 
 
-def _collapse(model: nn.Module) -> None:
-    """Multiply every gate into its weights and drop the gates.
+def _collapse(model: nn.Module, removed: dict | None = None) -> set[str]:
+    """Multiply every gate into its weights and drop the gates; a tensor in ``removed`` is sliced as
+    it is collapsed (one tensor's full-size product at a time, never a full copy of the model's
+    gated weights). Returns the names of the tensors it sliced.
 
     ``torch.nn.utils.parametrize.remove_parametrizations`` edits the class it made for the module,
     which ``copy.deepcopy`` shares between a model and its copy; shrinking a copy must not break
     the original, so a module whose only parametrizations are gates gets its own class back here.
     """
+    sliced: set[str] = set()
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
@@ -210,22 +213,41 @@ def _collapse(model: nn.Module) -> None:
         if foreign:
             raise ShrinkError(f"layer '{name}' has parametrizations besides its gates (on {', '.join(foreign)}): "
                               "remove them (torch.nn.utils.parametrize.remove_parametrizations) before shrinking")
+        values = {}
         with torch.no_grad():
-            values = {attr: (getattr(module, attr).detach().clone(), plist.original)
-                      for attr, plist in module.parametrizations.items()}
+            for attr, plist in module.parametrizations.items():
+                fqn = f"{name}.{attr}" if name else attr
+                drop = (removed or {}).get(fqn)
+                value = getattr(module, attr).detach()
+                if drop is not None:
+                    value = _sliced(value, drop, plist.original)
+                    sliced.add(fqn)
+                elif value.data_ptr() == plist.original.data_ptr():
+                    value = value.clone()  # never share storage with the primary weight the snapshot keeps
+                values[attr] = (value, plist.original)
         module.__class__ = type(module).__bases__[0]
         del module._modules["parametrizations"]
         for attr, (value, original) in values.items():
             replace_tensor(module, attr, value, like=original)
     delattr(model, GATES_ATTR)
+    return sliced
 
 
 def _slice(model: nn.Module, fqn: str, drop: dict[int, torch.Tensor]) -> None:
     module, attr = owner(model, fqn)
-    new = old = getattr(module, attr).detach()
+    old = getattr(module, attr).detach()
+    replace_tensor(module, attr, _sliced(old, drop, old))
+
+
+def _sliced(tensor: torch.Tensor, drop: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without the positions ``drop`` marks along each dim, in ``like``'s memory format."""
+    new = tensor
     for dim, gone in sorted(drop.items()):
         new = new.index_select(dim, (~gone).nonzero().reshape(-1))
-    replace_tensor(module, attr, new.clone(memory_format=memory_format(old)))  # channels_last stays
+    # channels_last stays; no second copy when index_select already gave the format (a copy per tensor
+    # of a large model fragments the heap: freed blocks of uneven sizes that are never reused)
+    fmt = memory_format(like)
+    return new if new is not tensor and new.is_contiguous(memory_format=fmt) else new.clone(memory_format=fmt)
 
 
 def select_features(model: nn.Module, example_inputs, example_kwargs=None) -> tuple[tuple, dict]:

@@ -255,7 +255,9 @@ def test_report_explores_any_threshold_and_shrink_takes_the_tolerance(tmp_path):
     cut = dg.shrink(copy.deepcopy(gated), 1e-2)  # what the user would measure in Python
     expected = dg.output_diff(run(gated, *args), run(cut, *args))
     assert data["dead"] == dg.sparsity(gated, 1e-2).dead == 17
-    assert data["output_change"] == pytest.approx(expected, rel=1e-6) and expected > 1e-4
+    # (rel 1e-4: the report's gated reference uses the cached gated weights, `run` may apply a gate to the
+    # layer's output instead; the two differ by float rounding)
+    assert data["output_change"] == pytest.approx(expected, rel=1e-4) and expected > 1e-4
     assert expected <= data["rtol_needed"] < 10 * expected
     assert data["macs_after"] == dg.macs(cut, args) < data["macs_before"]
     text = dgate("report", path, "-t", "1e-2").stdout
