@@ -47,7 +47,7 @@ def ours(base, x, fraction, round_to=1, seed=0):
     return dg.shrink(gated, example_inputs=x, round_to=round_to).eval()
 
 
-def torch_pruning(base, x, fraction, classifier, round_to=None):
+def pruned_by_tp(base, x, fraction, classifier, round_to=None):
     import torch_pruning as tp
 
     model = copy.deepcopy(base)
@@ -108,9 +108,9 @@ def main() -> None:
             for n in args.round_to:
                 variants[f"ours, round_to {n}"] = ours(base, x, fraction, n)
             if have_tp:
-                variants["Torch-Pruning"] = torch_pruning(base, x, fraction, classifier)
+                variants["Torch-Pruning"] = pruned_by_tp(base, x, fraction, classifier)
                 for n in args.round_to:
-                    variants[f"Torch-Pruning, round_to {n}"] = torch_pruning(base, x, fraction, classifier, n)
+                    variants[f"Torch-Pruning, round_to {n}"] = pruned_by_tp(base, x, fraction, classifier, n)
             times = time_models({"dense": base, **variants}, x, args.rounds)
             dense = times["dense"]
             for name, model in variants.items():
