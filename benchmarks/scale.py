@@ -21,7 +21,6 @@ import warnings
 import torch
 
 import dgating_surgery as dg
-from dgating_surgery.kinds import KINDS
 
 
 def rss_gb(field: str) -> float:
@@ -42,8 +41,8 @@ def reset_peak() -> bool:
 
 
 class Phase:
-    def __init__(self, name: str, model_gb: float | None = None):
-        self.name, self.model_gb = name, model_gb
+    def __init__(self, name: str):
+        self.name = name
 
     def __enter__(self):
         gc.collect()
@@ -75,8 +74,7 @@ def main() -> None:
     config = T.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                            max_position_embeddings=2048, use_cache=False, tie_word_embeddings=False)
-    recipe = ({"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]} if "heads" in KINDS
-              else {"D": 3, "groups": [{"kind": "neurons"}]})
+    recipe = {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]}
     ids = torch.randint(0, config.vocab_size, (1, 16))
     rows = []
     with Phase("build (random init)") as build:

@@ -29,17 +29,10 @@ from torch import nn
 
 import dgating_surgery as dg
 from dgating_surgery.gate_modes import set_gate_side
-from dgating_surgery.kinds import KINDS
 
 SIDES = ("auto", "weight", "output")
 NEURONS = {"D": 3, "groups": [{"kind": "neurons"}]}
-
-
-def transformer_recipe() -> dict:
-    """Heads and neurons where the engine knows heads; neurons alone otherwise."""
-    if "heads" in KINDS:
-        return {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]}
-    return NEURONS
+TRANSFORMER = {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]}
 
 
 def mlp(sizes) -> nn.Sequential:
@@ -91,9 +84,9 @@ def cases() -> list[Case]:
     bert = T.BertConfig(intermediate_size=1024, **common)
     llama = T.LlamaConfig(intermediate_size=704, num_key_value_heads=2, use_cache=False, **common)
     out.append(Case("BERT-style (4x256, MLP 1024), 8x128 tokens", lambda: T.BertForSequenceClassification(bert),
-                    transformer_recipe(), kwargs={"input_ids": ids, "labels": torch.randint(0, 2, (8,))}))
+                    TRANSFORMER, kwargs={"input_ids": ids, "labels": torch.randint(0, 2, (8,))}))
     out.append(Case("Llama-style (4x256, MLP 704), 8x128 tokens", lambda: T.LlamaForCausalLM(llama),
-                    transformer_recipe(), kwargs={"input_ids": ids, "labels": ids, "use_cache": False}))
+                    TRANSFORMER, kwargs={"input_ids": ids, "labels": ids, "use_cache": False}))
     return out
 
 
@@ -234,8 +227,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     selected = [c for c in cases() if args.only.lower() in c.name.lower()]
-    recipe = transformer_recipe()
-    print(f"transformer rows gate {' + '.join(g['kind'] for g in recipe['groups'])} (D=3); the others: the "
+    print("transformer rows gate heads + neurons (D=3); the others: the "
           "default recipe (channels + neurons) for the CNNs, neurons for the MLPs. One thread, torch "
           f"{torch.__version__}.\n")
     print("| training step, eager | original ms | gated/original: auto | weight | output "

@@ -25,6 +25,7 @@ _HOME = {
                      "NotGatedError", "RecipeError", "ShrinkError", "TraceError", "WrapperError"], "errors"),
     **dict.fromkeys(["max_rel_diff", "output_diff"], "execution"),
     **dict.fromkeys(["DGate", "analyze", "apply_plan", "gate_model", "gates"], "gates"),
+    **dict.fromkeys(["gate_sides", "set_gate_side"], "gate_modes"),
     **dict.fromkeys(["latency_ms", "macs", "macs_after_cut"], "measure"),
     "load_model": "models",
     **dict.fromkeys(["GroupSpec", "Recipe", "load_recipe", "shipped_recipes"], "recipe"),
@@ -41,6 +42,7 @@ _HOME = {
 __all__ = [
     # gate, inspect, cut
     "gate_model", "analyze", "apply_plan", "gates", "DGate", "plan_cut", "shrink", "select_features",
+    "set_gate_side", "gate_sides",
     # recipes
     "load_recipe", "shipped_recipes", "Recipe", "GroupSpec",
     # training
