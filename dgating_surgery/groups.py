@@ -177,7 +177,9 @@ class _Facts:
     reason: dict  # root -> why it is not exactly removable (first reason found wins)
     has_role: dict  # Role -> bool array: some slice of that role is attached
     zero: dict  # Labels flag name -> bool array: exactly zero at every mixing op when that policy gates it
-    scalable_consumers: np.ndarray  # every mixing op it reaches non-zero has a parameter slice to scale
+    # flag name (None: no entry zero) -> {root: the first mixing op without a parameter slice (which a
+    # consumer-scaling gate would scale) that the group reaches while not zero under that flag}
+    unscaled_at: dict
     not_zero_at: dict  # root -> the first mixing op it reaches non-zero
 
     def block(self, roots, why: str) -> None:
@@ -190,7 +192,7 @@ def resolve(ctx: RuleContext) -> Plan:
     root_of = ctx.uf.roots()
     facts = _Facts({}, {role: np.zeros(root_of.size, bool) for role in Role},
                    {"zaff": np.ones(root_of.size, bool), "zall": np.ones(root_of.size, bool)},
-                   np.ones(root_of.size, bool), {})
+                   {flag: {} for flag in ("zaff", "zall", None)}, {})
     _blocked_by_taints(ctx, root_of, facts)
     _roles_present(ctx, root_of, facts)
     _zero_at_mixing_ops(ctx, root_of, facts)
@@ -228,7 +230,10 @@ def _zero_at_mixing_ops(ctx: RuleContext, root_of: np.ndarray, facts: _Facts) ->
             facts.zero[flag][roots[~zero]] = False
         zall = lab.zall.expand(lab.ids.shape).reshape(-1).numpy()[keep]
         if not visit.has_param:
-            facts.scalable_consumers[roots[~zall]] = False
+            for flag, unscaled in facts.unscaled_at.items():
+                zero = getattr(lab, flag).expand(lab.ids.shape).reshape(-1).numpy()[keep] if flag else False
+                for r in np.unique(roots[~zero]):
+                    unscaled.setdefault(int(r), ctx.where(visit.node))
         for r in np.unique(roots[~zall]):
             facts.not_zero_at.setdefault(int(r), ctx.where(visit.node))
 
@@ -253,13 +258,20 @@ def _choose_policy(ctx: RuleContext, r: int, s_list: list[int], facts: _Facts) -
     """The first policy of the group's kind (``kinds.KINDS``) that makes group ``r`` exactly zero,
     or a reason."""
     kind = set_kind({ctx.spaces[s].kind for s in s_list})
+    unscaled = None
     for pol in (POLICY[name] for name in KINDS[kind].policies):
         if not any(facts.has_role[role][r] for role in pol.needs):
             continue
-        exact = facts.zero[pol.zero_flag][r] if pol.zero_flag else facts.scalable_consumers[r]
-        if exact:
+        if pol.by_consumers:
+            unscaled = facts.unscaled_at[pol.zero_flag].get(r)
+            if unscaled is None:
+                return pol.name
+        elif facts.zero[pol.zero_flag][r]:
             return pol.name
-    if r in facts.not_zero_at:
+    if unscaled is not None:
+        facts.reason[r] = (f"reaches {unscaled} not zero when its gate is zero, and no parameter there can be "
+                           "scaled instead")
+    elif r in facts.not_zero_at:
         facts.reason[r] = (f"is not exactly zero where it reaches {facts.not_zero_at[r]} when its gate is zero "
                            "(it passes an op that maps 0 to a non-zero value)")
     else:

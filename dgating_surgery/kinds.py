@@ -31,15 +31,18 @@ class Role(str, Enum):
 @dataclass(frozen=True)
 class Policy:
     """Which roles a gate scales, and when that is exact. ``needs``: the group has a slice of one
-    of these roles. ``zero_flag``: the label flag (see ``labels.Labels``) that says the group is
-    exactly zero at every op that mixes it when these roles are scaled; None for a policy that
-    scales the consumers themselves (then every op that mixes the group must have a parameter
-    slice to scale)."""
+    of these roles. ``zero_flag``: the label flag (see ``labels.Labels``) that says which of the
+    group's entries are exactly zero when these roles are scaled, None when no entry is (only
+    consumers are scaled). ``by_consumers``: False, the group must be zero at every op that mixes
+    it; True, every op that mixes it where it is not zero must read it through a parameter slice,
+    which the gate scales (a group that a consumer-scaling gate leaves alive, e.g. a linear's rows
+    tied to the input features by a size, reaches a sum unscaled: not exact)."""
 
     name: str
     scales: tuple[Role, ...]
     needs: tuple[Role, ...]
     zero_flag: str | None
+    by_consumers: bool = False
 
 
 POLICIES: tuple[Policy, ...] = (
@@ -48,10 +51,10 @@ POLICIES: tuple[Policy, ...] = (
     # scale the producing conv/linear too (nothing per-channel follows it, or it would undo the gate)
     Policy("producer", (Role.AFFINE, Role.PRODUCER), (Role.PRODUCER, Role.AFFINE), "zall"),
     # input features: nothing produces them, so scale the columns of every layer that reads them
-    Policy("consumer", (Role.AFFINE, Role.CONSUMER), (Role.CONSUMER,), None),
+    Policy("consumer", (Role.AFFINE, Role.CONSUMER), (Role.CONSUMER,), "zaff", by_consumers=True),
     # attention heads: scale the output projection's columns of the head, nothing else (its query,
     # key and value rows and per-head tables are cut with it; softmax never gives zeros)
-    Policy("head_output", (Role.CONSUMER,), (Role.CONSUMER,), None),
+    Policy("head_output", (Role.CONSUMER,), (Role.CONSUMER,), None, by_consumers=True),
 )
 POLICY = {p.name: p for p in POLICIES}
 

@@ -61,6 +61,14 @@ def _export_plain(m, v):
     return m.fc(torch.relu(m.fc0(v)))
 
 
+def _export_size_data(op):
+    def forward(m, v):
+        if v.dim() == 3:
+            v = v[0]
+        return m.fc2(op(m, v))  # under torch.export the size is a number in the graph
+    return forward
+
+
 def _shuffle(m, x):
     b, c, h, w = x.size()
     return m.c2(x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w))
@@ -178,6 +186,18 @@ CASES = [
     # torch.export
     ("torch.export: a size written in the code", lambda: Net(_export_literal, fc=nn.Linear(4, 6),
                                                              c2=nn.Conv2d(6, 2, 1)), VEC, "fc", "fixes the size"),
+    ("torch.export: size as data", lambda: Net(_export_size_data(lambda m, v: v * v.size(1)), fc2=nn.Linear(4, 2)),
+     VEC, "x", "the size of a grouped dim under torch.export"),
+    ("torch.export: summed, then divided by the size",
+     lambda: Net(_export_size_data(lambda m, v: v - v.sum(1, keepdim=True) / v.size(1)), fc2=nn.Linear(4, 2)), VEC,
+     "x", "the size of a grouped dim under torch.export"),
+    ("torch.export: 1 / numel", lambda: Net(_export_size_data(lambda m, v: m.fc(v) * (1.0 / m.fc(v).numel())),
+                                           fc=nn.Linear(4, 6), fc2=nn.Linear(6, 2)), VEC, "fc",
+     "the size of a grouped dim under torch.export"),
+    # a set whose gate scales consumers only, with rows tied to it that no gate scales
+    ("input features tie a linear's rows by a size, then a sum",
+     lambda: Net(lambda m, v: m.head(torch.relu(m.fc(v).view(v.size())).sum(1, keepdim=True)), fc=nn.Linear(4, 4),
+                 head=nn.Linear(1, 2)), VEC, "x", "no parameter there can be scaled instead"),
     ("torch.export: input features", lambda: Net(_export_plain, fc0=nn.Linear(4, 6), fc=nn.Linear(6, 2)), VEC, "x",
      "cut"),
 ]

@@ -104,6 +104,9 @@ class RuleContext:
         self.attachments: list[Attachment] = []
         self.visits: list[Visit] = []
         self.taints: list[tuple[np.ndarray, str]] = []
+        # node -> (sizes of the grouped dims it summed over, their ids): a later number equal to such a
+        # size may be that size read as data (``pooling.reduction``, ``elementwise.size_literals``)
+        self.summed_over: dict[torch.fx.Node, tuple[list[int], torch.Tensor]] = {}
         self.env: dict[torch.fx.Node, object] = {}  # node -> its Labels, list of Labels, ParamRef or None
         self.split_policy = dict(split_policy or {})  # node name -> SPLIT_POLICIES key, or a directed output dim
         self._params = dict(capture.model.named_parameters())

@@ -9,6 +9,7 @@ output of an op without a rule) cannot shrink with it, so those groups are block
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -34,6 +35,8 @@ def elementwise(ctx: RuleContext, node, operands: list, zero) -> Labels | None:
     nd = len(ctx.shape(node))
     labs = [_aligned(ctx, v, nd) if ctx.is_tensor(v) else None for v in operands]
     varying = {d for lab in labs if lab is not None for d in lab.varying_dims()}
+    if ctx.frontend == "export":
+        size_literals(ctx, node, operands, labs, nd)
     if not varying and all(lab is None for lab in labs):
         return None
     met, tied = [], []  # every operand's labels for the zero flags; those whose groups meet here
@@ -77,6 +80,32 @@ def elementwise(ctx: RuleContext, node, operands: list, zero) -> Labels | None:
         flag = zero([getattr(m, name) for m in met], values)
         flags.append(torch.as_tensor(flag).expand(out.shape))
     return Labels(out, *flags).compressed()
+
+
+def size_literals(ctx: RuleContext, node, operands: list, labs: list, nd: int) -> None:
+    """torch.export writes a size read as data (``h * h.size(1)``, ``h / h.numel()``,
+    ``h.sum(1) / h.shape[1]``) as a number, which would not follow the cut. A number here equal to
+    the size of a grouped dim of an operand (or its count of entries, or the size of a grouped dim the
+    operand was summed over), or to its reciprocal, is taken for one: those groups are kept."""
+    numbers = [abs(v) for v in operands if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) not in (0, 1)]
+    if not numbers:
+        return
+    for v, lab in zip(operands, labs):
+        if not ctx.is_tensor(v):
+            continue
+        candidates = []
+        if lab is not None and lab.varying_dims():
+            shape = (1,) * (nd - len(ctx.shape(v))) + tuple(ctx.shape(v))
+            sizes = [shape[d] for d in lab.varying_dims()]
+            candidates.append(([*sizes, math.prod(shape)], lab.ids))
+        if v in ctx.summed_over:
+            candidates.append(ctx.summed_over[v])
+        for sizes, ids in candidates:
+            hit = next((n for n in numbers for size in sizes if math.isclose(n, size) or math.isclose(n * size, 1.0)),
+                       None)
+            if hit is not None:
+                ctx.taint(ids, f"{ctx.where(node)} uses the number {hit:g}, the size of a grouped dim under "
+                               "torch.export (a size read as data would not follow the cut)")
 
 
 def _aligned(ctx: RuleContext, v, nd: int) -> Labels | None:

@@ -2,6 +2,8 @@
 group they keep the labels; over a grouped dim only a sum is exact (zeros add nothing)."""
 from __future__ import annotations
 
+import math
+
 from .context import RuleContext
 from .normalization import rms_scope, rms_statistics
 from .structural import arg
@@ -39,6 +41,9 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
             ctx.taint(lab.ids, f"{ctx.where(node)} takes the {kind} over a grouped dim")
             return None
         ctx.visit(lab, node)
+        shape = ctx.shape(x)
+        grouped = [shape[d] for d in dims if d in lab.varying_dims()]
+        ctx.summed_over[node] = ([*grouped, math.prod(grouped)], lab.ids)
         return None
     idx = [slice(None)] * nd
     for d in dims:
