@@ -69,6 +69,10 @@ def _export_size_data(op):
     return forward
 
 
+def _rms_channels(m, x):
+    return m.c2(m.n(m.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
 def _shuffle(m, x):
     b, c, h, w = x.size()
     return m.c2(x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w))
@@ -194,6 +198,12 @@ CASES = [
     ("torch.export: 1 / numel", lambda: Net(_export_size_data(lambda m, v: m.fc(v) * (1.0 / m.fc(v).numel())),
                                            fc=nn.Linear(4, 6), fc2=nn.Linear(6, 2)), VEC, "fc",
      "the size of a grouped dim under torch.export"),
+    # an RMS norm over a grouped dim: exact with its weight and epsilon rescaled, which needs a weight
+    ("RMSNorm over the input's channels", lambda: Net(_rms_channels, dw=nn.Conv2d(4, 4, 1, groups=4), n=nn.RMSNorm(4),
+                                                        c2=nn.Conv2d(4, 2, 1)), IMG, "x", "cut"),
+    ("RMSNorm without a weight", lambda: Net(_rms_channels, dw=nn.Conv2d(4, 4, 1, groups=4),
+                                             n=nn.RMSNorm(4, elementwise_affine=False), c2=nn.Conv2d(4, 2, 1)), IMG,
+     "x", "RMS norm without a weight"),
     # a set whose gate scales consumers only, with rows tied to it that no gate scales
     ("input features tie a linear's rows by a size, then a sum",
      lambda: Net(lambda m, v: m.head(torch.relu(m.fc(v).view(v.size())).sum(1, keepdim=True)), fc=nn.Linear(4, 4),

@@ -150,8 +150,12 @@ def rms_statistics(ctx: RuleContext, node, x, dim: int, scope: tuple[str, str]) 
     line = ctx.per_dim(x, dim, node)
     if line is None:
         return
-    ctx.visit(line, node)
     path, eps = scope
+    if getattr(ctx.capture.model.get_submodule(path), "weight", None) is None:
+        ctx.taint(line.ids, f"{ctx.where(node)} is an RMS norm without a weight: a smaller width changes its "
+                            "output by sqrt(kept/width), and only a weight could take that factor")
+        return
+    ctx.visit(line, node)
     ids = ctx.new_space(line.ids.numel(), "hidden", f"{path}.{eps}", node)
     ctx.tie(ids.numpy(), line.ids.reshape(-1).numpy(), node)
     ctx.attach(f"{path}.{eps}", Role.RESCALE, line.ids.reshape(-1), 0)
