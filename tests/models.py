@@ -226,3 +226,16 @@ class GraphWontRun(nn.Module):
 
     def forward(self, x):
         return self.fc(_doubled(self.body(x), [1.0]).mean((2, 3)))
+
+
+def kill(model, fraction=0.4, seed=0):
+    """Zero the gates of a seeded random fraction of every gate's groups (each gate keeps its first)."""
+    import dgating_surgery as dg
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for g in dg.gates(model):
+            dead = torch.rand(g.num_groups, generator=gen) < fraction
+            dead[0] = False
+            g.factors[:, dead] = 0.0
+    return model

@@ -17,17 +17,6 @@ from dgating_surgery.models import ModelRef, load_model, mismatch
 import models as M
 
 
-def kill(model, fraction=0.4, seed=0):
-    """Zero the gates of a random fraction of every gate's groups (each gate keeps one)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for g in dg.gates(model):
-            dead = torch.rand(g.num_groups, generator=gen) < fraction
-            dead[0] = False
-            g.factors[:, dead] = 0.0
-    return model
-
-
 def run(model, *args, **kwargs):
     args, kwargs = dg.select_features(model, args, kwargs)
     model.eval()
@@ -36,7 +25,7 @@ def run(model, *args, **kwargs):
 
 
 def slim_roundtrip(tmp_path, model, x, recipe="default", **gate_kwargs):
-    gated = kill(dg.gate_model(model, recipe, x, **gate_kwargs))
+    gated = M.kill(dg.gate_model(model, recipe, x, **gate_kwargs))
     kept = dg.kept_groups(gated)
     slim = dg.shrink(gated, example_inputs=x, **gate_kwargs)
     path = dg.save_slim(slim, tmp_path / "slim.safetensors", example_inputs=x, kept=kept, recipe=recipe)
@@ -244,7 +233,7 @@ def sequential(hidden=(20, 15)):
 def test_save_slim_refuses_a_file_load_slim_could_not_load(tmp_path):
     """Item 6: an nn.Sequential saved without reference= was written, and load_slim failed on it."""
     x = torch.randn(4, 10)
-    slim = dg.shrink(kill(dg.gate_model(sequential(), "mlp", x)), example_inputs=x)
+    slim = dg.shrink(M.kill(dg.gate_model(sequential(), "mlp", x)), example_inputs=x)
     path = tmp_path / "slim.safetensors"
     with pytest.raises(dg.ModelSpecError) as err:
         dg.save_slim(slim, path)
@@ -267,7 +256,7 @@ def test_save_slim_refuses_a_file_load_slim_could_not_load(tmp_path):
 def test_shrink_works_in_place(tmp_path):
     """Item 10: `slim = dg.shrink(gated)` reads like a copy; it is the same model, cut. README says so."""
     x = torch.randn(4, 10)
-    gated = kill(dg.gate_model(M.MLP(), "mlp", x))
+    gated = M.kill(dg.gate_model(M.MLP(), "mlp", x))
     kept = copy.deepcopy(gated)
     slim = dg.shrink(gated, example_inputs=x)
     assert slim is gated and slim.fc1.out_features < 20 and not hasattr(slim, "dgates")

@@ -21,16 +21,6 @@ def mlp(n_in=12, hidden=(37, 29), n_out=5):
     return M.MLP(n_in, hidden, n_out)
 
 
-def kill_exactly(model, fraction, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for g in dg.gates(model):
-            dead = torch.rand(g.num_groups, generator=gen) < fraction
-            dead[0] = False
-            g.factors[:, dead] = 0.0
-    return model
-
-
 def eval_out(model, x):
     model.eval()
     with torch.no_grad():
@@ -40,7 +30,7 @@ def eval_out(model, x):
 @pytest.mark.parametrize("N", [4, 8])
 def test_widths_are_multiples_and_the_cut_is_exact(N):
     x = torch.randn(6, 12)
-    gated = kill_exactly(dg.gate_model(mlp(), NEURONS, x), 0.5)
+    gated = M.kill(dg.gate_model(mlp(), NEURONS, x), 0.5)
     plain, rounded = dg.plan_cut(gated), dg.plan_cut(gated, round_to=N)
     reference = eval_out(gated, x)
     slim = dg.shrink(copy.deepcopy(gated), example_inputs=x, round_to=N)
@@ -74,7 +64,7 @@ def test_the_strongest_dead_groups_are_kept():
 
 def test_channels_of_a_residual_network():
     x = torch.randn(2, 3, 16, 16)
-    gated = kill_exactly(dg.gate_model(M.Residual(c=8), "default", x), 0.6, seed=3)
+    gated = M.kill(dg.gate_model(M.Residual(c=8), "default", x), 0.6, seed=3)
     reference = eval_out(gated, x)
     slim = dg.shrink(gated, example_inputs=x, round_to=4)
     torch.testing.assert_close(eval_out(slim, x), reference, rtol=0, atol=1e-5)
@@ -84,7 +74,7 @@ def test_channels_of_a_residual_network():
 
 def test_the_recipe_sets_the_default_and_an_unreachable_multiple_keeps_nothing_back():
     x = torch.randn(6, 12)
-    gated = kill_exactly(dg.gate_model(mlp(hidden=(10, 29)), {**NEURONS, "round_to": 8}, x), 0.5)
+    gated = M.kill(dg.gate_model(mlp(hidden=(10, 29)), {**NEURONS, "round_to": 8}, x), 0.5)
     assert gated.dgates.recipe.round_to == 8 and gated.dgates.recipe.to_dict()["round_to"] == 8
     with torch.no_grad():  # fc1: 9 of 10 alive: the next multiple of 8 (16) is wider than the layer
         gated.dgates["fc1"].factors.fill_(1.0)
@@ -118,7 +108,7 @@ def test_dgate_shrink_round_to(tmp_path):
     convert = runner.invoke(main, ["convert", "models:MLP", "--arg", "hidden=[37, 29]", "--arg", "n_in=12", "-r",
                                    "mlp", "-o", str(path)])
     assert convert.exit_code == 0, convert.output
-    dg.save_gated(kill_exactly(dg.load_gated(path), 0.5), path)
+    dg.save_gated(M.kill(dg.load_gated(path), 0.5), path)
     result = runner.invoke(main, ["shrink", str(path), "-o", str(out), "--round-to", "8", "--json"])
     assert result.exit_code == 0, result.output
     slim = dg.load_slim(out)
