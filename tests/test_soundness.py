@@ -13,6 +13,7 @@ import random_arch as R
 IMG = torch.randn(2, 4, 4, 5, generator=torch.Generator().manual_seed(1))
 VEC = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
 TOK = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(3))
+SEQ = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(4))
 
 
 class Sandwich(nn.Module):
@@ -67,6 +68,12 @@ def _export_size_data(op):
             v = v[0]
         return m.fc2(op(m, v))  # under torch.export the size is a number in the graph
     return forward
+
+
+def _export_instance_norm(m, x):
+    if x.dim() == 3:  # Python control flow: torch.export; its graph has the norm as an op, no layer
+        x = x * 2.0
+    return m.c(m.n(x))
 
 
 def _rms_channels(m, x):
@@ -208,6 +215,8 @@ CASES = [
     ("input features tie a linear's rows by a size, then a sum",
      lambda: Net(lambda m, v: m.head(torch.relu(m.fc(v).view(v.size())).sum(1, keepdim=True)), fc=nn.Linear(4, 4),
                  head=nn.Linear(1, 2)), VEC, "x", "no parameter there can be scaled instead"),
+    ("torch.export: InstanceNorm without tensors", lambda: Net(_export_instance_norm, n=nn.InstanceNorm1d(4),
+                                                               c=nn.Conv1d(4, 2, 1)), SEQ, "x", "cut"),
     ("torch.export: input features", lambda: Net(_export_plain, fc0=nn.Linear(4, 6), fc=nn.Linear(6, 2)), VEC, "x",
      "cut"),
 ]

@@ -123,8 +123,7 @@ def _trace_head_dim(node, dim, values):
 # -- the rules ---------------------------------------------------------------------------------------
 def _heads(ctx: RuleContext, node, count: int) -> torch.Tensor:
     """A fresh ``heads`` space of the attention module the node belongs to."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()))[0] if stack else ""
+    path, _ = ctx.owner_module(node)
     return ctx.new_space(count, "heads", f"{path}.heads" if path else "heads", node)
 
 

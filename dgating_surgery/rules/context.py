@@ -197,17 +197,22 @@ class RuleContext:
         ``self.num_heads``)."""
         if not isinstance(value, int) or isinstance(value, bool) or value == -1:
             return False
+        path, module = self.owner_module(node)
+        return not (module is not None and has_fixer(module) and any(
+            v == value for v in vars(module).values() if isinstance(v, int) and not isinstance(v, bool)))
+
+    def owner_module(self, node) -> tuple[str, torch.nn.Module | None]:
+        """The innermost module whose forward ``node`` belongs to (``nn_module_stack``: symbolic
+        tracing and torch.export record it), as (path, module); ("", None) when unknown."""
+        if node.op == "call_module":
+            return node.target, self.module(node)
         stack = node.meta.get("nn_module_stack") or {}
         for path, _ in reversed(list(stack.values())):
             try:
-                module = self.capture.model.get_submodule(path)
+                return path, self.capture.model.get_submodule(path)
             except AttributeError:
                 continue
-            if has_fixer(module) and any(v == value for v in vars(module).values()
-                                         if isinstance(v, int) and not isinstance(v, bool)):
-                return False
-            break
-        return True
+        return "", None
 
     def split_carrier(self, node, free: list[int]) -> int | None:
         """The output dim that carries the groups when a reshape splits a grouped dim into the

@@ -18,9 +18,11 @@ def channel_affine(ctx: RuleContext, node, x, weight, bias, stats, zero_keeping,
     lab = ctx.per_dim(x, 1, node)
     if lab is None:
         return None
-    if node.op == "call_module" and weight is None and not any(stats):  # no tensor shows its width
+    if weight is None and not any(stats):  # no tensor shows its width (the layer's own, or under export its op's)
+        path, module = ctx.owner_module(node)
         for attr in counted:
-            ctx.count(node.target, attr, lab.ids.reshape(-1))
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                ctx.count(path, attr, lab.ids.reshape(-1))
     for fqn in (weight, bias):
         if fqn is not None:
             ctx.attach(fqn, Role.AFFINE, lab.ids.reshape(-1), 0)
@@ -132,14 +134,7 @@ def register_rms_norm(cls: type, eps_attr: str) -> None:
 
 def rms_scope(ctx: RuleContext, node) -> tuple[str, str] | None:
     """(path, epsilon attribute) of the registered RMS norm whose forward ``node`` belongs to, if any."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path = next(reversed(stack.values()))[0]
-    try:
-        module = ctx.capture.model.get_submodule(path)
-    except AttributeError:
-        return None
+    path, module = ctx.owner_module(node)
     return next(((path, attr) for cls, attr in RMS_NORMS.items() if type(module) is cls), None)
 
 
