@@ -99,6 +99,17 @@ class Labels:
         """The same groups, no longer exactly zero when gated (after an op with f(0) != 0)."""
         return Labels(self.ids, torch.zeros_like(self.zaff), torch.zeros_like(self.zall))
 
+    def reduced(self, dims) -> "Labels":
+        """The labels after an op combines entries along ``dims`` (kept, size 1), dims along which the ids
+        do not vary: an entry of the result is exactly zero only where every entry it combines is."""
+        ids, zaff, zall = self.ids, self.zaff, self.zall
+        for d in dims:
+            if ids.shape[d] > 1:
+                ids = ids.narrow(d, 0, 1)
+            zaff = zaff.all(d, keepdim=True) if zaff.shape[d] > 1 else zaff
+            zall = zall.all(d, keepdim=True) if zall.shape[d] > 1 else zall
+        return Labels(*torch.broadcast_tensors(ids, zaff, zall))
+
     def compressed(self) -> "Labels":
         """Shrink every dim along which ids and zero flags are constant to size 1."""
         ids, zaff, zall = self.ids, self.zaff, self.zall

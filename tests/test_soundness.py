@@ -70,14 +70,23 @@ def _export_size_data(op):
     return forward
 
 
-def _export_instance_norm(m, x):
-    if x.dim() == 3:  # Python control flow: torch.export; its graph has the norm as an op, no layer
+def _export_norm(m, x):
+    if x.dim() > 2:  # Python control flow: torch.export; its graph has the norm as an op, no layer
         x = x * 2.0
     return m.c(m.n(x))
 
 
 def _rms_channels(m, x):
     return m.c2(m.n(m.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def _half_layer_then_sum(m, t):
+    a, b = t.chunk(2, -1)
+    return torch.cat((a, m.f(b)), -1).sum(dim=1)
+
+
+def _times_max(h):
+    return h * h.amax((2, 3), keepdim=True)
 
 
 def _shuffle(m, x):
@@ -131,6 +140,15 @@ CASES = [
      IMG, "c1", "cut"),
     ("masked_fill", lambda: Sandwich(lambda m, h, x: h.masked_fill(h < 0, 0.0)), IMG, "c1", "cut"),
     ("torch.where", lambda: Sandwich(lambda m, h, x: torch.where(h > 0, h, 0.1 * h)), IMG, "c1", "cut"),
+    # ops that combine entries along dims without groups: zero only where every combined entry is
+    ("max over a map of zeros and ones", lambda: Sandwich(lambda m, h, x: _times_max(torch.cat([h, torch.ones_like(h)],
+                                                                                        3))), IMG, "c1",
+     "not exactly zero"),
+    ("pooling a window of zeros and ones", lambda: Sandwich(lambda m, h, x: F.max_pool2d(
+        torch.cat([h, torch.ones_like(h)], 3), (1, 2))), IMG, "c1", "not exactly zero"),
+    ("max over space", lambda: Sandwich(lambda m, h, x: _times_max(h)), IMG, "c1", "cut"),
+    ("a sum over the input's tokens, neurons along the channels",
+     lambda: Net(_half_layer_then_sum, f=nn.Linear(2, 2)), TOK[..., :4], "f", "an entry there belongs to two groups"),
     # sizes
     ("size of a grouped dim as data", lambda: Sandwich(lambda m, h, x: h / h.size(1)), IMG, "c1",
      "size of a grouped dim is used as data"),
@@ -215,8 +233,10 @@ CASES = [
     ("input features tie a linear's rows by a size, then a sum",
      lambda: Net(lambda m, v: m.head(torch.relu(m.fc(v).view(v.size())).sum(1, keepdim=True)), fc=nn.Linear(4, 4),
                  head=nn.Linear(1, 2)), VEC, "x", "no parameter there can be scaled instead"),
-    ("torch.export: InstanceNorm without tensors", lambda: Net(_export_instance_norm, n=nn.InstanceNorm1d(4),
+    ("torch.export: InstanceNorm without tensors", lambda: Net(_export_norm, n=nn.InstanceNorm1d(4),
                                                                c=nn.Conv1d(4, 2, 1)), SEQ, "x", "cut"),
+    ("torch.export: GroupNorm without tensors", lambda: Net(_export_norm, n=nn.GroupNorm(4, 4, affine=False),
+                                                            c=nn.Conv2d(4, 2, 1)), IMG, "x", "cut"),
     ("torch.export: input features", lambda: Net(_export_plain, fc0=nn.Linear(4, 6), fc=nn.Linear(6, 2)), VEC, "x",
      "cut"),
 ]

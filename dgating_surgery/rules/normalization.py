@@ -21,7 +21,7 @@ def channel_affine(ctx: RuleContext, node, x, weight, bias, stats, zero_keeping,
     if weight is None and not any(stats):  # no tensor shows its width (the layer's own, or under export its op's)
         path, module = ctx.owner_module(node)
         for attr in counted:
-            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and hasattr(module, attr):
                 ctx.count(path, attr, lab.ids.reshape(-1))
     for fqn in (weight, bias):
         if fqn is not None:
@@ -96,7 +96,8 @@ def group_norm_call(ctx: RuleContext, node):
     else:
         groups, weight, bias = arg(node, 1, "num_groups"), arg(node, 2, "weight"), arg(node, 3, "bias")
     if groups == ctx.shape(x)[1] and not ctx.fixed_by_code(node, groups):
-        out = channel_affine(ctx, node, x, ctx.fqn(weight), ctx.fqn(bias), (), zero_keeping=True)
+        out = channel_affine(ctx, node, x, ctx.fqn(weight), ctx.fqn(bias), (), zero_keeping=True,
+                             counted=("num_channels", "num_groups"))
         return [out, None, None] if ctx.op_name(node) == "native_group_norm" else out
     return normalization(ctx, node, x, [1], "group_norm")
 

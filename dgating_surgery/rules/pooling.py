@@ -17,6 +17,7 @@ def spatial(ctx: RuleContext, node):
     if any(d >= 2 for d in lab.varying_dims()):
         ctx.taint(lab.ids, f"{ctx.where(node)} pools over a grouped dim")
         return None
+    lab = lab.reduced(range(2, lab.ids.ndim)).compressed()  # a window of zeros and non-zeros is not zero
     return lab if ctx.is_tensor(node) else [lab, None]  # max_pool2d_with_indices: (values, indices)
 
 
@@ -32,7 +33,12 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
     dims = arg(node, dim_pos, "dim")
     dims = range(nd) if dims is None else sorted(d % nd for d in ([dims] if isinstance(dims, int) else dims))
     keep = bool(arg(node, dim_pos + 1, "keepdim", False))
-    if any(d in lab.varying_dims() for d in dims):
+    varying = lab.varying_dims()
+    if any(d in varying for d in dims) and any(d not in dims for d in varying):
+        ctx.taint(lab.ids, f"{ctx.where(node)} sums over one grouped dim of a tensor grouped along another too (an "
+                           "entry there belongs to two groups)")
+        return None
+    if any(d in varying for d in dims):
         scope = rms_scope(ctx, node) if kind == "mean" and len(dims) == 1 else None
         if scope is not None:  # the mean of squares inside an RMS norm
             rms_statistics(ctx, node, x, dims[0], scope)
@@ -45,10 +51,7 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
         grouped = [shape[d] for d in dims if d in lab.varying_dims()]
         ctx.summed_over[node] = ([*grouped, math.prod(grouped)], lab.ids)
         return None
-    idx = [slice(None)] * nd
-    for d in dims:
-        idx[d] = slice(0, 1)
-    out = lab.map(lambda t: t[tuple(idx)])
+    out = lab.reduced(dims)
     if not keep:
         out = out.map(lambda t: t.reshape([s for d, s in enumerate(t.shape) if d not in dims]))
     return out
