@@ -29,6 +29,7 @@ def main(names: list[str]) -> int:
     print("-" * len(header))
     reasons: dict[str, dict[str, int]] = {}
     passed, totals = 0, [0, 0, 0, 0]
+    worst, seconds = [0.0, 0.0], [0.0, 0.0]  # largest gate/slim diff; gate/shrink seconds summed
     for name in names:
         model = torchvision.models.get_model(name, weights=None)
         size = 299 if name == "inception_v3" else 224  # its documented input size (the aux branch needs it)
@@ -41,6 +42,8 @@ def main(names: list[str]) -> int:
         passed += c.ok
         totals = [totals[0] + c.groups_gated, totals[1] + c.groups_cut, totals[2] + c.params_before,
                   totals[3] + c.params_after]
+        worst = [max(worst[0], c.gate_diff), max(worst[1], c.slim_diff)]
+        seconds = [seconds[0] + c.seconds_gate, seconds[1] + c.seconds_shrink]
         print(f"{name:28s} {c.groups_gated:7d} {c.groups_cut:6d} {c.params_before:14,d} {c.params_after:13,d} "
               f"{c.gate_diff:10.1e} {c.slim_diff:10.1e} {c.seconds_gate:7.2f} {c.seconds_shrink:8.2f} "
               f"{'yes' if c.ok else 'NO'}", flush=True)
@@ -48,7 +51,8 @@ def main(names: list[str]) -> int:
         del model
     print("-" * len(header))
     print(f"exact: {passed}/{len(names)} models; {totals[0]:,d} groups gated, {totals[1]:,d} cut; "
-          f"parameters {totals[2]:,d} -> {totals[3]:,d}")
+          f"parameters {totals[2]:,d} -> {totals[3]:,d}; max gate diff {worst[0]:.1e}, max slim diff {worst[1]:.1e} "
+          f"of the output's largest value; gate {seconds[0]:.1f} s and shrink {seconds[1]:.1f} s summed")
     print("\nGroups not gated, and why (model: groups - reason; the four largest reasons per model):")
     for name, why in reasons.items():
         ranked = sorted(why.items(), key=lambda kv: -kv[1])
