@@ -21,7 +21,7 @@ from dgating_surgery.demo import run_demo
 from dgating_surgery.models import InputSpec
 
 import models as M
-from test_checkpoint import kill, run
+from test_checkpoint import run
 
 TESTS = Path(__file__).resolve().parent
 CNN = ["models:Residual", "--input-shape", "2,3,16,16"]
@@ -72,7 +72,7 @@ def trained_gated(tmp_path):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
         opt.step()
-    dg.save_gated(kill(model, 0.5), path)
+    dg.save_gated(M.kill(model, 0.5), path)
     return path
 
 
@@ -127,7 +127,7 @@ def test_shrink_exports_and_features(tmp_path):
     recipe = tmp_path / "features.yaml"
     recipe.write_text("D: 3\ngroups:\n  - kind: features\n")
     dgate("convert", "models:MLP", "--recipe", recipe, "-o", gated)
-    dg.save_gated(kill(dg.load_gated(gated), 0.5), gated)
+    dg.save_gated(M.kill(dg.load_gated(gated), 0.5), gated)
     out = tmp_path / "slim.safetensors"
     dgate("shrink", gated, "-o", out, "--export", "onnx", "--export", "torch.export")
     slim = dg.load_slim(out)

@@ -47,7 +47,7 @@ def test_install_section_names_the_cpu_build_and_the_extras():
            for dep in project["dependencies"] + extras()["vision"] if "<=" in dep}
     # the CPU build, within the versions the package allows (else pip would fetch the CUDA build again)
     assert (f"pip install 'torch<={top['torch']}' 'torchvision<={top['torchvision']}' "
-            "--index-url https://download.pytorch.org/whl/cpu") in install
+            '--index-url "$PYTORCH_CPU_INDEX"') in install and "CPU" in install
     named = set(re.findall(r"\.\[(\w+)\]", README))
     assert {"vision", "timm", "transformers", "onnx", "test", "bench"} <= named <= set(extras())
     for library, extra in (("torchvision", "vision"), ("timm", "timm"), ("transformers", "transformers")):
