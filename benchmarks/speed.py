@@ -153,7 +153,7 @@ def saved_bytes(stepper: Stepper) -> int:
     return sum(seen.values())
 
 
-def eager_rows(case: Case, rounds: int) -> list[str]:
+def eager_rows(case: Case, rounds: int, round_s: float) -> list[str]:
     torch.manual_seed(0)
     base = case.build()
     variants = {"original": base}
@@ -163,7 +163,7 @@ def eager_rows(case: Case, rounds: int) -> list[str]:
         variants[side] = gated
     steppers = {k: Stepper(m, case) for k, m in variants.items()}
     memory = {k: saved_bytes(s) for k, s in steppers.items()}
-    times, reps = interleaved(steppers, rounds)
+    times, reps = interleaved(steppers, rounds, round_s)
     base_ms = 1000 * statistics.median(times["original"])
     cells = [f"{ratio_text(times[s], times['original'])}" for s in SIDES]
     mem = [f"{memory[s] / memory['original']:.2f}" for s in SIDES]
@@ -171,7 +171,7 @@ def eager_rows(case: Case, rounds: int) -> list[str]:
             + f" ({memory['original'] / 2**20:.0f} MB) | {rounds}x{reps} |"]
 
 
-def compiled_row(case: Case, rounds: int) -> str:
+def compiled_row(case: Case, rounds: int, round_s: float) -> str:
     torch.manual_seed(0)
     base = case.build()
     gated = case.gate(copy.deepcopy(base))
@@ -181,7 +181,7 @@ def compiled_row(case: Case, rounds: int) -> str:
     for s in steppers.values():
         s.step()  # compiles forward and backward
     compile_s = time.perf_counter() - start
-    times, reps = interleaved(steppers, rounds)
+    times, reps = interleaved(steppers, rounds, round_s)
     base_ms = 1000 * statistics.median(times["original"])
     return (f"| {case.name} | {base_ms:.1f} | {ratio_text(times['auto'], times['original'])} | "
             f"{compile_s:.0f} | {rounds}x{reps} |")
@@ -221,6 +221,8 @@ def surgery_rows() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--round-seconds", type=float, default=0.3,
+                        help="CPU seconds each variant runs per round (more: less noise, longer)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--only", default="", help="rows whose name contains this (case-insensitive)")
     parser.add_argument("--surgery", action="store_true")
@@ -234,14 +236,14 @@ def main() -> None:
           "| saved for backward vs original: auto / weight / output | rounds x steps |")
     print("|---|---|---|---|---|---|---|")
     for case in selected:
-        for row in eager_rows(case, args.rounds):
+        for row in eager_rows(case, args.rounds, args.round_seconds):
             print(row, flush=True)
     if not args.no_compile:
         print("\n| training step, torch.compile | original ms | gated (auto)/original | compile s (both) "
               "| rounds x steps |")
         print("|---|---|---|---|---|")
         for case in selected:
-            print(compiled_row(case, args.rounds), flush=True)
+            print(compiled_row(case, args.rounds, args.round_seconds), flush=True)
     print("\n(ratios: median over rounds, min-max in brackets)")
     if args.surgery:
         surgery_rows()
