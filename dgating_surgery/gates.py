@@ -66,10 +66,15 @@ class DGate(nn.Module):
         return self.factors.shape[1]
 
     def gate(self) -> torch.Tensor:
-        """The gate value of every group: the product of its D-1 factors (written as products of
-        rows, which every exporter folds; the legacy ONNX exporter mis-folds a ReduceProd here)."""
-        gate = self.factors[0]
-        for row in self.factors[1:]:
+        """The gate value of every group: the product of its D-1 factors, written as products of
+        rows (every exporter folds them; the legacy ONNX exporter mis-folds a ReduceProd here, and
+        ``prod``'s backward checks for zeros on every training step)."""
+        factors = self.factors
+        if factors.shape[0] == 1:
+            return factors.view(-1)
+        rows = factors.unbind(0)
+        gate = rows[0]
+        for row in rows[1:]:
             gate = gate * row
         return gate
 
@@ -90,19 +95,6 @@ class DGateSet(nn.ModuleDict):
         return x
 
 
-def gate_values(dgate: DGate) -> torch.Tensor:
-    """``dgate.gate()`` (the product of the D-1 factors of every group) with fewer autograd nodes:
-    ``prod``'s backward checks for zeros on every call; one unbind and D-2 multiplications do not."""
-    factors = dgate.factors
-    if factors.shape[0] == 1:
-        return factors.view(-1)
-    rows = factors.unbind(0)
-    g = rows[0]
-    for row in rows[1:]:
-        g = g * row
-    return g
-
-
 class GateScale(nn.Module):
     """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
     its group's position in the concatenated gates of ``sources`` (-1: not gated). When one gate
@@ -118,26 +110,20 @@ class GateScale(nn.Module):
         self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
         flat = index.reshape(-1)
         self.in_order = len(sources) == 1 and torch.equal(flat, torch.arange(sources[0].num_groups))
-        self.flat = index.ndim == 1
         self.side, self.bias_gated = None, False
         self.register_buffer("index", index + 1, persistent=False)
 
     def vector(self, dtype: torch.dtype) -> torch.Tensor:
         """The gate of every position along the gated dim, as a 1-D tensor of ``dtype``."""
         if self.in_order:
-            g = gate_values(self.sources[0])
+            g = self.sources[0].gate()
             return g if g.dtype == dtype else g.to(dtype)
         gates = torch.cat([self.sources[0].factors.new_ones(1, dtype=dtype)]
-                          + [gate_values(s).to(dtype) for s in self.sources])
+                          + [s.gate().to(dtype) for s in self.sources])
         return gates[self.index.reshape(-1)]
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        if self.in_order:
-            g = gate_values(self.sources[0])
-            g = g if g.dtype == theta.dtype else g.to(theta.dtype)
-            return theta * (g if self.flat else g.view(self.index.shape))
-        gates = torch.cat([theta.new_ones(1)] + [gate_values(g).to(theta.dtype) for g in self.sources])
-        return theta * gates[self.index]
+        return theta * self.vector(theta.dtype).view(self.index.shape)
 
 
 def gate_set(model: nn.Module) -> DGateSet | None:

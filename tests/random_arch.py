@@ -423,33 +423,8 @@ def b_clamp(ctx, shape, layout):
 def b_inplace(ctx, shape, layout):
     """In-place ops; the later read is of the mutated tensor's original name."""
     pattern = ctx.choice(["add_", "sigmoid_", "relu_", "neg_", "mul_", "F.relu(inplace)", "add_ then read both",
-                          "relu_ on clone", "exp_"])
-    if pattern == "add_":
-        def fn(m, h, x):
-            y = h * 2.0
-            y.add_(1.0)
-            return y
-    elif pattern == "sigmoid_":
-        def fn(m, h, x):
-            y = h * 1.0
-            y.sigmoid_()
-            return y
-    elif pattern == "relu_":
-        def fn(m, h, x):
-            y = h.neg()
-            y.relu_()
-            return y
-    elif pattern == "neg_":
-        def fn(m, h, x):
-            y = h.clone()
-            y.neg_()
-            return y
-    elif pattern == "mul_":
-        def fn(m, h, x):
-            y = h * 3.0
-            y.mul_(2.0)
-            return y
-    elif pattern == "F.relu(inplace)":
+                          "relu_ on clone", "exp_"])  # this order: the seeds' models stay the same
+    if pattern == "F.relu(inplace)":
         def fn(m, h, x):
             return F.relu(h * 1.0, inplace=True)
     elif pattern == "add_ then read both":
@@ -458,17 +433,26 @@ def b_inplace(ctx, shape, layout):
             z = y * 2.0
             y.add_(0.5)
             return z + y
-    elif pattern == "exp_":
-        def fn(m, h, x):
-            y = h * 0.5
-            y.exp_()
-            return y
     else:
+        make, mutate = _IN_PLACE[pattern]
+
         def fn(m, h, x):
-            y = h.clone()
-            y.relu_()
+            y = make(h)
+            mutate(y)  # the graph's `y` is read below; the data changed
             return y
     return Block(f"inplace[{pattern}]", fn), layout
+
+
+# pattern -> (the tensor made, the in-place op applied to it)
+_IN_PLACE = {
+    "add_": (lambda h: h * 2.0, lambda y: y.add_(1.0)),
+    "sigmoid_": (lambda h: h * 1.0, lambda y: y.sigmoid_()),
+    "relu_": (lambda h: h.neg(), lambda y: y.relu_()),
+    "neg_": (lambda h: h.clone(), lambda y: y.neg_()),
+    "mul_": (lambda h: h * 3.0, lambda y: y.mul_(2.0)),
+    "exp_": (lambda h: h * 0.5, lambda y: y.exp_()),
+    "relu_ on clone": (lambda h: h.clone(), lambda y: y.relu_()),
+}
 
 
 @block("img", "seq", "vol", "vec", weight=1.5)

@@ -40,6 +40,18 @@ def missing_model_message(framework: str) -> str:
             "training (or pass model= to the callback)")
 
 
+class CoreView:
+    """What a framework callback shows of its ``CallbackCore`` (``self.core``)."""
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def problems(self) -> list[str]:
+        return self.core.problems
+
+
 class CallbackCore:
     """What the framework callbacks share: find the gated model, check the optimizer, step the
     lambda schedule with the framework's global step, compute the figures to log."""

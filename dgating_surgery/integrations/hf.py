@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 
 from ..training import param_groups
-from . import CallbackCore, find_gated, missing_model_message
+from . import CallbackCore, CoreView, find_gated, missing_model_message
 
 
 def dgating_optimizer(model, args=None, lam: float | None = None, optimizer_cls=torch.optim.Adam,
@@ -56,7 +56,7 @@ def dgating_optimizer(model, args=None, lam: float | None = None, optimizer_cls=
     return optimizer_cls(groups, **kwargs)
 
 
-class DGatingCallback(TrainerCallback):
+class DGatingCallback(CoreView, TrainerCallback):
     """Checks the optimizer, logs sparsity, ramps lambda; for ``Trainer(callbacks=[...])``.
 
     ``model``: the gated module (default: the Trainer's model, or its first gated submodule).
@@ -78,14 +78,6 @@ class DGatingCallback(TrainerCallback):
         """Put this callback first in ``trainer``'s list, before the report integrations."""
         trainer.callback_handler.callbacks.insert(0, self)
         return self
-
-    @property
-    def scheduler(self):
-        return self.core.scheduler
-
-    @property
-    def problems(self) -> list[str]:
-        return self.core.problems
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.core.begin(model, optimizer, state.global_step, "Trainer")

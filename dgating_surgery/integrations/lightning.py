@@ -29,10 +29,10 @@ except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("dgating_surgery.integrations.lightning needs Lightning: pip install "
                           "'dgating-surgery[lightning]'") from exc
 
-from . import CallbackCore
+from . import CallbackCore, CoreView
 
 
-class DGatingCallback(Callback):
+class DGatingCallback(CoreView, Callback):
     """Checks the optimizer, logs sparsity, ramps lambda; for ``Trainer(callbacks=[...])``.
 
     ``model``: the gated module (default: the LightningModule's first gated submodule).
@@ -46,14 +46,6 @@ class DGatingCallback(Callback):
                  uses_penalty: bool = False, every_n_steps: int | None = None):
         self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty)
         self.every_n_steps = every_n_steps
-
-    @property
-    def scheduler(self):
-        return self.core.scheduler
-
-    @property
-    def problems(self) -> list[str]:
-        return self.core.problems
 
     def on_train_start(self, trainer, pl_module):
         self.core.begin(pl_module, list(trainer.optimizers), trainer.global_step, "Lightning")

@@ -173,13 +173,7 @@ class RuleContext:
 
     def all_labels(self, structure) -> list[Labels]:
         """Every label set among the nodes of an argument structure (tuple outputs included)."""
-        out = []
-        for n in self.flat_nodes(structure):
-            state = self.env.get(n)
-            for s in (state if isinstance(state, (list, tuple)) else [state]):
-                if isinstance(s, Labels):
-                    out.append(s)
-        return out
+        return self._states(structure, Labels)
 
     def literal_sizes(self, node, sizes, ndim: int) -> list[bool]:
         """Which output dims of a view the forward code fixes (see ``fixed_by_code``)."""
@@ -346,13 +340,16 @@ class RuleContext:
 
     def size_refs(self, structure) -> list[SizeRef]:
         """The sizes of grouped dims among the nodes of an argument structure."""
-        found = []
+        return self._states(structure, SizeRef)
+
+    def _states(self, structure, cls: type) -> list:
+        """The walk's states of class ``cls`` among the nodes of an argument structure (a node's
+        state may be a list, for tuple outputs)."""
+        out = []
         for n in self.flat_nodes(structure):
             state = self.env.get(n)
-            for s in (state if isinstance(state, (list, tuple)) else [state]):
-                if isinstance(s, SizeRef):
-                    found.append(s)
-        return found
+            out.extend(s for s in (state if isinstance(state, (list, tuple)) else [state]) if isinstance(s, cls))
+        return out
 
     def _param_labels_of(self, fqn: str) -> Labels:
         """A parameter or buffer used element-wise (a layer scale, a bias added by hand, a mask):
