@@ -28,6 +28,10 @@ class Role(str, Enum):
     # after the cut (its mean of squares runs over fewer entries), ``fqn`` naming its epsilon attribute
 
 
+# roles that name a layer attribute, not a tensor: shrink sets them after the cut
+ATTRIBUTE_ROLES = (Role.COUNT, Role.RESCALE)
+
+
 @dataclass(frozen=True)
 class Policy:
     """Which roles a gate scales, and when that is exact. ``needs``: the group has a slice of one

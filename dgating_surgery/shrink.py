@@ -15,7 +15,7 @@ from .errors import ShrinkError
 from .execution import as_tuple, describe_mismatch, output_diff, run, tolerance
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
-from .kinds import Role
+from .kinds import ATTRIBUTE_ROLES, Role
 from .recipe import check_round_to, check_threshold
 from .tensors import get_tensor, owner, replace_tensor
 from .tracing import check_not_meta
@@ -59,7 +59,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
         if gone:
             kept_inputs[dgate.modules[0]] = [p for p in range(dgate.width) if p not in gone]
         for cut in dgate.cuts:
-            if cut.role in (Role.COUNT, Role.RESCALE):
+            if cut.role in ATTRIBUTE_ROLES:
                 attributes[cut.fqn] = cut.role
                 along = cut.index
             else:
@@ -80,7 +80,7 @@ def round_kept(model: nn.Module, dgate, norm: torch.Tensor, is_dead: torch.Tenso
     round_to = check_round_to(round_to)
     if round_to == 1 or not bool(is_dead.any()):
         return is_dead
-    cuts = [c for c in dgate.cuts if c.role != Role.COUNT]
+    cuts = [c for c in dgate.cuts if c.role not in ATTRIBUTE_ROLES]
     if not cuts:
         return is_dead
     ref = next((c for c in cuts if c.role == Role.PRODUCER), None) or next(
@@ -147,15 +147,19 @@ class _Snapshot:
     into a tensor, so keeping the old objects (no copies) is enough."""
 
     def __init__(self, model: nn.Module):
-        self.saved = [(m, type(m), {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v)
-                                    for k, v in m.__dict__.items()}) for m in model.modules()]
+        self.saved = [(m, type(m), self._state(m.__dict__)) for m in model.modules()]
 
     def restore(self) -> None:
         for module, cls, state in self.saved:
             module.__class__ = cls
             module.__dict__.clear()
-            module.__dict__.update({k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v)
-                                    for k, v in state.items()})
+            module.__dict__.update(self._state(state))
+
+    @staticmethod
+    def _state(attrs: dict) -> dict:
+        """A module's attribute dict with its own dicts of tensors and submodules copied (a cut
+        replaces their entries)."""
+        return {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v) for k, v in attrs.items()}
 
 
 def _run_slim(model: nn.Module, example_inputs, kwargs):
@@ -182,20 +186,20 @@ def _rescale_rms_norm(model: nn.Module, fqn: str, width: int, kept: int) -> floa
     """An RMS norm whose mean of squares now runs over ``kept`` of ``width`` entries (the removed ones
     were exactly zero): with epsilon and the weight rescaled it computes what it did,
     w * x / sqrt(S/width + eps) == (w * sqrt(width/kept)) * x / sqrt(S/kept + eps * width/kept).
-    Returns the new epsilon."""
+    (A norm without a weight is never cut: ``rules.normalization.rms_statistics``.) Returns the new
+    epsilon."""
     module, attr = owner(model, fqn)
+    weight = module.weight.detach()
     eps = getattr(module, attr)
-    weight = getattr(module, "weight", None)
     if eps is None:  # torch's RMSNorm default: the dtype's machine epsilon
-        eps = torch.finfo(weight.dtype if weight is not None else torch.get_default_dtype()).eps
+        eps = torch.finfo(weight.dtype).eps
     if kept == width:
         return eps
-    if weight is not None:
-        replace_tensor(module, "weight", weight.detach() * (width / kept) ** 0.5)
+    replace_tensor(module, "weight", weight * (width / kept) ** 0.5)
     return eps * width / kept
 
 
-def _collapse(model: nn.Module, removed: dict | None = None) -> set[str]:
+def _collapse(model: nn.Module, removed: dict) -> set[str]:
     """Multiply every gate into its weights and drop the gates; a tensor in ``removed`` is sliced as
     it is collapsed (one tensor's full-size product at a time, never a full copy of the model's
     gated weights). Returns the names of the tensors it sliced.
@@ -217,7 +221,7 @@ def _collapse(model: nn.Module, removed: dict | None = None) -> set[str]:
         with torch.no_grad():
             for attr, plist in module.parametrizations.items():
                 fqn = f"{name}.{attr}" if name else attr
-                drop = (removed or {}).get(fqn)
+                drop = removed.get(fqn)
                 value = getattr(module, attr).detach()
                 if drop is not None:
                     value = _sliced(value, drop, plist.original)
