@@ -196,3 +196,39 @@ def test_a_wrong_side_is_refused():
     _, gated, _ = gated_pair()
     with pytest.raises(ValueError, match="side must be one of auto, weight, output"):
         set_gate_side(gated, "input")
+
+
+def _mobilenet():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return dg.expose_weights(torchvision.models.mobilenet_v2(num_classes=10)), (torch.randn(2, 3, 32, 32),), {}, "default"
+
+
+def _llama():
+    from test_heads import RECIPE as HEADS, _hf
+    model, args, kwargs = _hf("llama")
+    return dg.expose_weights(model), args, kwargs, HEADS
+
+
+@pytest.mark.parametrize("make", [_mobilenet, _llama], ids=["torchvision mobilenet_v2", "transformers llama"])
+def test_every_side_on_real_architectures(make):
+    """The zoo runs the default side; here every side of a real CNN and a real transformer (heads and
+    neurons gated) computes the original function and the same factor gradients."""
+    model, args, kwargs, recipe = make()
+    model.eval()
+    gated = dg.gate_model(copy.deepcopy(model), recipe, args, kwargs)
+    assert "auto" in gate_sides(gated).values()  # some gate may act on an output here
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+    reference = reference if isinstance(reference, torch.Tensor) else reference.logits
+    factor_grads = {}
+    for side in SIDES:
+        set_gate_side(gated, side)
+        gated.zero_grad(set_to_none=True)
+        out = gated(*args, **kwargs)
+        out = out if isinstance(out, torch.Tensor) else out.logits
+        assert dg.output_diff(reference, out.detach()) <= 1e-5 * reference.abs().max(), side
+        out.square().sum().backward()
+        factor_grads[side] = torch.cat([g.factors.grad.reshape(-1) for g in dg.gates(gated)])
+    for side in ("weight", "output"):
+        torch.testing.assert_close(factor_grads[side], factor_grads["auto"], rtol=1e-3, atol=1e-5)

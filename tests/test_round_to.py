@@ -116,3 +116,18 @@ def test_dgate_shrink_round_to(tmp_path):
     assert json.loads(result.output)["groups_cut"] == 37 + 29 - slim.fc1.out_features - slim.fc2.out_features
     bad = runner.invoke(main, ["shrink", str(path), "-o", str(tmp_path / "x.safetensors"), "--round-to", "0"])
     assert bad.exit_code == 2 and "--round-to" in bad.output
+
+
+def test_a_torchvision_resnet():
+    """round_to on a real network: every conv the cut narrows keeps a multiple of 8, the cut stays exact."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = dg.expose_weights(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gated = M.kill(dg.gate_model(model, "default", x), 0.3, seed=1)
+    reference = eval_out(gated, x)
+    slim = dg.shrink(gated, example_inputs=x, round_to=8)
+    torch.testing.assert_close(eval_out(slim, x), reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
+    widths = [m.out_channels for m in slim.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths) and sum(widths) < sum(
+        m.out_channels for m in torchvision.models.resnet18().modules() if isinstance(m, nn.Conv2d))
