@@ -43,50 +43,47 @@ def _cheaper(n_out, n_weight) -> str:
     return "output" if n_out <= n_weight else "weight"
 
 
-def _linear_forward(self, input):
+def _gated_forward(self, input, call, out_count, gate_shape):
+    """The forward of an eligible layer: ``call(layer, input, weight, bias)`` computes the layer,
+    ``out_count(self, input)`` how many outputs this call gives, ``gate_shape(self)`` how the gate
+    vector broadcasts over one output."""
     plist = self.parametrizations
     scale = plist["weight"][0]
     if parametrize._cache_enabled:  # cached gated weights: the dense original's cost
-        return F.linear(input, self.weight, self.bias)
+        return call(self, input, self.weight, self.bias)
     theta = plist["weight"].original
     bias = plist["bias"].original if scale.bias_gated else None
     side = scale.side
     if side == "auto":
-        n_weight = theta.numel() + (0 if bias is None else bias.numel())
-        side = _cheaper(input.numel() // self.in_features * self.out_features, n_weight)
+        side = _cheaper(out_count(self, input), theta.numel() + (0 if bias is None else bias.numel()))
     g = scale.vector(theta.dtype)
     if side == "output":
-        out = F.linear(input, theta, bias)
-        return out * (g if g.dtype == out.dtype else g.to(out.dtype))
-    return F.linear(input, theta * g.unsqueeze(1), None if bias is None else bias * g)
+        out = call(self, input, theta, bias)
+        return out * (g if g.dtype == out.dtype else g.to(out.dtype)).view(gate_shape(self))
+    return call(self, input, theta * g.view((-1,) + (1,) * (theta.ndim - 1)), None if bias is None else bias * g)
 
 
-def _conv_forward(self, input):
-    plist = self.parametrizations
-    scale = plist["weight"][0]
-    if parametrize._cache_enabled:
-        return self._conv_forward(input, self.weight, self.bias)
-    theta = plist["weight"].original
-    bias = plist["bias"].original if scale.bias_gated else None
-    side = scale.side
-    spatial = len(self.kernel_size)
-    if side == "auto":
-        n_weight = theta.numel() + (0 if bias is None else bias.numel())
-        stride = 1
-        for s in self.stride:
-            stride *= s
-        side = _cheaper(input.numel() // self.in_channels * self.out_channels // stride, n_weight)
-    g = scale.vector(theta.dtype)
-    if side == "output":
-        out = self._conv_forward(input, theta, bias)
-        g = g if g.dtype == out.dtype else g.to(out.dtype)
-        return out * g.view((-1,) + (1,) * spatial)
-    return self._conv_forward(input, theta * g.view((-1,) + (1,) * (theta.ndim - 1)),
-                              None if bias is None else bias * g)
+def _conv_outputs(self, input) -> int:
+    stride = 1
+    for s in self.stride:
+        stride *= s
+    return input.numel() // self.in_channels * self.out_channels // stride
 
 
-_FORWARDS = {nn.Linear: _linear_forward, nn.Conv1d: _conv_forward, nn.Conv2d: _conv_forward,
-             nn.Conv3d: _conv_forward}
+# layer class -> (its computation, its count of outputs on a call, the gate's shape over an output)
+_LINEAR = (lambda m, x, w, b: F.linear(x, w, b), lambda m, x: x.numel() // m.in_features * m.out_features,
+           lambda m: (-1,))
+_CONV = (lambda m, x, w, b: m._conv_forward(x, w, b), _conv_outputs, lambda m: (-1,) + (1,) * len(m.kernel_size))
+_RULES = {nn.Linear: _LINEAR, nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Conv3d: _CONV}
+
+
+def _forward_for(rule):
+    def forward(self, input):
+        return _gated_forward(self, input, *rule)
+    return forward
+
+
+_FORWARDS = {cls: _forward_for(rule) for cls, rule in _RULES.items()}
 
 
 def _base_class(module: nn.Module) -> type:
