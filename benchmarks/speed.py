@@ -6,7 +6,10 @@ every round, so a machine whose load changes slows all of them alike). Each roun
 of every variant; the table shows the median over rounds of gated/original and its min-max. The
 gated model runs with each choice of where its gates act (``dgating_surgery.gate_modes``): ``auto``
 (the default: weight or output per layer and call, whichever has fewer elements), ``weight`` (every
-gate scales weight slices) and ``output`` (every gate that can act on a layer's output does). The
+gate scales weight slices) and ``output`` (every gate that can act on a layer's output does). For the
+MLPs, ``by hand`` is the floor: the same D-Gating arithmetic written out in plain PyTorch, without the
+engine (each hidden Linear's output times the product of its two factor rows). "fastest" is the
+ratio of the two variants' fastest rounds, the least disturbed by other jobs on the machine. The
 memory column is what the step keeps for its backward pass (bytes saved by autograd, parameters not
 counted), relative to the original's. Then the same with ``torch.compile`` (inductor) on the
 original and the gated (auto) model. One CPU thread.
@@ -42,12 +45,29 @@ def mlp(sizes) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class Case:
-    """A model, its gating recipe and inputs, and the loss of one training step."""
+class HandGatedMLP(nn.Module):
+    """The gated MLP's arithmetic written by hand (D = 3, output side): what eager PyTorch costs for
+    D-Gating itself, with none of the engine's machinery."""
 
-    def __init__(self, name, build, recipe, args=(), kwargs=None, target=None):
+    def __init__(self, model: nn.Sequential):
+        super().__init__()
+        self.linears = nn.ModuleList(m for m in model if isinstance(m, nn.Linear))
+        self.factors = nn.ParameterList(nn.Parameter(torch.ones(2, m.out_features)) for m in self.linears[:-1])
+
+    def forward(self, x):
+        for linear, factors in zip(self.linears, self.factors):
+            x = torch.relu(linear(x) * (factors[0] * factors[1]))
+        return self.linears[-1](x)
+
+
+class Case:
+    """A model, its gating recipe and inputs, the loss of one training step and, for the MLPs, the
+    same gating written by hand."""
+
+    def __init__(self, name, build, recipe, args=(), kwargs=None, target=None, by_hand=None):
         self.name, self.build, self.recipe = name, build, recipe
         self.args, self.kwargs, self.target = tuple(args), dict(kwargs or {}), target
+        self.by_hand = by_hand
 
     def loss(self, model):
         out = model(*self.args, **self.kwargs)
@@ -75,9 +95,9 @@ def cases() -> list[Case]:
         Case("ResNet-18, 32x3x64x64", torchvision.models.resnet18, "default", (img,), target=labels),
         Case("MobileNetV2, 32x3x64x64", torchvision.models.mobilenet_v2, "default", (img,), target=labels),
         Case("MLP 64-256-128-10, batch 256", lambda: mlp([64, 256, 128, 10]), NEURONS, (torch.randn(256, 64),),
-             target=torch.randint(0, 10, (256,))),
+             target=torch.randint(0, 10, (256,)), by_hand=HandGatedMLP),
         Case("MLP 1024-4096-1024-10, batch 64", lambda: mlp([1024, 4096, 1024, 10]), NEURONS,
-             (torch.randn(64, 1024),), target=torch.randint(0, 10, (64,))),
+             (torch.randn(64, 1024),), target=torch.randint(0, 10, (64,)), by_hand=HandGatedMLP),
     ]
     common = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, vocab_size=1000,
                   max_position_embeddings=128)
@@ -134,6 +154,16 @@ def ratio_text(times: list[float], base: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def same_output(case: Case, model: nn.Module, reference: nn.Module) -> None:
+    """A variant must compute what the original computes (all gates are 1 at conversion); eval mode,
+    so that dropout draws nothing (the steppers put every model back into training mode)."""
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        got, want = model(*case.args, **case.kwargs), reference(*case.args, **case.kwargs)
+    got, want = (t if isinstance(t, torch.Tensor) else t.logits for t in (got, want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def saved_bytes(stepper: Stepper) -> int:
     """Bytes autograd keeps for the backward pass of one step (distinct storages, parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in stepper.model.parameters()}
@@ -161,13 +191,18 @@ def eager_rows(case: Case, rounds: int, round_s: float) -> list[str]:
         gated = case.gate(copy.deepcopy(base))
         set_gate_side(gated, side)
         variants[side] = gated
+    if case.by_hand is not None:
+        variants["by hand"] = case.by_hand(copy.deepcopy(base))
+    for model in variants.values():
+        same_output(case, model, base)
     steppers = {k: Stepper(m, case) for k, m in variants.items()}
     memory = {k: saved_bytes(s) for k, s in steppers.items()}
     times, reps = interleaved(steppers, rounds, round_s)
     base_ms = 1000 * statistics.median(times["original"])
-    cells = [f"{ratio_text(times[s], times['original'])}" for s in SIDES]
+    cells = [ratio_text(times[k], times["original"]) if k in times else "-" for k in SIDES + ("by hand",)]
+    fastest = min(times["auto"]) / min(times["original"])
     mem = [f"{memory[s] / memory['original']:.2f}" for s in SIDES]
-    return [f"| {case.name} | {base_ms:.1f} | " + " | ".join(cells) + " | " + " / ".join(mem)
+    return [f"| {case.name} | {base_ms:.1f} | " + " | ".join(cells) + f" | {fastest:.3f} | " + " / ".join(mem)
             + f" ({memory['original'] / 2**20:.0f} MB) | {rounds}x{reps} |"]
 
 
@@ -199,7 +234,7 @@ def surgery_rows() -> None:
     t_gate = time.perf_counter() - start
     dg.kill_random_groups(model, 0.3, seed=0)
     start = time.perf_counter()
-    dg.shrink(model)
+    dg.shrink(model, verify=False)
     t_shrink = time.perf_counter() - start
     rows += [("dg.gate_model", t_gate), ("dg.shrink (30% of groups dead, no verification)", t_shrink)]
     try:
@@ -232,9 +267,9 @@ def main() -> None:
     print("transformer rows gate heads + neurons (D=3); the others: the "
           "default recipe (channels + neurons) for the CNNs, neurons for the MLPs. One thread, torch "
           f"{torch.__version__}.\n")
-    print("| training step, eager | original ms | gated/original: auto | weight | output "
-          "| saved for backward vs original: auto / weight / output | rounds x steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("| training step, eager | original ms | gated/original: auto | weight | output | by hand "
+          "| auto, fastest rounds | saved for backward vs original: auto / weight / output | rounds x steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in selected:
         for row in eager_rows(case, args.rounds, args.round_seconds):
             print(row, flush=True)

@@ -5,6 +5,12 @@ the package is a bug.
 """
 
 
+def one_line(exc: BaseException) -> str:
+    """Another library's exception as one line of ours: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 class DGatingError(Exception):
     """Base class of every error this package raises on purpose."""
 

@@ -19,6 +19,20 @@ def as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
+def detached(structure):
+    """``structure`` with every tensor detached (the same storage: no copy)."""
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, structure)
+
+
+def on_device_of(structure, model: nn.Module):
+    """``structure`` with every tensor on the device of ``model``'s first parameter (a model moved
+    after its example inputs were recorded)."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return structure
+    return pytree.tree_map(lambda t: t.to(param.device) if isinstance(t, torch.Tensor) else t, structure)
+
+
 @contextlib.contextmanager
 def training_mode(model: nn.Module, training: bool):
     """Every submodule in train (or eval) mode for the block; each one's own flag is restored

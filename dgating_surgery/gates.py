@@ -4,7 +4,6 @@ user's object and class, and the gate costs a scaling of parameters, not a pass 
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +16,13 @@ from . import groups as groups_mod
 from . import plugins
 from . import tracing
 from .errors import GatingError, NotGatedError
+from .execution import as_tuple, detached
 from .kinds import KINDS, POLICY, Role
 from .precision import LOW_PRECISION, balanced_split
 from .recipe import Recipe, load_recipe
 from .rules import has_module_rule
 from .tensors import along, get_tensor, owner
-from .wrappers import accepts_wrapped, check_gateable, refuse_ungated_state
+from .wrappers import accepts_wrapped, check_gateable, refuse_ungated_state, warn_user
 
 GATES_ATTR = "dgates"
 
@@ -84,11 +84,14 @@ class DGate(nn.Module):
 
 class DGateSet(nn.ModuleDict):
     """The gates of a model, registered as ``model.dgates`` so that they train, save and load
-    with it. Keeps the recipe they were made from."""
+    with it. Keeps the recipe they were made from and the example inputs ``gate_model`` was given
+    (``examples``: (args, kwargs), detached, or None; not state, so not saved), on which ``shrink``
+    verifies a cut when it is given none."""
 
     def __init__(self, gates: dict[str, DGate], recipe: Recipe):
         super().__init__(gates)
         self.recipe = recipe
+        self.examples = None
 
     def forward(self, x):
         """Identity: a gated ``nn.Sequential`` calls its children in turn, this one included."""
@@ -176,7 +179,7 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
         if spec.modules or spec.names or not chosen:
             raise GatingError(f"{message}. Change the selectors or remove the entry (`dgate inspect` lists "
                               "every set).")
-        warnings.warn(message, stacklevel=3)
+        warn_user(message)
     chosen.sort(key=lambda s: plan.sets.index(s))
     return chosen
 
@@ -186,12 +189,16 @@ def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=Non
 
     The network function is unchanged: with ``init: ones`` every gate is 1; with ``init: balanced``
     each group's factors and primary weights are rescaled to equal norms, ||theta_j|| = |gamma_j,d|
-    = ||w_j||^(1/D), whose product is the original weight.
+    = ||w_j||^(1/D), whose product is the original weight. The example inputs are kept (not copied)
+    so that ``shrink`` can verify its cut on them.
     """
     recipe = load_recipe(recipe)
     _refuse_gated(model)
     check_gateable(model)  # wrappers, PEFT adapters, existing parametrizations: refused with the order to use
-    return apply_plan(model, analyze(model, example_inputs, example_kwargs), recipe)
+    apply_plan(model, analyze(model, example_inputs, example_kwargs), recipe)
+    if example_inputs is not None or example_kwargs:
+        gate_set(model).examples = detached((as_tuple(example_inputs), dict(example_kwargs or {})))
+    return model
 
 
 def _refuse_gated(model: nn.Module) -> None:

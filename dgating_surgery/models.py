@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelSpecError
+from .errors import ModelSpecError, one_line
 
 PICKLE_FLAG = "--allow-pickle (allow_pickle=True in Python)"
 # libraries a MODEL spec commonly names, and the extra of this package that installs each
@@ -325,8 +325,7 @@ def _cwd_importable() -> None:
 def _describe_exc(exc: BaseException) -> str:
     """An exception raised by the user's code as one line: its type and message and where it was
     raised (the innermost frame outside torch and this package)."""
-    text = str(exc).strip()
-    message = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    message = one_line(exc)
     where = None
     if isinstance(exc, SyntaxError) and exc.filename:
         where = f"{_short(exc.filename)}:{exc.lineno}"

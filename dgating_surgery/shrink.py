@@ -11,15 +11,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import ShrinkError
-from .execution import as_tuple, describe_mismatch, output_diff, run, tolerance
+from .errors import ShrinkError, one_line
+from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
-from .gates import GATES_ATTR, GateScale, group_sq_sums, require_gated
+from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, require_gated
 from .kinds import ATTRIBUTE_ROLES, Role
 from .recipe import check_round_to, check_threshold
 from .tensors import get_tensor, owner, replace_tensor
 from .tracing import check_not_meta
-from .wrappers import accepts_wrapped, memory_format
+from .wrappers import accepts_wrapped, memory_format, warn_user
 
 
 @dataclass
@@ -99,30 +99,55 @@ def round_kept(model: nn.Module, dgate, norm: torch.Tensor, is_dead: torch.Tenso
 
 @accepts_wrapped(in_place="shrink")
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
-           rtol: float | None = None, round_to: int | None = None) -> nn.Module:
+           rtol: float | None = None, round_to: int | None = None, verify: bool = True) -> nn.Module:
     """Collapse the gates into the weights and physically remove the dead groups (in place, like
     PEFT's ``merge_and_unload``); returns the same model object, now without gates.
 
-    With ``example_inputs`` the slim model is run against the gated one (eval mode); if any output
-    differs by more than ``rtol`` times the largest output (default: 1e-4, or a few units in the
-    last place of a low-precision output dtype), the cut is undone, the model is left gated as it
-    was, and a ``ShrinkError`` says by how much. ``round_to`` (None: the recipe's ``round_to``): keep
-    each cut layer's width a multiple of it by keeping the strongest dead groups (``round_kept``).
+    The slim model is run against the gated one (eval mode) on ``example_inputs`` or, without them,
+    on the inputs ``dg.gate_model`` was given (if it was given any, and ``verify`` is true). If the
+    slim model does not run, or an output differs by more than ``rtol`` times the largest output
+    (default: 1e-4, or a few units in the last place of a low-precision output dtype), the cut is
+    undone, the model is left gated as it was, and a ``ShrinkError`` says why. ``round_to`` (None:
+    the recipe's): keep each cut layer's width a multiple of it by keeping the strongest dead groups
+    (``round_kept``).
     """
     plan = plan_cut(model, threshold, round_to)
     check_threshold(rtol, "rtol")
-    kwargs = dict(example_kwargs or {})
-    check = example_inputs is not None or bool(kwargs)
-    reference = run(model, example_inputs, kwargs) if check else None
+    check = _verification(model, example_inputs, example_kwargs) if verify else None
     before = _Snapshot(model)
     try:
         _cut(model, plan)
-        if check:
-            _verify(reference, _run_slim(model, example_inputs, kwargs), rtol)
+        if check is not None:
+            args, kwargs, reference = check
+            _verify(reference, _run_slim(model, args, kwargs), rtol)
     except BaseException:
         before.restore()  # a failed cut or verification leaves the gated model as it was
         raise
     return model
+
+
+def _verification(model: nn.Module, example_inputs, example_kwargs):
+    """(args, kwargs, the gated model's output) to verify a cut on: the inputs given, else the ones
+    ``gate_model`` kept (on the model's device); None when there are none. Kept inputs on which the
+    gated model does not run or gives an output that cannot show a difference are skipped with a
+    warning: the user did not ask for this check."""
+    if example_inputs is not None or example_kwargs:
+        args, kwargs = as_tuple(example_inputs), dict(example_kwargs or {})
+        return args, kwargs, run(model, args, kwargs)
+    kept = gate_set(model).examples
+    if kept is None:
+        return None
+    args, kwargs = on_device_of(kept, model)
+    try:
+        reference = run(model, args, kwargs)
+        problem = describe_mismatch(reference, reference)
+    except Exception as exc:  # noqa: BLE001 - e.g. a model cast to another dtype since gating
+        problem = f"the gated model does not run on them now ({one_line(exc)})"
+    if problem is None:
+        return args, kwargs, reference
+    warn_user(f"dg.shrink: the cut is not verified on the example inputs dg.gate_model was given: {problem}. "
+              "Pass example_inputs (and example_kwargs) to dg.shrink to verify it.")
+    return None
 
 
 def _cut(model: nn.Module, plan: CutPlan) -> None:
@@ -166,8 +191,7 @@ def _run_slim(model: nn.Module, example_inputs, kwargs):
     try:
         return run(model, *select_features(model, example_inputs, kwargs))
     except Exception as exc:
-        raise ShrinkError(f"the slim model does not run on the example inputs ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): a size the forward "
+        raise ShrinkError(f"the slim model does not run on the example inputs ({one_line(exc)}): a size the forward "
                           "uses did not follow the cut. The model was left gated; exclude the layers named in "
                           "the error from the recipe (`dgate inspect` lists the sets).") from exc
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +18,9 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import DGatingError, TraceError
+from .errors import DGatingError, TraceError, one_line
 from .execution import as_tuple, evaluating, training_mode
+from .wrappers import warn_user
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class _Recorder(torch.fx.Interpreter):
         except Exception as exc:  # the user's model failed on the user's inputs: say where
             raise TraceError(
                 f"the model failed on the example inputs at {describe_node(self.module, n)}: "
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+                f"{one_line(exc)}. "
                 "Pass example_inputs shaped like a real batch for this model (for an image model "
                 "e.g. torch.randn(1, 3, 224, 224); from the shell: --input-shape 1,3,224,224)") from exc
         self.values[n] = _summarize(result)
@@ -153,9 +153,9 @@ def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: T
     except TraceError:
         pass
     else:
-        warnings.warn(f"{type(model).__name__}: the train-mode graph failed on the example inputs ({fx_run_exc}); "
-                      "traced the eval-mode graph instead, so train-only branches (auxiliary classifiers) are "
-                      "not analysed and the slim model will only run in eval mode", stacklevel=4)
+        warn_user(f"{type(model).__name__}: the train-mode graph failed on the example inputs ({fx_run_exc}); "
+                  "traced the eval-mode graph instead, so train-only branches (auxiliary classifiers) are "
+                  "not analysed and the slim model will only run in eval mode")
         return eval_gm, "fx", values
     try:
         gm = _export(model, args, kwargs, fx_run_exc)
@@ -171,7 +171,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> t
     except Exception as export_exc:
         raise TraceError(
             f"could not capture {type(model).__name__} as a graph. torch.fx.symbolic_trace failed: "
-            f"{_first_line(fx_exc)}; torch.export (non-strict) failed: {_first_line(export_exc)}. "
+            f"{one_line(fx_exc)}; torch.export (non-strict) failed: {one_line(export_exc)}. "
             "Make the forward traceable (no Python control flow on tensor values), or pass "
             "example_inputs/example_kwargs that torch.export accepts "
             "(for Hugging Face decoders: use_cache=False)") from export_exc
@@ -257,7 +257,3 @@ def quiet_torch_logs():
         for logger, level in saved:
             logger.setLevel(level)
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -1,6 +1,7 @@
 """Bad input gets a clear error that names the problem and says what to do."""
 import importlib
 import signal
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,15 @@ def test_already_gated_and_not_gated():
         dg.shrink(M.MLP())
 
 
+def test_a_recipe_entry_that_matches_nothing_warns_at_the_users_line():
+    recipe = {"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dg.gate_model(M.Residual(), recipe, torch.randn(2, 3, 8, 8))  # its one Linear is the output
+    found = [w for w in caught if "matched nothing" in str(w.message)]
+    assert len(found) == 1 and found[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+
+
 def test_verification_catches_a_cut_that_changes_the_function():
     x = torch.randn(4, 10)
     gated = dg.gate_model(M.MLP(), "mlp", x)
@@ -92,6 +102,57 @@ def test_a_failed_verification_leaves_the_model_gated_and_a_retry_works():
     assert all(torch.equal(v, state[k]) for k, v in gated.state_dict().items() if isinstance(v, torch.Tensor))
     slim = dg.shrink(gated, example_inputs=x)  # the exact cut still works afterwards
     assert slim.fc1.out_features == 17 and dg.max_rel_diff(before, slim(x)) < 1e-6
+
+
+def test_shrink_verifies_on_the_inputs_gate_model_was_given():
+    x = torch.randn(4, 10)
+    gated = dg.gate_model(M.MLP(), "mlp", x)
+    before = gated(x)
+    with pytest.raises(dg.ShrinkError, match="differs from the gated model"):
+        dg.shrink(gated, threshold=1.0)  # kills live neurons; no example inputs given to shrink
+    assert len(dg.gates(gated)) == 2 and torch.equal(gated(x), before)
+    slim = dg.shrink(gated, threshold=1.0, verify=False)  # the user's explicit choice
+    assert slim.fc1.out_features < 20 and not hasattr(slim, "dgates")
+
+
+class SizeAsLiteral(nn.Module):
+    """``view(p.size())`` ties the layer's outputs to p's features, but torch.export (which captures
+    it: symbolic_trace fails on the Python ``if``) writes the size as numbers, so the engine cannot
+    see the tie: cutting an input feature leaves the view a size the slim model's tensor lacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.head = nn.Linear(3, 3), nn.Conv1d(3, 4, 1)
+
+    def forward(self, x):
+        p = x.mean(2, keepdim=True)
+        h = self.f(p.flatten(1)).view(p.size())
+        if h.dim() == 3:
+            h = h * 2
+        return self.head(h).mean(2)
+
+
+def test_shrink_without_example_inputs_refuses_a_slim_model_that_does_not_run():
+    x = torch.randn(2, 3, 5)
+    gated = dg.gate_model(SizeAsLiteral(), {"D": 3, "groups": [{"kind": "features"}]}, x)
+    with torch.no_grad():
+        dg.gates(gated)[0].factors[0, 1] = 0
+    before = gated(x)
+    with pytest.raises(dg.ShrinkError, match=r"does not run on the example inputs \(RuntimeError: shape"):
+        dg.shrink(gated)
+    assert torch.equal(gated(x), before) and gated.f.in_features == 3
+
+
+def test_shrink_skips_kept_inputs_the_model_no_longer_runs_on_and_says_so():
+    x = torch.randn(4, 10)
+    gated = dg.gate_model(M.MLP(), "mlp", x).double()  # the kept inputs are float32
+    with torch.no_grad():
+        dg.gates(gated)[0].factors[0, :3] = 0
+    before = gated(x.double())
+    with pytest.warns(UserWarning, match=r"not verified on the example inputs dg.gate_model was given: the gated "
+                                         r"model does not run on them now \(RuntimeError: .*Pass example_inputs"):
+        slim = dg.shrink(gated)
+    assert slim.fc1.out_features == 17 and dg.max_rel_diff(before, slim(x.double())) < 1e-12
 
 
 def test_tolerance_follows_the_output_dtype():
