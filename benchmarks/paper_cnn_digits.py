@@ -5,18 +5,18 @@ CNN: conv3x3(1->16)-BN-ReLU, conv3x3(16->32)-BN-ReLU, maxpool 2, conv3x3(32->32)
 average pool, linear(32->10). The 80 conv channels are gated (on the BatchNorm's affine, where a
 channel can be removed exactly). Dense baseline: the same net trained with plain L2 5e-4.
 SGD momentum 0.9, lr 0.05 (x0.1 for the last quarter), batch 64, 30 epochs, D = 3, seeds 0-2;
-channels whose collapsed norm is below 1e-4 are cut. Latency: one thread, batch 256, median of 30.
+channels whose collapsed norm is below 1e-4 are cut. Speed-up: the dense net's latency over the
+slim net's, timed in interleaved rounds (``measure.compare_latency``), one thread, batch 256.
 
     python benchmarks/paper_cnn_digits.py           # about 3 minutes on one core
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 import dgating_surgery as dg
+from dgating_surgery.measure import compare_latency
 from paper_common import REST_WD, accuracy, digits, fit, ms, run_dgating, setup, timer
 
 SEEDS = (0, 1, 2)
@@ -39,19 +39,6 @@ class CNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def latency_ms(model, x, repeats=30) -> float:
-    model.eval()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def main():
     setup()
     data = digits(images=True)
@@ -63,24 +50,26 @@ def main():
         torch.manual_seed(seed)
         dense = CNN()
         fit(dense, [{"params": list(dense.parameters()), "weight_decay": REST_WD}], Xtr, ytr, EPOCHS, LR, seed)
-        macs = dg.count_macs(dense, Xte[:1])[0]
+        macs = dg.macs(dense, Xte[:1])
         rows.append({"setting": "dense", "seed": seed, "acc": accuracy(dense, Xte, yte), "channels": 80,
-                     "macs": 0.0, "params": dg.model_params(dense), "ms": latency_ms(dense, batch)})
+                     "macs": 0.0, "params": dg.model_params(dense), "speedup": 1.0})
         for lam in LAMS:
             r = run_dgating(CNN, data, GROUPS, D, lam, EPOCHS, LR, seed)
             slim = r["slim"]
             rows.append({"setting": f"D-Gating D={D}, lambda {lam:g}", "seed": seed, "acc": r["acc"],
-                         "channels": 80 - r["dead"]["channels"], "macs": 1 - dg.count_macs(slim, Xte[:1])[0] / macs,
-                         "params": dg.model_params(slim), "ms": latency_ms(slim, batch)})
+                         "channels": 80 - r["dead"]["channels"], "macs": 1 - dg.macs(slim, Xte[:1]) / macs,
+                         "params": dg.model_params(slim),
+                         "speedup": compare_latency(dense.eval(), slim.eval(), batch).speedup})
         print(f"seed {seed} done ({elapsed():.0f} s)", flush=True)
     print(f"\n### Small CNN on digits, channel-level (mean ± std over seeds {', '.join(map(str, SEEDS))})\n")
-    print("| model | test accuracy (%) | channels kept (of 80) | MACs removed (%) | params | latency, batch 256 (ms) |")
+    print("| model | test accuracy (%) | channels kept (of 80) | MACs removed (%) | params | speed-up vs dense, "
+          "batch 256 |")
     print("|---|---|---|---|---|---|")
     for setting in dict.fromkeys(r["setting"] for r in rows):
         sel = [r for r in rows if r["setting"] == setting]
         print(f"| {setting} | {ms([r['acc'] for r in sel], scale=100)} | {ms([r['channels'] for r in sel])} | "
               f"{ms([r['macs'] for r in sel], scale=100)} | {ms([r['params'] for r in sel], '{:.0f}')} | "
-              f"{ms([r['ms'] for r in sel], '{:.2f}')} |")
+              f"{ms([r['speedup'] for r in sel], '{:.2f}')}x |")
     print(f"\n(dense: {rows[0]['params']:,} parameters, {macs:,} MACs per image; one CPU thread; total time "
           f"{elapsed():.0f} s)")
 

@@ -46,7 +46,8 @@ def main():
                 rows.append({"method": method, "setting": lam, "seed": seed, "removed": r["removed"], "acc": r["acc"],
                              "features": r["features_kept"]})
                 if method == "D-Gating D=3":
-                    kept.setdefault(lam, []).append(r["slim"].kept_input_features["x"].tolist())
+                    kept_x = getattr(r["slim"], "kept_input_features", {}).get("x")  # absent: none cut
+                    kept.setdefault(lam, []).append(list(range(13)) if kept_x is None else kept_x.tolist())
         print(f"seed {seed} done ({elapsed():.0f} s)", flush=True)
     print(f"\n### Wine: input-feature selection (mean ± std over seeds {', '.join(map(str, SEEDS))})\n")
     print(sweep_table(rows, "lambda", extra=[("features kept (of 13)", "features", "{:.1f}", 1.0)]))

@@ -222,35 +222,44 @@ def compiled_row(case: Case, rounds: int, round_s: float) -> str:
             f"{compile_s:.0f} | {rounds}x{reps} |")
 
 
-def surgery_rows() -> None:
-    """gate_model and shrink on ResNet-50, against Torch-Pruning's plan-and-cut (issue 2's figures)."""
+def surgery_rows(repeats: int = 5) -> None:
+    """gate_model and shrink on ResNet-50, against Torch-Pruning's plan-and-cut (issue 2's figures):
+    each timed ``repeats`` times, interleaved, after one untimed run of each (first-call costs)."""
     import torchvision
 
-    x1 = torch.randn(1, 3, 224, 224)
-    rows = []
-    model = torchvision.models.resnet50().eval()
-    start = time.perf_counter()
-    dg.gate_model(model, "default", x1)
-    t_gate = time.perf_counter() - start
-    dg.kill_random_groups(model, 0.3, seed=0)
-    start = time.perf_counter()
-    dg.shrink(model, verify=False)
-    t_shrink = time.perf_counter() - start
-    rows += [("dg.gate_model", t_gate), ("dg.shrink (30% of groups dead, no verification)", t_shrink)]
     try:
         import torch_pruning as tp
     except ImportError:
         tp = None
-    if tp is not None:
+    x1 = torch.randn(1, 3, 224, 224)
+
+    def ours():
+        model = torchvision.models.resnet50().eval()
+        start = time.perf_counter()
+        dg.gate_model(model, "default", x1)
+        t_gate = time.perf_counter() - start
+        dg.kill_random_groups(model, 0.3, seed=0)
+        start = time.perf_counter()
+        dg.shrink(model, verify=False)
+        return {"dg.gate_model": t_gate, "dg.shrink (30% of groups dead, no verification)": time.perf_counter() - start}
+
+    def torch_pruning():
         model = torchvision.models.resnet50().eval()
         start = time.perf_counter()
         pruner = tp.pruner.MagnitudePruner(model, x1, importance=tp.importance.MagnitudeImportance(p=2),
                                            pruning_ratio=0.3, ignored_layers=[model.fc])
         pruner.step()
-        rows.append(("Torch-Pruning: plan and cut 30% of channels", time.perf_counter() - start))
-    print("\n| ResNet-50 surgery | seconds |\n|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.3f} |")
+        return {"Torch-Pruning: plan and cut 30% of channels": time.perf_counter() - start}
+
+    runs = [ours] + ([torch_pruning] if tp is not None else [])
+    seconds: dict[str, list[float]] = {}
+    for r in range(repeats + 1):
+        for run in (runs if r % 2 == 0 else runs[::-1]):
+            for name, value in run().items():
+                seconds.setdefault(name, []).extend([value] if r else [])  # round 0: the untimed warm-up
+    print(f"\n| ResNet-50 surgery | seconds, median of {repeats} (min-max) |\n|---|---|")
+    for name, values in seconds.items():
+        print(f"| {name} | {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f}) |")
 
 
 def main() -> None:
