@@ -103,8 +103,8 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     """Collapse the gates into the weights and physically remove the dead groups (in place, like
     PEFT's ``merge_and_unload``); returns the same model object, now without gates.
 
-    The slim model is run against the gated one (eval mode) on ``example_inputs`` or, without them,
-    on the inputs ``dg.gate_model`` was given (if it was given any, and ``verify`` is true). If the
+    Unless ``verify`` is false, the slim model is run against the gated one (eval mode) on
+    ``example_inputs`` or, without them, on the inputs ``dg.gate_model`` was given (if any). If the
     slim model does not run, or an output differs by more than ``rtol`` times the largest output
     (default: 1e-4, or a few units in the last place of a low-precision output dtype), the cut is
     undone, the model is left gated as it was, and a ``ShrinkError`` says why. ``round_to`` (None:
