@@ -34,7 +34,8 @@ from torch import nn
 from .errors import CheckpointError, DGatingError, ModelSpecError
 from .fixers import fix_attributes
 from .gates import gate_model, gate_set, require_gated
-from .models import InputSpec, ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
+from .inputs import InputSpec
+from .models import ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
 from .recipe import load_recipe
 from .shrink import plan_cut, set_cut_attributes
 from .tensors import owner, replace_tensor

@@ -28,7 +28,7 @@ import click
 from .errors import DGatingError, ShrinkError, one_line
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
-# the names of models.DTYPES, here without importing torch (a test checks that they agree)
+# the names of inputs.DTYPES, here without importing torch (a test checks that they agree)
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
@@ -145,7 +145,8 @@ def _factory_kwargs(items) -> dict:
 def _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle):
     """The user's model, its reference and the example-input spec, with a spinner while it loads."""
     from . import display
-    from .models import default_inputs, load_model, parse_shape
+    from .inputs import default_inputs, parse_shape
+    from .models import load_model
     with display.console(stderr=True).status(f"loading {model_spec}"):
         model, ref = load_model(model_spec, weights, _factory_kwargs(factory_args), allow_pickle)
     inputs = default_inputs(model, parse_shape(input_shape) if input_shape else None, input_dtype)

@@ -27,7 +27,8 @@ from .errors import CheckpointError
 from .gates import gate_model
 from .execution import output_diff
 from .measure import LatencyComparison, collapsed, compare_latency, forward, macs
-from .models import InputSpec, ModelRef, Origin
+from .inputs import InputSpec
+from .models import ModelRef, Origin
 from .report import model_params, sparsity
 from .shrink import shrink
 from .training import param_groups
