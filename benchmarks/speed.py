@@ -157,7 +157,8 @@ def ratio_text(times: list[float], base: list[float]) -> str:
 def same_output(case: Case, model: nn.Module, reference: nn.Module) -> None:
     """A variant must compute what the original computes (all gates are 1 at conversion); eval mode,
     so that dropout draws nothing (the steppers put every model back into training mode)."""
-    model.eval(), reference.eval()
+    model.eval()
+    reference.eval()
     with torch.no_grad():
         got, want = model(*case.args, **case.kwargs), reference(*case.args, **case.kwargs)
     got, want = (t if isinstance(t, torch.Tensor) else t.logits for t in (got, want))

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the problem and says what to do."""
+import copy
 import importlib
 import signal
 import warnings
@@ -11,6 +12,7 @@ import dgating_surgery as dg
 
 import models as M
 from test_cli import USERNET, dgate, one_error_line, shell
+from test_gate_sides import _llama
 
 
 class Untraceable(nn.Module):
@@ -113,6 +115,28 @@ def test_shrink_verifies_on_the_inputs_gate_model_was_given():
     assert len(dg.gates(gated)) == 2 and torch.equal(gated(x), before)
     slim = dg.shrink(gated, threshold=1.0, verify=False)  # the user's explicit choice
     assert slim.fc1.out_features < 20 and not hasattr(slim, "dgates")
+
+
+def _resnet():
+    torchvision = pytest.importorskip("torchvision")
+    return dg.expose_weights(torchvision.models.resnet18(num_classes=10)), (torch.randn(2, 3, 32, 32),), {}, "default"
+
+
+@pytest.mark.parametrize("make", [_resnet, _llama], ids=["torchvision resnet18", "transformers llama"])
+def test_shrink_verifies_real_architectures_on_the_kept_inputs(make):
+    """Positional inputs (a CNN) and keyword inputs (a decoder with use_cache=False) kept by
+    gate_model: an exact cut passes the check, a cut of live groups is undone."""
+    model, args, kwargs, recipe = make()
+    gated = dg.gate_model(model.eval(), recipe, args, kwargs)
+    dg.kill_random_groups(gated, 0.3, seed=0)
+    with pytest.raises(dg.ShrinkError, match="differs from the gated model"):
+        dg.shrink(copy.deepcopy(gated), threshold=1e9)  # every group but the strongest of each gate is live
+    before = dg.model_params(gated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slim = dg.shrink(gated)
+    assert not [w for w in caught if "not verified" in str(w.message)]  # the kept inputs ran
+    assert dg.model_params(slim) < before
 
 
 class SizeAsLiteral(nn.Module):

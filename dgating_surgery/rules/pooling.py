@@ -48,7 +48,7 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
             return None
         ctx.visit(lab, node)
         shape = ctx.shape(x)
-        grouped = [shape[d] for d in dims if d in lab.varying_dims()]
+        grouped = [shape[d] for d in dims if d in varying]
         ctx.summed_over[node] = ([*grouped, math.prod(grouped)], lab.ids)
         return None
     out = lab.reduced(dims)
