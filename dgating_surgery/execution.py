@@ -24,6 +24,12 @@ def detached(structure):
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, structure)
 
 
+def fresh(structure):
+    """``structure`` with every tensor copied: a model may write into its inputs in place
+    (``x.chunk(2, 1)[1].mul_(2)``), so each run of a comparison gets its own copy of them."""
+    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, structure)
+
+
 def on_device_of(structure, model: nn.Module):
     """``structure`` with every tensor on the device of ``model``'s first parameter (a model moved
     after its example inputs were recorded)."""
@@ -54,9 +60,10 @@ def evaluating(model: nn.Module):
 
 
 def run(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None):
-    """One eval-mode forward pass on the example inputs."""
+    """One eval-mode forward pass on fresh copies of the example inputs (``fresh``)."""
+    args, kwargs = fresh((as_tuple(example_inputs), dict(example_kwargs or {})))
     with evaluating(model):
-        return model(*as_tuple(example_inputs), **dict(example_kwargs or {}))
+        return model(*args, **kwargs)
 
 
 def output_tensors(output) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import DGatingError, TraceError, one_line
-from .execution import as_tuple, evaluating, training_mode
+from .execution import as_tuple, evaluating, fresh, training_mode
 from .wrappers import warn_user
 
 
@@ -179,6 +179,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> t
 
 def _record(model: nn.Module, gm: torch.fx.GraphModule, frontend: str, args: tuple, kwargs: dict) -> dict:
     recorder = _Recorder(gm)
+    args, kwargs = fresh((args, kwargs))  # the user's tensors stay as they were, whatever the forward writes
     with evaluating(model), _buffers_restored(model):
         if frontend == "export":
             recorder.run(*pytree.tree_flatten((args, kwargs))[0])

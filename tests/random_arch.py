@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgating_surgery.execution import fresh
+
 RECIPE = {"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}, {"kind": "features"}]}
 CHF = ("img", "seq", "vol")  # channels at dim 1, spatial dims after
 MAX_C = 12
@@ -441,6 +443,24 @@ def b_inplace(ctx, shape, layout):
             mutate(y)  # the graph's `y` is read below; the data changed
             return y
     return Block(f"inplace[{pattern}]", fn), layout
+
+
+@block("img", "seq", "vol", "tok", "vec", weight=1)
+def b_input_inplace(ctx, shape, layout):
+    """The forward writes into a piece of its own input (the next run sees other values unless
+    each run gets fresh copies)."""
+    if len(ctx.x_shape) < 2 or ctx.x_shape[1] < 2:
+        return None
+    pattern = ctx.choice(["chunk(x,2,1)[1].mul_(2)", "split(x,1,1)[-1].sigmoid_()"])
+    if pattern.startswith("chunk"):
+        def fn(m, h, x):
+            torch.chunk(x, 2, 1)[1].mul_(2.0)
+            return h
+    else:
+        def fn(m, h, x):
+            torch.split(x, 1, 1)[-1].sigmoid_()
+            return h
+    return Block(f"input inplace[{pattern}]", fn), layout
 
 
 # pattern -> (the tensor made, the in-place op applied to it)
@@ -1353,7 +1373,7 @@ def _outputs(out) -> list:
 
 def reference_ok(model, inputs) -> bool:
     with torch.no_grad():
-        outs = _outputs(model(*inputs))
+        outs = _outputs(model(*fresh(inputs)))
     return _ref_ok(outs)
 
 
@@ -1532,7 +1552,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
     with warnings.catch_warnings(record=True) as base_warn:
         warnings.simplefilter("always")
         with torch.no_grad():
-            ref = _outputs(model(*inputs))
+            ref = _outputs(model(*fresh(inputs)))
     base_msgs = {_norm_warning(w) for w in base_warn}
     if not _ref_ok(ref):
         return Outcome("invalid", "reference output is (numerically) all zeros or not finite", "reference")
@@ -1573,7 +1593,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
         return Outcome("nothing gated")
     try:
         with torch.no_grad():
-            gated_ref = _outputs(gated(*inputs))
+            gated_ref = _outputs(gated(*fresh(inputs)))
     except Exception as exc:  # noqa: BLE001
         return Outcome("crash", _first_line(exc), "run gated", [("crash", "run gated", _first_line(exc))])
     d = _rel(ref, gated_ref)
@@ -1583,7 +1603,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
     # 2. kill groups
     _kill(gates_, rng)
     with torch.no_grad():
-        gated_out = _outputs(gated(*inputs))
+        gated_out = _outputs(gated(*fresh(inputs)))
     scale = max(max(float(o.abs().max()) for o in gated_out), 1e-3 * max(float(o.abs().max()) for o in ref))
     try:
         removable = dg.sparsity(gated).params_removable
@@ -1623,7 +1643,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
         with warnings.catch_warnings(record=True) as slim_warn:
             warnings.simplefilter("always")
             with torch.no_grad():
-                slim_out = _outputs(slim(*args, **kwargs))
+                slim_out = _outputs(slim(*fresh(args), **fresh(kwargs)))
     except Exception as exc:  # noqa: BLE001
         fail("crash", "run slim", _first_line(exc))
         return result()
@@ -1665,7 +1685,7 @@ def _check_dead(gated, inputs, plan, gated_out, scale, params_before, fail, rng)
         fail("wrong", "collapse", "shrink(threshold=0) dropped input features")
         return
     with torch.no_grad():
-        out = _outputs(full(*inputs))
+        out = _outputs(full(*fresh(inputs)))
     d = _rel(gated_out, out, scale)
     if d > 1e-4:
         fail("wrong", "collapse", f"collapsed copy differs from the gated model by {d:.3g}")
@@ -1674,7 +1694,11 @@ def _check_dead(gated, inputs, plan, gated_out, scale, params_before, fail, rng)
     xs = tuple(t.detach().double().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
                for t in inputs)
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
-    outs = _outputs(full(*xs))
+    try:
+        outs = _outputs(full(*xs))
+    except RuntimeError:  # the forward writes into a view of its input, which autograd refuses for a leaf
+        xs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in xs)
+        outs = _outputs(full(*fresh(xs)))
     projs = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
 
     def loss_of(outs_):
@@ -1714,7 +1738,7 @@ def _check_dead(gated, inputs, plan, gated_out, scale, params_before, fail, rng)
                 saved = t.detach().clone()
                 noise = 1.0 + torch.rand(t.shape, generator=gen, dtype=t.dtype)
                 t.copy_(torch.where(mask & (saved != 0), saved * noise + 0.1 * noise, saved))
-                moved = _rel(outs, _outputs(full(*xs)))
+                moved = _rel(outs, _outputs(full(*fresh(xs))))
                 t.copy_(saved)
             if moved > 1e-9:
                 fail("wrong", "removed entry alive", f"buffer {fqn}: perturbing removed entries moves the output by {moved:.3g}")

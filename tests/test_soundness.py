@@ -112,6 +112,16 @@ def _buffer():
 
 
 # (name, model factory, input, the layer whose groups are judged, expectation: "cut" or a reason fragment)
+def _input_chunk_mul_(m, x):
+    torch.chunk(x, 2, 1)[1].mul_(2)
+    return m.c2(torch.relu(m.c1(x)))
+
+
+def _input_split_sigmoid_(m, v):
+    torch.split(v, 1, 1)[2].sigmoid_()
+    return m.fc2(torch.relu(m.fc(v)))
+
+
 CASES = [
     # zero-keeping only when the op maps 0 to 0
     ("clamp bounds exclude 0", lambda: Sandwich(lambda m, h, x: h.clamp(0.1, 2.0)), IMG, "c1", "not exactly zero"),
@@ -223,6 +233,11 @@ CASES = [
     ("torch.export: 1 / numel", lambda: Net(_export_size_data(lambda m, v: m.fc(v) * (1.0 / m.fc(v).numel())),
                                            fc=nn.Linear(4, 6), fc2=nn.Linear(6, 2)), VEC, "fc",
      "the size of a grouped dim under torch.export"),
+    # a forward that writes into its own input: every run of a check gets fresh copies of the inputs
+    ("chunk of the input, multiplied in place", lambda: Net(_input_chunk_mul_, c1=nn.Conv2d(4, 6, 1),
+                                                             c2=nn.Conv2d(6, 2, 1)), IMG, "c1", "cut"),
+    ("split of the input, sigmoid in place", lambda: Net(_input_split_sigmoid_, fc=nn.Linear(4, 6),
+                                                         fc2=nn.Linear(6, 2)), VEC, "fc", "cut"),
     # an RMS norm over a grouped dim: exact with its weight and epsilon rescaled, which needs a weight
     ("RMSNorm over the input's channels", lambda: Net(_rms_channels, dw=nn.Conv2d(4, 4, 1, groups=4), n=nn.RMSNorm(4),
                                                         c2=nn.Conv2d(4, 2, 1)), IMG, "x", "cut"),
