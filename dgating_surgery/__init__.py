@@ -29,7 +29,7 @@ _HOME = {
     **dict.fromkeys(["latency_ms", "macs", "macs_after_cut"], "measure"),
     "load_model": "models",
     **dict.fromkeys(["GroupSpec", "Recipe", "load_recipe", "shipped_recipes"], "recipe"),
-    **dict.fromkeys(["model_params", "sparsity"], "report"),
+    **dict.fromkeys(["model_params", "sparsity", "uniform_cost", "UniformCost"], "report"),
     **dict.fromkeys(["SearchResult", "removed_fraction", "search_lambda"], "search"),
     **dict.fromkeys(["CutCheck", "expose_weights", "kill_random_groups", "random_cut_check"], "selfcheck"),
     **dict.fromkeys(["plan_cut", "select_features", "shrink"], "shrink"),
@@ -51,7 +51,7 @@ __all__ = [
     # wrapped models (DDP, FSDP2, torch.compile, SyncBatchNorm)
     "unwrap", "full_params", "convert_sync_batchnorm",
     # figures and checks
-    "sparsity", "model_params", "macs", "macs_after_cut", "latency_ms", "output_diff", "max_rel_diff",
+    "sparsity", "uniform_cost", "UniformCost", "model_params", "macs", "macs_after_cut", "latency_ms", "output_diff", "max_rel_diff",
     "random_cut_check", "CutCheck", "kill_random_groups", "expose_weights",
     # checkpoints and models
     "save_slim", "load_slim", "save_gated", "load_gated", "kept_groups", "read_manifest", "load_model",

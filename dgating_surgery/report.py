@@ -41,6 +41,7 @@ class SparsityReport:
     params_total: int = 0
     params_removable: int = 0  # exact: every tied parameter counted once
     threshold: float = 0.0
+    params_uniform_padding: int | None = None  # of a uniform cut: parameters kept only to make widths uniform
 
     def by_kind(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -65,6 +66,8 @@ class SparsityReport:
             lines.append(f"{r.label[:60]:40s} {r.kind:9s} {r.groups:7d} {r.dead:6d} {r.params_removable:11d}")
         lines.append(f"total: {self.dead}/{self.groups} groups dead, {self.params_removable}/{self.params_total} "
                      f"parameters removable at threshold {self.threshold:g}")
+        if self.params_uniform_padding is not None:
+            lines.append(f"uniform widths keep {self.params_uniform_padding} parameters the per-layer cut removes")
         return "\n".join(lines)
 
 
@@ -76,17 +79,18 @@ def model_params(model: nn.Module) -> int:
 
 
 @accepts_wrapped(gather=True)
-def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport:
-    """Dead/alive groups per gate and kind, and the parameters a ``shrink`` at ``threshold`` removes."""
-    plan = plan_cut(model, threshold)
+def sparsity(model: nn.Module, threshold: float | None = None, uniform: bool = False) -> SparsityReport:
+    """Dead/alive groups per gate and kind, and the parameters a ``shrink`` at ``threshold`` removes;
+    ``uniform``: of a uniform cut (``shrink(uniform=True)``), with what uniformity costs
+    (``params_uniform_padding``: parameters the per-layer cut removes that the uniform one keeps)."""
+    plan = plan_cut(model, threshold, uniform=uniform)
     dset = gate_set(model)
     params = _parameter_names(model)
     report = SparsityReport(params_total=model_params(model),
                             threshold=dset.recipe.threshold if threshold is None else float(threshold))
-    for fqn, _ in plan.removed.items():
-        if fqn in params:
-            shape = get_tensor(model, fqn).shape
-            report.params_removable += int(torch.Size(shape).numel()) - int(torch.Size(plan.kept_shape(fqn, shape)).numel())
+    report.params_removable = removable_params(model, plan, params)
+    if uniform:
+        report.params_uniform_padding = removable_params(model, plan_cut(model, threshold), params) - report.params_removable
     for key, dgate in dset.items():
         dead = plan.dead[key]
         own = 0
@@ -100,8 +104,46 @@ def sparsity(model: nn.Module, threshold: float | None = None) -> SparsityReport
     return report
 
 
+def removable_params(model: nn.Module, plan, params: set[str] | None = None) -> int:
+    """Parameters a cut by ``plan`` removes (every tied parameter counted once)."""
+    params = _parameter_names(model) if params is None else params
+    total = 0
+    for fqn in plan.removed:
+        if fqn in params:
+            shape = get_tensor(model, fqn).shape
+            total += int(torch.Size(shape).numel()) - int(torch.Size(plan.kept_shape(fqn, shape)).numel())
+    return total
+
+
 def _parameter_names(model: nn.Module) -> set[str]:
     """Parameter names as cuts write them: ``conv.weight`` also when it is stored as
     ``conv.parametrizations.weight.original``."""
     return {re.sub(r"(^|\.)parametrizations\.([^.]+)\.original$", r"\1\2", name)
             for name, _ in model.named_parameters()}
+
+
+@dataclass
+class UniformCost:
+    """What a uniform cut (``shrink(uniform=True)``) keeps beyond the per-layer cut: dead groups kept
+    to pad layers to their set's width (per gate name, and in all) and the parameters they hold."""
+
+    groups: int
+    params: int
+    per_gate: dict[str, int]
+
+    def __str__(self) -> str:
+        if not self.groups:
+            return "uniform widths cost nothing: every layer of a width set keeps the same width already"
+        worst = ", ".join(f"{name} +{n}" for name, n in sorted(self.per_gate.items(), key=lambda kv: -kv[1])[:3])
+        return f"uniform widths keep {self.groups} dead groups ({self.params} parameters) to pad: {worst}"
+
+
+@accepts_wrapped(gather=True)
+def uniform_cost(model: nn.Module, threshold: float | None = None) -> UniformCost:
+    """The padding a uniform cut at ``threshold`` would need now: cheap (no copy, no forward), so a
+    training loop or callback can log it every few steps and steer toward uniform widths."""
+    plain, padded = plan_cut(model, threshold), plan_cut(model, threshold, uniform=True)
+    params = _parameter_names(model)
+    per_gate = {dgate.name: int((plain.dead[key] & ~padded.dead[key]).sum()) for key, dgate in gate_set(model).items()}
+    return UniformCost(sum(per_gate.values()), removable_params(model, plain, params) -
+                       removable_params(model, padded, params), {k: v for k, v in per_gate.items() if v})

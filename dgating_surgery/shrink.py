@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import constraints
 from .errors import ShrinkError, one_line
 from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, require_gated
 from .kinds import ATTRIBUTE_ROLES, Role
-from .recipe import check_round_to, check_threshold
+from .recipe import check_threshold
 from .tensors import get_tensor, owner, replace_tensor
 from .tracing import check_not_meta
 from .wrappers import accepts_wrapped, memory_format, warn_user
@@ -38,10 +39,13 @@ class CutPlan:
 
 
 @accepts_wrapped(gather=True)
-def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | None = None) -> CutPlan:
+def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | None = None,
+             uniform: bool = False) -> CutPlan:
     """Dead groups of a gated model at ``threshold`` (absolute L2 norm of the collapsed group;
     None: the recipe's), and what removing them removes. Every gate keeps at least one group.
-    ``round_to`` (None: the recipe's): keep each cut layer's width a multiple of it (``round_kept``)."""
+    Then the width constraints (``constraints``) keep some dead groups: ``round_to`` (None: the
+    recipe's) keeps each cut layer's width a multiple of it; ``uniform`` gives every layer of a
+    width set (the layers a Hugging Face config states one width for) the same width."""
     check_threshold(threshold, "threshold")
     dset = require_gated(model, "shrink (and every sparsity figure)")
     check_not_meta(model, "shrink (and every sparsity figure)", error=ShrinkError)
@@ -53,8 +57,13 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
         is_dead = norm < threshold
         if is_dead.all():
             is_dead[norm.argmax()] = False
-        is_dead = round_kept(model, dgate, norm, is_dead, dset.recipe.round_to if round_to is None else round_to)
         dead[key], norms[key] = is_dead, norm
+    steps = [constraints.round_to(dset.recipe.round_to if round_to is None else round_to)]
+    if uniform:
+        steps.append(constraints.uniform)
+    dead = constraints.apply_constraints(constraints.WidthContext(model, dict(dset.items()), norms), dead, steps)
+    for key, dgate in dset.items():
+        is_dead = dead[key]
         gone = {p for owned, d in zip(dgate.positions or [], is_dead.tolist()) if d for p in owned}
         if gone:
             kept_inputs[dgate.modules[0]] = [p for p in range(dgate.width) if p not in gone]
@@ -70,36 +79,10 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
     return CutPlan(dead, norms, removed, kept_inputs, attributes)
 
 
-def round_kept(model: nn.Module, dgate, norm: torch.Tensor, is_dead: torch.Tensor, round_to: int) -> torch.Tensor:
-    """``is_dead`` with the strongest dead groups kept until the width the gate leaves its layer is a
-    multiple of ``round_to`` (hardware-friendly widths; still an exact cut, since keeping a group never
-    changes the function). The layer is the first producer the gate cuts (a conv's or linear's output
-    rows; for input features, the first consumer's columns); its width counts the positions of the kept
-    groups and the positions no group of this gate owns. When no multiple can be reached (the layer
-    is narrower than the next one), nothing is kept back."""
-    round_to = check_round_to(round_to)
-    if round_to == 1 or not bool(is_dead.any()):
-        return is_dead
-    cuts = [c for c in dgate.cuts if c.role not in ATTRIBUTE_ROLES]
-    if not cuts:
-        return is_dead
-    ref = next((c for c in cuts if c.role == Role.PRODUCER), None) or next(
-        (c for c in cuts if c.role == Role.CONSUMER), cuts[0])
-    along = ref.index.expand(get_tensor(model, ref.fqn).shape[ref.dim])
-    per_group = torch.bincount(along[along >= 0], minlength=dgate.num_groups)
-    width = int((along < 0).sum() + per_group[~is_dead].sum())
-    out = is_dead.clone()
-    for j in sorted(is_dead.nonzero().reshape(-1).tolist(), key=lambda j: -float(norm[j])):
-        if width % round_to == 0:
-            break
-        out[j] = False
-        width += int(per_group[j])
-    return out if width % round_to == 0 else is_dead
-
-
 @accepts_wrapped(in_place="shrink")
 def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None, example_kwargs=None,
-           rtol: float | None = None, round_to: int | None = None, verify: bool = True) -> nn.Module:
+           rtol: float | None = None, round_to: int | None = None, verify: bool = True,
+           uniform: bool = False) -> nn.Module:
     """Collapse the gates into the weights and physically remove the dead groups (in place, like
     PEFT's ``merge_and_unload``); returns the same model object, now without gates.
 
@@ -108,10 +91,12 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     slim model does not run, or an output differs by more than ``rtol`` times the largest output
     (default: 1e-4, or a few units in the last place of a low-precision output dtype), the cut is
     undone, the model is left gated as it was, and a ``ShrinkError`` says why. ``round_to`` (None:
-    the recipe's): keep each cut layer's width a multiple of it by keeping the strongest dead groups
-    (``round_kept``).
+    the recipe's): keep each cut layer's width a multiple of it by keeping the strongest dead groups.
+    ``uniform``: every layer of a width set keeps one width, the largest any keeps (the strongest
+    dead groups fill the others), so that a Hugging Face model's config states its widths and
+    ``save_pretrained`` writes an ordinary checkpoint of its class (``constraints.uniform``).
     """
-    plan = plan_cut(model, threshold, round_to)
+    plan = plan_cut(model, threshold, round_to, uniform)
     check_threshold(rtol, "rtol")
     check = _verification(model, example_inputs, example_kwargs) if verify else None
     before = _Snapshot(model)

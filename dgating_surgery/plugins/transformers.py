@@ -7,12 +7,17 @@ tensors, one row per class. A class is registered once its modeling module has b
 """
 from __future__ import annotations
 
+import functools
+import json
+import re
 import sys
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
 from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
+from ..kinds import ATTRIBUTE_ROLES
 from ..rules import register_rms_norm
 from ..shrink import set_cut_attributes
 from ..tensors import owner, replace_tensor
@@ -102,16 +107,181 @@ register_module_fixer(Conv1D, _conv1d)
 CONFIG_KEY = "dgating_surgery"
 
 
-def _record_widths(model) -> None:
-    """Model-level fixer: write the slim widths into the config (``save_pretrained`` saves them)."""
+# The config fields that state one width for every layer (tried in this order when a config refuses a
+# choice of widths: a head is cheaper to keep than a hidden channel), and those that state the epsilon of
+# norms over the hidden size. Which tensors each field sizes is measured, not listed (``_field_slots``).
+WIDTH_FIELDS = ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", "n_heads", "intermediate_size",
+                "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "hidden_size", "n_embd", "d_model")
+EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+PER_LAYER_KEY = "per_layer_config"  # transformers' own per-layer overrides (configuration_utils)
+_LAYER = re.compile(r"\.(\d+)\.")  # the index of the repeated layer a tensor sits in
+
+
+def _config_data(model) -> dict:
+    """The config as data, without what a cut adds (our key, per-layer overrides): the model it builds
+    is the uniform one every layer of the slim model is measured against. A head width the model
+    derives from the hidden size (``hidden_size // num_attention_heads``) is pinned as ``head_dim``,
+    which the attention reads first, so that cutting heads or the hidden size leaves it as it is."""
+    data = {k: v for k, v in model.config.to_dict().items()
+            if k not in (CONFIG_KEY, PER_LAYER_KEY, "allow_global_per_layer_attribute_access")}
+    if data.get("head_dim") is None:
+        head_dim = next((m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)), None)
+        if head_dim is not None:
+            data["head_dim"] = head_dim
+    return data
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_shapes(cls: type, data_json: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of ``cls`` built (on the meta device) from a config given as JSON."""
     with torch.device("meta"):
-        default = type(model)(type(model.config).from_dict({k: v for k, v in model.config.to_dict().items()
-                                                            if k != CONFIG_KEY}))
-    full = default.state_dict()
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if k in full and full[k].shape != v.shape}
+        model = cls(cls.config_class.from_dict(json.loads(data_json)))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _shapes(cls: type, data: dict):
+    return _meta_shapes(cls, json.dumps(data, sort_keys=True, default=str))
+
+
+def _accepted(cls: type, data: dict) -> bool:
+    """Whether the config class accepts these values (its own validation, e.g. heads dividing the hidden size)."""
+    try:
+        cls.config_class.from_dict(data)
+    except Exception:  # noqa: BLE001 - any refusal of the config class
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(cls: type, data_json: str) -> dict[str, tuple[list[Slot], list[Slot]]]:
+    """Per width field of the config: the slots it sizes, found by building the class with the field
+    doubled: (slots whose size doubles, with the field's value per unit; slots that change otherwise,
+    which only the field's present value can state)."""
+    data = json.loads(data_json)
+    base = _meta_shapes(cls, data_json)
+    out = {}
+    for name in WIDTH_FIELDS:
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or not _accepted(cls, {**data, name: 2 * value}):
+            continue
+        try:
+            doubled = _shapes(cls, {**data, name: 2 * value})
+        except Exception:  # noqa: BLE001 - a model that cannot be built so is not sized by the field
+            continue
+        scaled, fixed = [], []
+        for fqn, shape in base.items():
+            other = doubled.get(fqn, shape)
+            for dim, (a, b) in enumerate(zip(shape, other)):
+                if a != b:
+                    if b == 2 * a and a % value == 0:
+                        scaled.append(Slot(fqn, dim, a // value))
+                    else:
+                        fixed.append(Slot(fqn, dim, a))
+        if scaled or fixed:
+            out[name] = (scaled, fixed)
+    return out
+
+
+def _field_slots(model) -> dict[str, tuple[list[Slot], list[Slot]]]:
+    return _probe(type(model), json.dumps(_config_data(model), sort_keys=True, default=str))
+
+
+def _width_sets(model, ctx) -> WidthSets:
+    """Uniform widths for a transformers model: one set per config field that sizes a cut tensor (its
+    slots no gate cuts stay full, so must the others); a cut slot no field sizes stays full too (no
+    config could state it). The config class must accept the widths chosen."""
+    fields = _field_slots(model)
+    sets = [WidthSet(name, scaled + fixed) for name, (scaled, fixed) in fields.items()]
+    stated = {(s.fqn, s.dim) for wset in sets for s in wset.slots}
+    for key, dgate in ctx.gates.items():
+        for cut in dgate.cuts:
+            if cut.role not in ATTRIBUTE_ROLES and (cut.fqn, cut.dim) not in stated:
+                stated.add((cut.fqn, cut.dim))
+                sets.append(WidthSet(f"{cut.fqn} (dim {cut.dim}, no config field states it)",
+                                     [Slot(cut.fqn, cut.dim, ctx.size(cut.fqn, cut.dim))]))
+    data, cls = _config_data(model), type(model)
+    return WidthSets(sets, lambda targets: _accepted(cls, {**data, **{k: v for k, v in targets.items() if k in fields}}))
+
+
+def _record_widths(model) -> None:
+    """Model-level fixer: state the slim widths in the config (``save_pretrained`` saves them). A width
+    every layer shares rewrites its config field (``intermediate_size``...), where the config class
+    accepts the value; widths that differ per layer are written as transformers' ``per_layer_config``
+    and, with every shape and layer attribute the rewritten config does not give, under our own key,
+    which ``restore_widths`` reads. A slim model whose config states everything (a uniform cut) has no
+    such key: its directory is an ordinary checkpoint of its class."""
+    cls, config = type(model), model.config
+    data = _config_data(model)
+    slots = _field_slots(model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     attributes = dict(getattr(model, "cut_attributes", {}))
-    if shapes or attributes:
-        setattr(model.config, CONFIG_KEY, {"shapes": shapes, "attributes": attributes})
+    per_layer: dict[int, dict] = {}
+    shared: dict[str, int] = {}  # fields every layer states alike
+    for name, (scaled, fixed) in slots.items():
+        if any(shapes.get(s.fqn, (None,) * (s.dim + 1))[s.dim] not in (None, s.unit) for s in fixed):
+            continue  # a tensor the field sizes otherwise than in proportion has been cut: the field cannot say it
+        values: dict[int | None, set[int]] = {}
+        for s in scaled:
+            if s.fqn in shapes:
+                size = shapes[s.fqn][s.dim]
+                layer = _LAYER.search(f".{s.fqn}")
+                values.setdefault(int(layer.group(1)) if layer else None, set()).add(
+                    size // s.unit if size % s.unit == 0 else -1)
+        found = set().union(*values.values()) if values else set()
+        if -1 in found or any(len(v) > 1 for v in values.values()):
+            continue
+        if len(found) == 1:
+            shared[name] = found.pop()
+        elif None not in values and all(0 <= i < getattr(config, "num_hidden_layers", 0) for i in values):
+            for layer, (value,) in values.items():
+                if value != data[name]:
+                    per_layer.setdefault(layer, {})[name] = value
+    data = _state_epsilon(cls, _accepted_values(cls, data, shared), attributes)
+    for name, value in data.items():
+        setattr(config, name, value)
+    full = _shapes(cls, data)
+    differ = {k: list(v) for k, v in shapes.items() if k in full and full[k] != v}
+    with torch.device("meta"):
+        fresh = cls(cls.config_class.from_dict(data))
+    unstated = {k: v for k, v in attributes.items() if getattr(*owner(fresh, k)) != v}
+    if per_layer:
+        config.allow_global_per_layer_attribute_access = True  # the global values stay the layers' largest
+        config.per_layer_config = per_layer
+    if differ or unstated:
+        setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated})
+    elif hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+
+
+def _accepted_values(cls: type, data: dict, values: dict) -> dict:
+    """``data`` with as many of ``values`` as the config class accepts: all at once, else one at a time
+    while any is accepted (a head count may need the hidden size that comes after it)."""
+    if _accepted(cls, {**data, **values}):
+        return {**data, **values}
+    pending = dict(values)
+    while True:
+        name = next((n for n, v in pending.items() if _accepted(cls, {**data, n: v})), None)
+        if name is None:
+            return data
+        data = {**data, name: pending.pop(name)}
+
+
+def _state_epsilon(cls: type, data: dict, attributes: dict) -> dict:
+    """``data`` with the norms' epsilon field set to the rescaled epsilon of a hidden-size cut, when one
+    value serves every norm the config builds from that field (the layer attributes are compared on a
+    model built from it)."""
+    values = {v for v in attributes.values() if isinstance(v, float)}
+    if len(values) != 1:
+        return data
+    (value,) = values
+    for name in EPS_FIELDS:
+        if isinstance(data.get(name), float) and data[name] != value:
+            candidate = {**data, name: value}
+            with torch.device("meta"):
+                fresh = cls(cls.config_class.from_dict(candidate))
+            if all(getattr(*owner(fresh, k)) == v for k, v in attributes.items()):
+                return candidate
+    return data
 
 
 def restore_widths(model) -> None:
@@ -146,3 +316,5 @@ def _register_model_fixer() -> None:
     from transformers.modeling_utils import PreTrainedModel
     if PreTrainedModel not in MODEL_FIXERS:
         register_model_fixer(PreTrainedModel, _record_widths)
+    if PreTrainedModel not in WIDTH_SET_FINDERS:
+        register_width_sets(PreTrainedModel, _width_sets)

@@ -1,0 +1,273 @@
+"""Width constraints: the one place where a cut keeps dead groups to meet a constraint on the widths
+it leaves (a multiple of 8, the same width in every layer a config states once).
+
+``plan_cut`` first decides which groups are dead (collapsed norm under the threshold), then applies
+its constraints in order. A kept dead group is exactly zero (or below the threshold), so keeping it
+never changes the function: the cut stays exact, it only removes less.
+
+The contract of a constraint: ``constraint(ctx, dead) -> dead``, where
+- ``ctx`` is a ``WidthContext``: the model, its gates (key -> ``DGate``) and every group's collapsed
+  norm (key -> float64 tensor), with helpers to read the widths a cut leaves;
+- ``dead`` maps every gate key to a bool tensor over its groups (True: the cut removes it); a
+  constraint sees all gates at once, since a constraint may span layers;
+- it returns the same keys with some dead groups revived (True -> False), the strongest first
+  (largest collapsed norm: ``revive``), and never kills an alive group. ``apply_constraints``
+  checks that, and that every gate keeps at least one group.
+Constraints compose: each one starts from the masks the previous one returned (``round_to`` then
+``uniform``: uniform widths that are multiples of N where the layers allow it).
+
+Widths are counted along a *slot*: one (tensor, dim) that the cut narrows, e.g. a linear's output
+rows. A gate's own layer slot is the first producer it cuts (for input features, the first
+consumer). A ``WidthSet`` is a set of slots that must keep one width; a finder registered per model
+class says which sets a model has (``register_width_sets``): the transformers plugin takes them from
+the config fields that state a width once for all layers, any other model gets the layers at the
+same place in repeated blocks.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ShrinkError
+from .kinds import ATTRIBUTE_ROLES, Role
+from .recipe import check_round_to
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A (tensor, dim) whose size is a width; ``unit``: positions per unit of it (a head's rows, so
+    that a width counts heads), and the size must be a whole number of units."""
+
+    fqn: str
+    dim: int
+    unit: int = 1
+
+
+@dataclass
+class WidthSet:
+    """Slots that must keep one width (in units). ``label``: what states it (a config field, or a
+    layer pattern). A slot no gate cuts keeps its full size, and so, under the constraint, does
+    every slot of its set."""
+
+    label: str
+    slots: list[Slot]
+
+
+@dataclass
+class WidthSets:
+    """What a finder returns: the sets, and ``accepts(targets)``, whether a choice of widths
+    (label -> units) can be stated (e.g. a config class that refuses a hidden size that is not a
+    multiple of the head count); None: any choice can."""
+
+    sets: list[WidthSet] = field(default_factory=list)
+    accepts: Callable[[dict[str, int]], bool] | None = None
+
+
+Finder = Callable[[nn.Module, "WidthContext"], WidthSets]
+WIDTH_SET_FINDERS: dict[type, Finder] = {}
+
+
+def register_width_sets(cls: type, finder: Finder) -> None:
+    """``finder(model, ctx) -> WidthSets``: the sets of layers that keep one width under
+    ``uniform`` for root models of class ``cls`` (the most derived registered class wins)."""
+    WIDTH_SET_FINDERS[cls] = finder
+
+
+class WidthContext:
+    """The model, its gates and their norms, as a constraint sees them."""
+
+    def __init__(self, model: nn.Module, gates: dict, norms: dict[str, torch.Tensor]):
+        self.model, self.gates, self.norms = model, gates, norms
+        self._on: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] | None = None
+
+    def size(self, fqn: str, dim: int) -> int:
+        from .gates import primary  # the stored tensor: its shape, without computing a gated product
+        return int(primary(self.model, fqn).shape[dim])
+
+    def cuts_on(self, fqn: str, dim: int) -> list[tuple[str, torch.Tensor]]:
+        """(gate key, group of every position along the slot, -1 for none) of each gate cutting it."""
+        if self._on is None:
+            self._on = {}
+            for key, dgate in self.gates.items():
+                for cut in dgate.cuts:
+                    if cut.role not in ATTRIBUTE_ROLES:
+                        along = cut.index.expand(self.size(cut.fqn, cut.dim))
+                        self._on.setdefault((cut.fqn, cut.dim), []).append((key, along))
+        return self._on.get((fqn, dim), [])
+
+    def layer_slot(self, key: str) -> tuple[str, int] | None:
+        """The slot a gate's layer width is read on: its first producer, else its first consumer,
+        else its first tensor cut; None when it cuts no tensor."""
+        cuts = [c for c in self.gates[key].cuts if c.role not in ATTRIBUTE_ROLES]
+        if not cuts:
+            return None
+        ref = next((c for c in cuts if c.role == Role.PRODUCER), None) or next(
+            (c for c in cuts if c.role == Role.CONSUMER), cuts[0])
+        return ref.fqn, ref.dim
+
+    def own_width(self, key: str, slot: tuple[str, int], dead: torch.Tensor) -> int:
+        """The slot's width as this gate alone leaves it: positions of its kept groups plus the
+        positions no group of this gate owns."""
+        along = next(a for k, a in self.cuts_on(*slot) if k == key)
+        per_group = torch.bincount(along[along >= 0], minlength=dead.numel())
+        return int((along < 0).sum() + per_group[~dead].sum())
+
+    def width(self, fqn: str, dim: int, dead: dict[str, torch.Tensor]) -> int:
+        """The slot's width after a cut with these dead masks (every gate cutting it counted)."""
+        size = self.size(fqn, dim)
+        for key, along in self.cuts_on(fqn, dim):
+            size -= int(dead[key][along.clamp(min=0)][along >= 0].sum())
+        return size
+
+
+Constraint = Callable[[WidthContext, dict], dict]
+
+
+def revive(norm: torch.Tensor, dead: torch.Tensor, done: Callable[[torch.Tensor], bool]) -> torch.Tensor | None:
+    """``dead`` with its strongest dead groups revived one at a time until ``done(mask)``; None if
+    it never is (every dead group revived)."""
+    out = dead.clone()
+    if done(out):
+        return out
+    for j in sorted(dead.nonzero().reshape(-1).tolist(), key=lambda j: -float(norm[j])):
+        out[j] = False
+        if done(out):
+            return out
+    return None
+
+
+def apply_constraints(ctx: WidthContext, dead: dict[str, torch.Tensor], constraints) -> dict[str, torch.Tensor]:
+    """The dead masks after every constraint in turn, each checked against the contract."""
+    for constraint in constraints:
+        new = constraint(ctx, dict(dead))
+        for key, mask in dead.items():
+            if set(new) != set(dead) or new[key].shape != mask.shape or bool((new[key] & ~mask).any()):
+                raise AssertionError(f"width constraint {getattr(constraint, '__name__', constraint)} killed an alive "
+                                     f"group of gate '{key}' (a constraint may only keep dead groups)")
+        dead = new
+    return dead
+
+
+def round_to(multiple: int) -> Constraint:
+    """Each gate's layer width a multiple of ``multiple`` (hardware-friendly widths), by keeping its
+    strongest dead groups; a layer where no multiple can be reached (it is narrower than the next
+    one) keeps nothing back."""
+    multiple = check_round_to(multiple)
+
+    def round_widths(ctx: WidthContext, dead: dict) -> dict:
+        if multiple == 1:
+            return dead
+        for key, mask in dead.items():
+            slot = ctx.layer_slot(key)
+            if slot is None or not bool(mask.any()):
+                continue
+            rounded = revive(ctx.norms[key], mask, lambda m: ctx.own_width(key, slot, m) % multiple == 0)
+            if rounded is not None:
+                dead[key] = rounded
+        return dead
+    return round_widths
+
+
+def uniform(ctx: WidthContext, dead: dict) -> dict:
+    """Every width set keeps one width: the largest any of its slots keeps (a slot no gate cuts keeps
+    its full size), reached by keeping each layer's strongest dead groups. When the finder does not
+    accept those widths (a config class that wants the hidden size a multiple of the head count),
+    one set grows, the one that reaches accepted widths alone at the fewest added entries."""
+    found = width_sets(ctx)
+    if not found.sets:
+        return dead
+    targets = _settle(ctx, dead, found.sets, {})
+    if found.accepts is None or found.accepts(targets):
+        return dead
+    best = None
+    for wset in found.sets:
+        trial, floor = dict(dead), dict(targets)
+        while floor[wset.label] < _full_units(ctx, wset):
+            floor[wset.label] += 1
+            grown = _settle(ctx, trial, found.sets, floor)
+            if found.accepts(grown):
+                cost = _entries(ctx, trial)
+                if best is None or cost < best[0]:
+                    best = (cost, trial)
+                break
+    if best is None:
+        raise ShrinkError(f"uniform widths: the model's configuration accepts none of the widths a cut can keep "
+                          f"(from {targets}); shrink without uniform")
+    return best[1]
+
+
+def _full_units(ctx: WidthContext, wset: WidthSet) -> int:
+    return min(ctx.size(s.fqn, s.dim) // s.unit for s in wset.slots)
+
+
+def _entries(ctx: WidthContext, dead: dict) -> int:
+    """Tensor entries the cut keeps along every cut slot (a measure of what padding costs)."""
+    from .gates import primary
+    total = 0
+    for dgate in ctx.gates.values():
+        for cut in dgate.cuts:
+            if cut.role not in ATTRIBUTE_ROLES:
+                numel = primary(ctx.model, cut.fqn).numel()
+                total += numel // ctx.size(cut.fqn, cut.dim) * ctx.width(cut.fqn, cut.dim, dead)
+    return total
+
+
+def _settle(ctx: WidthContext, dead: dict, sets: list[WidthSet], floor: dict[str, int]) -> dict[str, int]:
+    """Revive (in ``dead``) until every set's slots share one width, at least ``floor`` (label ->
+    units). Sets share gates (a head counts in the query and the key/value head counts) and a group
+    may be wider than a unit, so repeat until nothing changes. Returns each set's width in units."""
+    while True:
+        changed, targets = False, {}
+        for wset in sets:
+            target = max([math.ceil(ctx.width(s.fqn, s.dim, dead) / s.unit) for s in wset.slots]
+                         + [floor.get(wset.label, 0)])
+            targets[wset.label] = target
+            for slot in wset.slots:
+                for key, _ in ctx.cuts_on(slot.fqn, slot.dim):
+                    widened = revive(ctx.norms[key], dead[key],
+                                     lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= target * slot.unit)
+                    if widened is None:
+                        raise ShrinkError(f"uniform widths: {slot.fqn} (dim {slot.dim}) cannot reach the width of the "
+                                          f"other layers of {wset.label} ({target * slot.unit}); shrink without uniform")
+                    if not torch.equal(widened, dead[key]):
+                        dead[key], changed = widened, True
+        if changed:
+            continue
+        for wset in sets:
+            if any(ctx.width(s.fqn, s.dim, dead) != targets[wset.label] * s.unit for s in wset.slots):
+                raise ShrinkError(f"uniform widths: the layers of {wset.label} cannot keep one width (their groups have "
+                                  "other sizes); shrink without uniform")
+        return targets
+
+
+def width_sets(ctx: WidthContext) -> WidthSets:
+    """The width sets of the model, from the finder registered for its class (cached per gate set:
+    they follow from the architecture)."""
+    from .gates import gate_set
+    dset = gate_set(ctx.model)
+    cached = getattr(dset, "_width_sets", None)
+    if cached is None:
+        finder = next((WIDTH_SET_FINDERS[c] for c in type(ctx.model).__mro__ if c in WIDTH_SET_FINDERS), repeated_layers)
+        cached = finder(ctx.model, ctx)
+        if dset is not None:
+            dset._width_sets = cached
+    return cached
+
+
+def repeated_layers(model: nn.Module, ctx: WidthContext) -> WidthSets:
+    """The default sets: gates of one kind at the same place in repeated blocks (``blocks.3.mlp.fc1``
+    and ``blocks.7.mlp.fc1``) whose layers have one full width; widths counted in positions."""
+    by_pattern: dict[tuple, list[Slot]] = {}
+    for key, dgate in ctx.gates.items():
+        slot = ctx.layer_slot(key)
+        if slot is None:
+            continue
+        pattern = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", dgate.modules[0])
+        by_pattern.setdefault((dgate.kind, pattern, ctx.size(*slot)), []).append(Slot(*slot))
+    return WidthSets([WidthSet(f"{kind} of {pattern}", slots)
+                      for (kind, pattern, _), slots in by_pattern.items() if len(slots) > 1])

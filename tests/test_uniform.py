@@ -1,0 +1,192 @@
+"""Uniform widths (issue 20): ``shrink(uniform=True)`` gives every layer a config states one width for
+the same width, the config fields are rewritten, and ``save_pretrained`` writes an ordinary checkpoint:
+a process where dgating_surgery cannot be imported loads it with the stock class and gets the gated
+model's outputs (causal LMs: the same greedy tokens with the KV cache). Per-layer widths are also
+written as transformers' ``per_layer_config``, which round-trips through its config classes."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dgating_surgery as dg
+
+T = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+ALL = {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}, {"kind": "hidden"}]}
+HEADS_NEURONS = {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]}
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=96)
+
+
+def _family(name):
+    """(model, recipe, example inputs, example kwargs, whether it generates)."""
+    if name == "llama":  # grouped-query attention (2 query heads per key/value head) and the hidden kind
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, num_key_value_heads=4, **SMALL)), ALL, True
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=100, num_key_value_heads=4, **SMALL)), ALL, True
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=8, n_inner=96, vocab_size=100)), \
+            HEADS_NEURONS, True
+    if name == "bert":
+        return T.BertModel(T.BertConfig(vocab_size=100, **SMALL)), HEADS_NEURONS, False
+    if name == "vit":
+        return T.ViTModel(T.ViTConfig(image_size=32, patch_size=8, **SMALL)), HEADS_NEURONS, False
+    raise ValueError(name)
+
+
+def _inputs(name):
+    args = (PIXELS,) if name == "vit" else (IDS,)
+    return args, ({"use_cache": False} if name in ("llama", "qwen2", "gpt2") else {})
+
+
+def _output(model, name, args, kwargs):
+    out = model(*args, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _gated(name, seed=0):
+    """The family gated, a random 30% of every gate zeroed, and layer 0 losing more (uneven widths)."""
+    torch.manual_seed(seed)
+    model, recipe, generates = _family(name)
+    args, kwargs = _inputs(name)
+    gated = dg.gate_model(dg.expose_weights(model.eval()), recipe, args, kwargs)
+    dg.kill_random_groups(gated, 0.3, seed=seed)
+    with torch.no_grad():
+        for dgate in dg.gates(gated):
+            if ".0." in dgate.name or dgate.name.startswith("model.layers.0"):
+                alive = (dgate.factors[0] != 0).nonzero().reshape(-1)
+                dgate.factors[0, alive[: max(1, len(alive) // 4)]] = 0.0
+    return gated, args, kwargs, generates
+
+
+LOAD_STOCK = r"""
+import json, sys
+class NoDgating:  # dgating_surgery cannot be imported here, whatever sys.path holds
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "dgating_surgery":
+            raise ImportError("dgating_surgery is blocked in this process")
+sys.meta_path.insert(0, NoDgating())
+import torch, warnings
+warnings.simplefilter("ignore")
+import transformers as T
+results = {}
+for directory, generates in json.loads(sys.argv[1]):
+    saved = torch.load(directory + "/reference.pt")
+    cls = T.AutoModelForCausalLM if generates else T.AutoModel
+    model = cls.from_pretrained(directory).eval()
+    with torch.no_grad():
+        out = model(*saved["args"], **saved["kwargs"])
+        out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    row = {"class": type(model).__name__, "diff": float((out - saved["output"]).abs().max()),
+           "scale": float(saved["output"].abs().max())}
+    if generates:
+        tokens = model.generate(saved["args"][0], max_new_tokens=6, do_sample=False, use_cache=True)
+        row["tokens_equal"] = bool(torch.equal(tokens, saved["tokens"]))
+    results[directory] = row
+try:
+    import dgating_surgery
+    results["blocked"] = False
+except ImportError:
+    results["blocked"] = "dgating_surgery" not in sys.modules
+print(json.dumps(results))
+"""
+
+FAMILIES = ["llama", "qwen2", "gpt2", "bert", "vit"]
+
+
+def test_uniform_slim_checkpoints_load_in_stock_transformers(tmp_path):
+    runs, expect = [], {}
+    for name in FAMILIES:
+        gated, args, kwargs, generates = _gated(name)
+        per_layer = dg.plan_cut(gated)
+        with torch.no_grad():
+            reference = _output(gated, name, args, kwargs)
+            tokens = gated.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=True) if generates else None
+        slim = dg.shrink(gated, uniform=True)
+        assert "dgating_surgery" not in slim.config.to_dict(), name  # the config states every width
+        expect[name] = _check_widths(name, slim, per_layer)
+        directory = tmp_path / name
+        slim.save_pretrained(directory)
+        torch.save({"args": args, "kwargs": kwargs, "output": reference, "tokens": tokens}, directory / "reference.pt")
+        runs.append((str(directory), generates))
+    done = subprocess.run([sys.executable, "-c", LOAD_STOCK, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results.pop("blocked") is True
+    for (directory, generates), name in zip(runs, FAMILIES):
+        row = results[directory]
+        assert row["diff"] <= 1e-4 * row["scale"], (name, row)
+        assert row.get("tokens_equal", True), (name, row)
+        assert row["class"] == type(_family(name)[0]).__name__
+
+
+def _check_widths(name, slim, per_layer):
+    """Every layer has one width per kind, below the full width where the config can say so."""
+    layers = slim.model.layers if name in ("llama", "qwen2") else (
+        slim.transformer.h if name == "gpt2" else slim.encoder.layer if name == "bert" else slim.layers)
+    if name in ("llama", "qwen2"):
+        config = slim.config
+        widths = {(l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.mlp.gate_proj.out_features)
+                  for l in layers}
+        assert widths == {(config.num_attention_heads * 8, config.num_key_value_heads * 8, config.intermediate_size)}
+        assert config.num_attention_heads == 2 * config.num_key_value_heads < 8  # GQA: whole kv groups
+        assert config.intermediate_size < 96 and config.hidden_size < 64
+        if name == "llama":  # LlamaConfig demands it (Qwen2Config does not)
+            assert config.hidden_size % config.num_attention_heads == 0
+        assert slim.model.embed_tokens.embedding_dim == config.hidden_size
+        dead = sum(int(d.sum()) for d in per_layer.dead.values())
+        assert dead > 0
+    elif name == "gpt2":  # head width is n_embd / n_head: no config states fewer heads, so every head stays
+        assert {l.attn.c_attn.nf for l in layers} == {3 * 64} and {l.mlp.c_fc.nf for l in layers} == {slim.config.n_inner}
+        assert slim.config.n_inner < 96
+    elif name == "bert":  # the same: all_head_size is the hidden size
+        assert {l.intermediate.dense.out_features for l in layers} == {slim.config.intermediate_size} != {96}
+        assert {l.attention.self.query.out_features for l in layers} == {64}
+    else:  # ViT reads its head width from the config: heads are cut, one count for every layer
+        config = slim.config
+        assert {l.mlp.fc1.out_features for l in layers} == {config.intermediate_size} != {96}
+        assert {l.attention.q_proj.out_features for l in layers} == {config.num_attention_heads * config.head_dim}
+        assert config.num_attention_heads < 8 and config.head_dim == 8
+    return name
+
+
+def test_uniform_keeps_the_largest_alive_width_with_the_strongest_dead_groups():
+    gated, args, kwargs, _ = _gated("llama", seed=3)
+    norms = dg.group_norms(gated)
+    plain, uniform = dg.plan_cut(gated), dg.plan_cut(gated, uniform=True)
+    mlps = [k for k, g in gated.dgates.items() if g.kind == "neurons"]
+    alive = [int((~plain.dead[k]).sum()) for k in mlps]
+    assert len(set(alive)) > 1  # uneven per-layer widths to begin with
+    assert {int((~uniform.dead[k]).sum()) for k in mlps} == {max(alive)}
+    for key in plain.dead:
+        revived = plain.dead[key] & ~uniform.dead[key]
+        assert not (uniform.dead[key] & ~plain.dead[key]).any()  # never kills
+        if revived.any() and (plain.dead[key] & uniform.dead[key]).any():
+            assert norms[key][revived].min() >= norms[key][plain.dead[key] & uniform.dead[key]].max()
+    cost = dg.uniform_cost(gated)
+    assert cost.groups == sum(int((plain.dead[k] & ~uniform.dead[k]).sum()) for k in plain.dead) > 0
+    assert cost.params == dg.sparsity(gated).params_removable - dg.sparsity(gated, uniform=True).params_removable > 0
+    assert dg.sparsity(gated, uniform=True).params_uniform_padding == cost.params
+    assert f"{cost.params} parameters" in str(cost)
+
+
+def test_per_layer_widths_are_written_as_transformers_per_layer_config(tmp_path):
+    gated, args, kwargs, _ = _gated("llama", seed=4)
+    reference = _output(gated, "llama", args, kwargs)
+    slim = dg.shrink(gated)  # per-layer widths: layer 0 narrower
+    widths = [layer.mlp.gate_proj.out_features for layer in slim.model.layers]
+    kv = [layer.self_attn.k_proj.out_features // 8 for layer in slim.model.layers]
+    assert len(set(widths)) == 2
+    slim.save_pretrained(tmp_path)
+    config = T.AutoConfig.from_pretrained(tmp_path)  # transformers' own classes read it back
+    assert type(config) is T.LlamaConfig and config.is_heterogeneous
+    assert [config.per_layer_config[i].intermediate_size for i in range(2)] == widths
+    assert [config.per_layer_config[i].num_key_value_heads for i in range(2)] == kv
+    again = T.LlamaConfig.from_dict(config.to_dict())
+    assert again.to_dict()["per_layer_config"] == json.loads((tmp_path / "config.json").read_text())["per_layer_config"]
+    loaded = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()  # dgating_surgery is imported here
+    assert dg.max_rel_diff(reference, _output(loaded, "llama", args, kwargs)) < 1e-4
