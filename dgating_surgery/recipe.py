@@ -31,6 +31,7 @@ class GroupSpec:
     modules: tuple[str, ...] = ()  # module class names, e.g. ("Conv2d",); empty: any
     names: tuple[str, ...] = ()  # fnmatch globs on module names; empty: any
     exclude: tuple[str, ...] = ()  # fnmatch globs on module names that are never gated
+    lam: float | None = None  # this kind's lambda (None: the recipe's); see Recipe.lam_of
 
     def matches(self, kind: str, module_names: list[str], module_types: list[str]) -> bool:
         """True when a group set of ``kind`` produced by these modules is selected by this spec."""
@@ -49,6 +50,8 @@ class GroupSpec:
         for name in ("modules", "names", "exclude"):
             if getattr(self, name):
                 parts.append(f"{name}: {list(getattr(self, name))}")
+        if self.lam is not None:
+            parts.append(f"lam: {self.lam:g}")
         return "{" + ", ".join(parts) + "}"
 
 
@@ -76,12 +79,23 @@ class Recipe:
             for key in ("modules", "names", "exclude"):
                 if getattr(g, key):
                     entry[key] = list(getattr(g, key))
+            if g.lam is not None:
+                entry["lam"] = g.lam
             groups.append(entry)
         out: dict[str, Any] = {"D": self.D, "lam": self.lam, "init": self.init,
                                "threshold": self.threshold, "round_to": self.round_to, "groups": groups}
         if self.name:
             out["name"] = self.name
         return out
+
+    def lam_of(self, kind: str) -> float:
+        """The lambda of ``kind``: its ``groups`` entry's ``lam`` when one sets it, else ``lam``.
+        A group pays lam * ||w_j||^(2/D); at equal per-weight scale ||w_j|| grows as sqrt(size), so
+        the price grows as size^(1/D) (D=3: a 1,024-weight head pays 2.5x a 65-weight neuron) while
+        what its removal costs the loss does not follow size. One lambda for both kinds therefore
+        lands each kind at a sparsity nobody chose; per-kind lambdas (or per-kind targets of
+        ``LambdaScheduler``, which set them) let each kind reach its own."""
+        return next((g.lam for g in self.groups if g.kind == kind and g.lam is not None), self.lam)
 
 
 _MEANING = {"threshold": "the collapsed L2 norm under which a group is dead, e.g. 1e-5",
@@ -133,7 +147,7 @@ def _number(value):
 
 
 _TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "round_to", "name", "description"}
-_GROUP_FIELDS = {"kind", "modules", "names", "exclude"}
+_GROUP_FIELDS = {"kind", "modules", "names", "exclude", "lam"}
 
 
 def recipe_dir() -> Path:
@@ -227,11 +241,14 @@ def _from_dict(data: dict, source: str, lines: dict[str, int] | None = None) -> 
     if isinstance(D, bool) or not isinstance(D, int) or D < 2:
         fail("D", f"must be an integer >= 2, got {D!r}")
     kwargs: dict[str, Any] = {"D": D, "source": source}
-    for key, default in (("lam", 1e-4), ("threshold", 1e-5)):
-        value = _number(data.get(key, default))
+    def number(value, where: str, meaning: str) -> float:
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            fail(key, f"must be a finite number >= 0 ({_MEANING[key]}), got {value!r}")
-        kwargs[key] = float(value)
+            fail(where, f"must be a finite number >= 0 ({_MEANING[meaning]}), got {value!r}")
+        return float(value)
+
+    for key, default in (("lam", 1e-4), ("threshold", 1e-5)):
+        kwargs[key] = number(data.get(key, default), key, key)
     kwargs["round_to"] = check_round_to(data.get("round_to", 1), lambda msg: fail("round_to", msg))
     init = data.get("init", "balanced")
     if init not in INITS:
@@ -267,7 +284,12 @@ def _from_dict(data: dict, source: str, lines: dict[str, int] | None = None) -> 
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 fail(f"{where}.{key}", f"must be a list of strings, got {value!r}")
             lists[key] = tuple(value)
-        specs.append(GroupSpec(kind=kind, **lists))
+        lam = number(entry["lam"], f"{where}.lam", "lam") if "lam" in entry else None
+        earlier = next((g.lam for g in specs if g.kind == kind and g.lam is not None), None)
+        if lam is not None and earlier is not None and earlier != lam:
+            fail(f"{where}.lam", f"{kind} already has lam {earlier:g} in an earlier entry: one lambda per kind "
+                                 "(the optimizer has one param group per kind)")
+        specs.append(GroupSpec(kind=kind, **lists, lam=lam))
     kwargs["groups"] = tuple(specs)
     return Recipe(**kwargs)
 

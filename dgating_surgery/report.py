@@ -93,12 +93,7 @@ def sparsity(model: nn.Module, threshold: float | None = None, uniform: bool = F
         report.params_uniform_padding = removable_params(model, plan_cut(model, threshold), params) - report.params_removable
     for key, dgate in dset.items():
         dead = plan.dead[key]
-        own = 0
-        for cut in dgate.cuts:
-            if cut.fqn in params:
-                shape = get_tensor(model, cut.fqn).shape
-                idx = cut.index.expand(shape[cut.dim])
-                own += int(((idx >= 0) & dead[idx.clamp(min=0)]).sum()) * (shape.numel() // shape[cut.dim])
+        own = int(group_params(model, dgate, params)[dead].sum())
         all_dead = bool((plan.norms[key] < report.threshold).all())
         report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own, all_dead))
     return report
@@ -113,6 +108,20 @@ def removable_params(model: nn.Module, plan, params: set[str] | None = None) -> 
             shape = get_tensor(model, fqn).shape
             total += int(torch.Size(shape).numel()) - int(torch.Size(plan.kept_shape(fqn, shape)).numel())
     return total
+
+
+def group_params(model: nn.Module, dgate, params: set[str] | None = None) -> torch.Tensor:
+    """Per group of ``dgate``: the entries of the gate's own parameter slices (a neuron's row and
+    the next layer's column). Counted on full shapes, so it does not depend on which other groups
+    are dead; summed over dead groups it is ``GateRow.params_removable``."""
+    params = _parameter_names(model) if params is None else params
+    own = torch.zeros(dgate.num_groups, dtype=torch.long)
+    for cut in dgate.cuts:
+        if cut.fqn in params:
+            shape = get_tensor(model, cut.fqn).shape
+            idx = cut.index.expand(shape[cut.dim])
+            own += torch.bincount(idx[idx >= 0].cpu(), minlength=dgate.num_groups) * (shape.numel() // shape[cut.dim])
+    return own
 
 
 def _parameter_names(model: nn.Module) -> set[str]:

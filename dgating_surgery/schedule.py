@@ -1,11 +1,28 @@
-"""Lambda within one run: a warm-up ramp, a constant, or a controller that reaches a target
-sparsity by a given step (as torch.ao.pruning's schedulers, OTO's ``target_group_sparsity`` and
-Torch-Pruning's iterative steps offer).
+"""Lambda within one run: a warm-up ramp, a constant, or a size target reached in the same run.
 
 ``LambdaScheduler`` is stepped like a learning-rate scheduler, once per optimizer step. It sets
-the weight decay of the D-Gating param groups (those from ``dg.param_groups``) to ``2 * lam / D``
-and records ``lam`` in the group, so that ``check_optimizer`` and ``track`` check the schedule's
-current value. With ``dg.penalty`` instead of weight decay, read ``scheduler.lam`` each step.
+the weight decay of the D-Gating param groups (those from ``dg.param_groups``, one per kind) to
+``2 * lam / D`` and records ``lam`` in each group, so that ``check_optimizer`` and ``track`` check
+the schedule's current value. With ``dg.penalty`` instead of weight decay, pass
+``scheduler.lam`` to it each step.
+
+A size target (``target=0.9, metric="params", by_step=S``) runs in three phases:
+
+1. dense until ``start_step`` (lambda 0; optionally a ``warmup_steps`` ramp after it);
+2. penalty: every ``every`` steps the controller ranks the groups by collapsed norm relative to
+   the largest in their gate (``deadness.scores``) and finds the weakest ones whose cut would
+   remove the target fraction; the largest score among them (the target quantile) must fall on a
+   straight line in log scale from its value at ``start_step`` to ``relative`` at ``by_step``.
+   Lambda is multiplied by (quantile / line), clipped to [1/factor, factor]: a proportional
+   controller on a leading figure, since deaths themselves lag lambda by hundreds of steps;
+3. recovery: as soon as the collapsed groups (score below ``relative``) reach the target, or at
+   ``by_step`` at the latest, the weakest groups that make the target are held at exactly zero
+   (``deadness.hold``), lambda goes to 0 and the remaining steps train the alive weights. A final
+   ``dg.shrink`` removes exactly the held groups, so the size lands on the target by construction
+   (to one group) and the cut is exact.
+
+Per-kind targets (``target={"heads": 0.5, "neurons": 0.7}``) run one controller per kind on that
+kind's lambda (the optimizer needs one param group per kind, as ``dg.param_groups`` builds it).
 """
 from __future__ import annotations
 
@@ -14,28 +31,40 @@ import math
 import torch
 from torch import nn
 
+from .deadness import RELATIVE, Hold, check_relative, reference_norms, scores, zeroed
 from .errors import LambdaError
-from .training import D_KEY, LAM_KEY, SCHEDULED_KEY, check_lam
+from .training import D_KEY, KIND_KEY, LAM_KEY, SCHEDULED_KEY, check_lam, kind_lams
 from .wrappers import unwrap, unwrap_optimizer
 
 BASE_KEY = "dgating_base_lam"  # in a param group: the lam dg.param_groups recorded, before a schedule changed it
+METRICS = ("groups", "params", "macs")
+ALL = "all"  # the controller key of a whole-model target
+SURVIVOR_FLOOR = 0.7  # below this fraction of its norm at the start, a gate's strongest group says: lambda too high
+MIN_SCALE = 1e-3  # the controller never takes lambda below this fraction of its starting value
+
 
 def dgating_groups(optimizer) -> list[dict]:
     """The param groups of ``optimizer`` that ``dg.param_groups`` made (they record lam and D)."""
     return [g for g in unwrap_optimizer(optimizer).param_groups if LAM_KEY in g and D_KEY in g]
 
 
-def set_lam(optimizer, lam: float, scheduled: bool = True) -> None:
-    """Set lambda of every D-Gating param group: weight decay ``2 * lam / D``, lam recorded."""
-    lam = check_lam(lam)
+def set_lam(optimizer, lam: "float | dict[str, float]", scheduled: bool = True) -> None:
+    """Set lambda of the D-Gating param groups: weight decay ``2 * lam / D``, lam recorded. ``lam``:
+    one number for every group, or kind -> lam (groups of other kinds are left alone)."""
     groups = dgating_groups(optimizer)
     if not groups:
         raise LambdaError("the optimizer has no D-Gating param group: build it from dg.param_groups(model, lam) "
                           "(or drive dg.penalty(model, scheduler.lam) and pass no optimizer to the scheduler)")
     for group in groups:
+        if isinstance(lam, dict):
+            if group.get(KIND_KEY) not in lam:
+                continue
+            value = check_lam(lam[group[KIND_KEY]], f"lam[{group[KIND_KEY]!r}]")
+        else:
+            value = check_lam(lam)
         group.setdefault(BASE_KEY, group[LAM_KEY])  # what dg.param_groups was given: a resumed schedule starts there
-        group["weight_decay"] = 2.0 * lam / group[D_KEY]
-        group[LAM_KEY] = lam
+        group["weight_decay"] = 2.0 * value / group[D_KEY]
+        group[LAM_KEY] = value
         group[SCHEDULED_KEY] = scheduled
 
 
@@ -44,63 +73,118 @@ class LambdaScheduler:
 
     - constant: ``LambdaScheduler(opt, lam)``;
     - warm-up: ``LambdaScheduler(opt, lam, warmup_steps=1000, start_step=0)``: 0 until
-      ``start_step``, then a linear ramp to ``lam`` over ``warmup_steps`` (let the network learn
-      before groups start dying);
-    - target: ``LambdaScheduler(opt, lam, model=gated, target=0.5, by_step=5000, every=100)``:
-      drives the fraction ``target`` of the groups dead by ``by_step``. Deaths lag lambda, so it
-      steers by a leading figure: the collapsed norm of the group at the target quantile (the
-      k-th smallest, k = target * groups), which should fall on a straight line in log scale from
-      its value at ``start_step`` to the threshold at ``by_step``. Every ``every`` steps: above the
-      line, lambda is multiplied by ``factor``; below it, divided (not below ``lam / 100``); after
-      ``by_step``, once the target is dead, lambda is lowered while more than the target is (dead
-      groups do not come back; a lower lambda slows further deaths). ``lam`` is the starting value,
-      ``max_lam`` caps it (default ``1e4 * lam``).
+      ``start_step``, then a linear ramp to ``lam`` over ``warmup_steps``;
+    - size target: ``LambdaScheduler(opt, model=gated, target=0.9, metric="params", by_step=S)``:
+      the cut removes ``target`` of the ``metric`` ("groups": of the gated groups; "params": of the
+      network's parameters; "macs": of the MACs of a forward pass on the example inputs); a dict
+      ``{kind: fraction}`` sets one target per kind (of that kind's groups or of its own
+      parameters; "macs" is a whole-model figure). Reached at ``by_step`` at the latest, then the
+      chosen groups are held at exactly zero and lambda is 0 (the module docstring has the phases).
+      ``every``: steps between measurements; ``factor``: the most lambda changes per measurement;
+      ``relative``: a group is collapsed below this fraction of the largest norm in its gate
+      (``deadness.RELATIVE``); ``example_inputs``/``example_kwargs``: for "macs" (default: the
+      ones ``dg.gate_model`` was given).
 
-    ``optimizer``: its D-Gating groups (from ``dg.param_groups``) get ``weight_decay = 2*lam/D``
-    at construction and at every ``step()``; ``None``: nothing is written, use
-    ``dg.penalty(model, scheduler.lam)``. ``lam=None``: the lambda the groups record, else the
-    model's recipe. ``state_dict``/``load_state_dict`` resume a run.
+    ``lam``: the starting value, a number or kind -> lam (None: what the optimizer's groups record,
+    else the recipe's). ``max_lam`` caps it (default ``1e4 *`` the largest starting lam).
+    ``optimizer``: its D-Gating groups get ``weight_decay = 2*lam/D`` at construction and at every
+    ``step()``; ``None``: nothing is written, use ``dg.penalty(model, scheduler.lam)``.
+    ``state_dict``/``load_state_dict`` resume a run (held groups included).
     """
 
-    def __init__(self, optimizer=None, lam: float | None = None, *, model: nn.Module | None = None,
-                 warmup_steps: int = 0, start_step: int = 0, target: float | None = None, by_step: int | None = None,
-                 every: int = 100, factor: float = 1.2, max_lam: float | None = None,
-                 threshold: float | None = None):
+    def __init__(self, optimizer=None, lam: "float | dict[str, float] | None" = None, *,
+                 model: nn.Module | None = None, warmup_steps: int = 0, start_step: int = 0,
+                 target: "float | dict[str, float] | None" = None, metric: str = "groups",
+                 by_step: int | None = None, every: int = 100, factor: float = 3.0, max_lam: float | None = None,
+                 relative: float = RELATIVE, example_inputs=None, example_kwargs: dict | None = None):
         self.optimizer = optimizer
         self.model = unwrap(model, "LambdaScheduler") if model is not None else None
-        if lam is None:
-            recorded = dgating_groups(optimizer) if optimizer is not None else []
-            if recorded:
-                lam = recorded[0].get(BASE_KEY, recorded[0][LAM_KEY])
-            elif self.model is not None:
-                from .gates import require_gated
-                lam = require_gated(self.model, "LambdaScheduler").recipe.lam
-            else:
-                raise LambdaError("LambdaScheduler needs lam, an optimizer from dg.param_groups, or the model")
-        self.base_lam = check_lam(lam, "lam")
-        if self.base_lam == 0 and target is not None:
-            raise LambdaError("a target schedule multiplies lambda: give it a starting lam > 0")
+        self.base = self._starting_lams(lam)
         if warmup_steps < 0 or start_step < 0:
             raise LambdaError(f"warmup_steps and start_step must be >= 0, got {warmup_steps} and {start_step}")
-        if target is not None:
-            if not 0 < float(target) < 1:
-                raise LambdaError(f"target must be a fraction in (0, 1), got {target!r}")
-            if by_step is None or by_step <= start_step:
-                raise LambdaError(f"a target needs by_step > start_step ({start_step}), got {by_step!r}")
-            if self.model is None:
-                raise LambdaError("a target schedule measures sparsity: pass model=the gated model")
-            if every < 1 or not factor > 1:
-                raise LambdaError(f"every must be >= 1 and factor > 1, got {every} and {factor}")
         self.warmup_steps, self.start_step = int(warmup_steps), int(start_step)
-        self.target, self.by_step = (None if target is None else float(target)), by_step
-        self.every, self.factor, self.threshold = int(every), float(factor), threshold
-        self.max_lam = check_lam(max_lam, "max_lam") if max_lam is not None else self.base_lam * 1e4
+        self.every, self.factor, self.relative = int(every), float(factor), check_relative(relative)
+        self.metric, self.by_step = metric, by_step
+        self.targets = self._check_target(target, example_inputs, example_kwargs)
+        biggest = max(self.base.values())
+        self.max_lam = check_lam(max_lam, "max_lam") if max_lam is not None else biggest * 1e4
         self.last_step = 0
-        self.scale = 1.0  # what the target controller has multiplied lambda by
-        self.start_norm: float | None = None  # the target quantile's norm when the schedule started
-        self.measured: list[tuple[int, float, float, float]] = []  # (step, dead fraction, quantile norm, lam)
+        self.scale = dict.fromkeys(self.targets or [ALL], 1.0)  # what the controller multiplied each lambda by
+        self.reference: dict[str, float] | None = None  # gate key -> its largest norm when the penalty started
+        self.previous: dict[str, tuple[int, float]] = {}  # key -> (step, target quantile's score) last measured
+        self.held: dict[str, dict[str, torch.Tensor]] = {}  # controller key -> gate key -> bool per group held
+        self._hold: Hold | None = None
+        self.measured: list[tuple] = []  # (step, key, removed fraction if the collapsed were cut, quantile score, lam)
         if not any(g.get(SCHEDULED_KEY) for g in (dgating_groups(optimizer) if optimizer is not None else [])):
             self._apply()  # a resumed optimizer keeps what its schedule wrote, for resume() to read
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _starting_lams(self, lam) -> dict[str, float]:
+        """Starting lambda per kind (or under ALL when the kinds are unknown: no model, no optimizer)."""
+        recorded = dgating_groups(self.optimizer) if self.optimizer is not None else []
+        if self.model is not None:
+            lams = kind_lams(self.model, lam)
+            if lam is None or isinstance(lam, dict):
+                for group in recorded:  # what dg.param_groups was given, unless lam names the kind
+                    kind = group.get(KIND_KEY)
+                    if kind in lams and not (isinstance(lam, dict) and kind in lam):
+                        lams[kind] = float(group.get(BASE_KEY, group[LAM_KEY]))
+            return lams
+        if recorded and all(KIND_KEY in g for g in recorded):
+            lams = {g[KIND_KEY]: float(g.get(BASE_KEY, g[LAM_KEY])) for g in recorded}
+            if isinstance(lam, dict):
+                lams.update({k: check_lam(v, f"lam[{k!r}]") for k, v in lam.items()})
+            elif lam is not None:
+                lams = dict.fromkeys(lams, check_lam(lam, "lam"))
+            return lams
+        if lam is None or isinstance(lam, dict):
+            raise LambdaError("LambdaScheduler needs lam, an optimizer from dg.param_groups, or the model")
+        return {ALL: check_lam(lam, "lam")}
+
+    def _check_target(self, target, example_inputs, example_kwargs) -> dict[str, float]:
+        """The targets per controller key (empty: no target), checked; MACs' example inputs kept."""
+        if target is None:
+            return {}
+        if self.metric not in METRICS:
+            raise LambdaError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.model is None:
+            raise LambdaError("a target schedule measures sparsity: pass model=the gated model")
+        if self.by_step is None or self.by_step <= self.start_step:
+            raise LambdaError(f"a target needs by_step > start_step ({self.start_step}), got {self.by_step!r}")
+        if self.every < 1 or not self.factor > 1:
+            raise LambdaError(f"every must be >= 1 and factor > 1, got {self.every} and {self.factor}")
+        targets = dict(target) if isinstance(target, dict) else {ALL: target}
+        for key, value in targets.items():
+            if key != ALL and key not in self.base:
+                raise LambdaError(f"target names kind {key!r}, which the model's gates do not have; its kinds are "
+                                  f"{', '.join(self.base)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < 1:
+                raise LambdaError(f"target{'' if key == ALL else f'[{key!r}]'} must be a fraction in (0, 1), "
+                                  f"got {value!r}")
+            if min(self.base.values() if key == ALL else [self.base[key]]) == 0:
+                raise LambdaError("a target schedule multiplies lambda: give it a starting lam > 0")
+        if isinstance(target, dict) and self.metric == "macs":
+            raise LambdaError("per-kind targets count groups or parameters (metric='groups' or 'params'); a MACs "
+                              "target is for the whole model: target=<fraction>")
+        if self.optimizer is not None and isinstance(target, dict):
+            kinds = {g.get(KIND_KEY) for g in dgating_groups(self.optimizer)}
+            missing = sorted(set(targets) - kinds)
+            if missing:
+                raise LambdaError(f"per-kind targets need one optimizer param group per kind; {missing[0]} has none: "
+                                  "build the optimizer from dg.param_groups(model, lam)")
+        self.examples = None
+        if self.metric == "macs":
+            from .gates import gate_set
+            kept = gate_set(self.model).examples
+            if example_inputs is not None or example_kwargs:
+                self.examples = ((example_inputs,) if not isinstance(example_inputs, tuple) else example_inputs,
+                                 dict(example_kwargs or {}))
+            elif kept is not None:
+                self.examples = kept
+            else:
+                raise LambdaError("metric='macs' measures a forward pass: pass example_inputs (or gate the model "
+                                  "with example inputs)")
+        return {key: float(value) for key, value in targets.items()}
 
     # -- the schedule --------------------------------------------------------------------------------
     def ramp(self, step: int) -> float:
@@ -111,84 +195,230 @@ class LambdaScheduler:
             return 1.0
         return min(1.0, (step - self.start_step) / self.warmup_steps)
 
+    def _key(self, kind: str) -> str:
+        return kind if kind in self.scale else ALL
+
     @property
-    def lam(self) -> float:
-        """Lambda for the current step."""
-        return min(self.base_lam * self.scale, self.max_lam) * self.ramp(self.last_step)
+    def lams(self) -> dict[str, float]:
+        """Lambda per kind for the current step (0 for a kind whose target is held)."""
+        ramp = self.ramp(self.last_step)
+        return {kind: 0.0 if self._key(kind) in self.held else
+                min(base * self.scale[self._key(kind)], self.max_lam) * ramp for kind, base in self.base.items()}
 
-    def measure(self) -> tuple[float, float]:
-        """(dead fraction, collapsed norm of the group at the target quantile) now."""
-        from .shrink import plan_cut
+    @property
+    def lam(self) -> "float | dict[str, float]":
+        """Lambda for the current step: one number when every kind has the same, else kind -> lam
+        (``dg.penalty`` takes either)."""
+        lams = self.lams
+        values = set(lams.values())
+        return values.pop() if len(values) == 1 else lams
 
-        plan = plan_cut(self.model, self.threshold)
-        norms = torch.cat([n.reshape(-1) for n in plan.norms.values()]).sort().values
-        dead = sum(int(d.sum()) for d in plan.dead.values()) / max(norms.numel(), 1)
-        k = min(max(math.ceil(self.target * norms.numel()), 1), norms.numel())
-        return dead, float(norms[k - 1])
+    @property
+    def recovering(self) -> bool:
+        """Every target is reached: its groups are held at zero and lambda is 0."""
+        return bool(self.targets) and set(self.held) == set(self.targets)
 
-    def wanted_norm(self, step: int) -> float:
-        """Where the target quantile's norm should be at ``step``: log-linear from its value at
-        ``start_step`` down to the threshold at ``by_step``."""
-        done = min(max((step - self.start_step) / (self.by_step - self.start_step), 0.0), 1.0)
-        start = max(self.start_norm, self._threshold * 1.0000001)
-        return math.exp(math.log(start) + (math.log(self._threshold) - math.log(start)) * done)
+    # -- measuring -----------------------------------------------------------------------------------
+    def _ranking(self, key: str) -> list[tuple[float, str, int]]:
+        """(score, gate key, group) of the groups a target may hold, weakest first; each gate's
+        strongest group is left out (a cut keeps one group per gate)."""
+        from .gates import gate_set
 
-    def step(self, step: int | None = None) -> float:
+        dset = gate_set(self.model)
+        out = []
+        for gate_key, score in scores(self.model).items():
+            if key != ALL and dset[gate_key].kind != key:
+                continue
+            strongest = int(score.argmax())
+            out.extend((float(s), gate_key, j) for j, s in enumerate(score.tolist()) if j != strongest)
+        return sorted(out)
+
+    def _masks(self, chosen) -> dict[str, torch.Tensor]:
+        from .gates import gate_set
+
+        dset = gate_set(self.model)
+        masks = {}
+        for _, gate_key, j in chosen:
+            masks.setdefault(gate_key, torch.zeros(dset[gate_key].num_groups, dtype=torch.bool))[j] = True
+        return masks
+
+    def removed(self, key: str, masks: dict[str, torch.Tensor]) -> float:
+        """The fraction of ``key``'s metric a cut of the groups in ``masks`` (and the ones already
+        dead) removes: of the whole model for ALL, of the kind's groups or own parameters per kind."""
+        from .gates import gate_set
+        from .report import group_params
+        from .search import removed_fraction
+
+        dset = gate_set(self.model)
+        if key != ALL or self.metric == "groups":
+            gate_keys = [k for k, g in dset.items() if key == ALL or g.kind == key]
+            if self.metric == "groups":
+                per_gate = {k: torch.ones(dset[k].num_groups, dtype=torch.long) for k in gate_keys}
+            else:
+                per_gate = {k: group_params(self.model, dset[k]) for k in gate_keys}
+            total = sum(int(v.sum()) for v in per_gate.values())
+            hit = sum(int(v[masks[k]].sum()) for k, v in per_gate.items() if k in masks)
+            return hit / max(total, 1)
+        with zeroed(self.model, masks):
+            examples = self.examples
+            if examples is None:
+                return removed_fraction(self.model, self.metric)
+            from .measure import macs, macs_after_cut
+            return 1.0 - macs_after_cut(self.model, examples[0], examples[1]) / max(
+                macs(self.model, examples[0], examples[1]), 1)
+
+    def choose(self, key: str) -> tuple[list, float]:
+        """The weakest groups whose cut removes the fraction closest to ``key``'s target (the fewest
+        such when two are equally close), and that fraction. A bisection on the ranking: the
+        removed fraction grows with every group added."""
+        ranking, target = self._ranking(key), self.targets[key]
+        lo, hi = 0, len(ranking)  # removed(first lo) < target <= removed(first hi), unless none reaches it
+        cache: dict[int, float] = {}
+
+        def f(k: int) -> float:
+            if k not in cache:
+                cache[k] = self.removed(key, self._masks(ranking[:k]))
+            return cache[k]
+
+        if f(hi) < target:
+            return ranking, f(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if f(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        k = hi if f(hi) - target <= target - f(lo) else lo
+        return ranking[:k], f(k)
+
+    def strength(self, key: str) -> float:
+        """The weakest ratio, over ``key``'s gates, of the gate's largest norm now to that at the
+        start of the penalty. When the strongest groups shrink too, lambda is past the range where
+        the loss defends what it needs: the controller then only lowers it."""
+        from .gates import gate_set
+
+        dset = gate_set(self.model)
+        now = reference_norms(self.model)
+        return min(now[k] / self.reference[k] for k in now if (key == ALL or dset[k].kind == key) and self.reference[k] > 0)
+
+    def wanted_rate(self, key: str, quantile: float) -> float:
+        """How fast (in log score per step) ``key``'s target quantile must fall to reach
+        ``relative`` at ``by_step``: an even pace over the steps that remain."""
+        remaining = max(self.by_step - self.last_step, 1)
+        return (math.log(max(quantile, 1e-30)) - math.log(self.relative)) / remaining
+
+    # -- stepping ------------------------------------------------------------------------------------
+    def step(self, step: int | None = None) -> "float | dict[str, float]":
         """Advance one optimizer step (or to ``step``, a framework's global step); returns lambda.
         Under FSDP2 a target schedule's measurement is a collective: call it on every rank."""
         self.last_step = self.last_step + 1 if step is None else int(step)
-        if self.target is not None and self.last_step >= self.start_step and (
-                self.start_norm is None or self.last_step % self.every == 0):
-            dead, norm = self.measure()
-            if self.start_norm is None:
-                self.start_norm = norm
-            elif dead >= self.target:  # reached: brake hard, groups on their way down follow for a while
-                self.scale = max(self.scale / self.factor ** 3, 1e-2)
-            elif norm > self.wanted_norm(self.last_step):
-                self.scale = min(self.scale * self.factor, self.max_lam / self.base_lam)
-            else:
-                self.scale = max(self.scale / self.factor, 1e-2)
-            self.measured.append((self.last_step, dead, norm, self.lam))
+        if self.targets and self.last_step >= self.start_step:
+            if self.reference is None:
+                self.reference = reference_norms(self.model)
+            due = not self.previous or self.last_step % self.every == 0 or self.last_step >= self.by_step
+            for key in self.targets:
+                if key in self.held:
+                    continue
+                if due:
+                    self._control(key)
+                elif self.last_step % max(self.every // 5, 1) == 0 and self.strength(key) < SURVIVOR_FLOOR:
+                    self.scale[key] = max(self.scale[key] / self.factor, MIN_SCALE)  # brake between measurements
+        if self._hold is not None:
+            self._hold.apply()  # without an optimizer hook (penalty mode) this keeps them at zero
         self._apply()
         return self.lam
 
+    def _control(self, key: str) -> None:
+        """One measurement of ``key``: hold its groups when the target is reached or due; else
+        steer lambda so that the target quantile falls at the pace ``wanted_rate`` asks. The pace
+        observed since the last measurement responds to lambda roughly in proportion (the decay
+        that kills a group is lam times the learning rate), so lambda is multiplied by wanted /
+        observed pace, at most by ``factor`` either way (by ``factor`` when it did not fall)."""
+        chosen, _ = self.choose(key)
+        quantile = max(chosen[-1][0] if chosen else 0.0, 1e-30)
+        collapsed = [c for c in self._ranking(key) if c[0] < self.relative]
+        removed = self.removed(key, self._masks(collapsed))
+        previous = self.previous.get(key)
+        if removed >= self.targets[key] or (self.last_step >= self.by_step and previous is not None):
+            self._hold_groups(key, self._masks(chosen))
+        elif previous is not None and self.last_step > previous[0]:
+            observed = (math.log(previous[1]) - math.log(quantile)) / (self.last_step - previous[0])
+            wanted = self.wanted_rate(key, quantile)
+            change = self.factor if observed <= 0 else min(max(wanted / observed, 1 / self.factor), self.factor)
+            strength = self.strength(key)
+            if strength < SURVIVOR_FLOOR:
+                change = 1 / self.factor
+            elif strength < SURVIVOR_FLOOR ** 0.5:
+                change = min(change, 1.0)
+            ceiling = self.max_lam / max(self.base[k] for k in self.base if key in (ALL, k))
+            self.scale[key] = min(max(self.scale[key] * change, MIN_SCALE), ceiling)
+        self.previous[key] = (self.last_step, quantile)
+        lam = self.lams
+        self.measured.append((self.last_step, key, removed, quantile, lam.get(key, next(iter(lam.values())))))
+
+    def _hold_groups(self, key: str, masks: dict[str, torch.Tensor]) -> None:
+        """Hold ``masks`` at exactly zero from now on (with every group held before)."""
+        self.held[key] = masks
+        merged: dict[str, torch.Tensor] = {}
+        for held in self.held.values():
+            for gate_key, mask in held.items():
+                merged[gate_key] = merged.get(gate_key, torch.zeros_like(mask)) | mask
+        if self._hold is not None:
+            self._hold.release()
+        self._hold = Hold(self.model, merged, self.optimizer)
+
     @property
-    def _threshold(self) -> float:
-        from .gates import require_gated
+    def held_masks(self) -> dict[str, torch.Tensor]:
+        """Gate key -> bool per group: every group held at zero (what the final cut removes)."""
+        return dict(self._hold.masks) if self._hold is not None else {}
 
-        return float(self.threshold) if self.threshold is not None else require_gated(self.model, "schedule").recipe.threshold
-
-    def resume(self, step: int) -> float:
+    def resume(self, step: int) -> "float | dict[str, float]":
         """Continue a run at ``step``, after the optimizer's state was loaded: the warm-up is a
-        function of the step; a target schedule's lambda is read back from what it last wrote in
-        the optimizer's groups (``state_dict`` restores it too)."""
+        function of the step; a target schedule's lambdas are read back from what it last wrote in
+        the optimizer's groups (``state_dict`` restores them, and the held groups, too); a target
+        whose lambda was written as 0 holds the groups whose gates are exactly zero."""
         self.last_step = int(step)
-        if self.target is not None and self.optimizer is not None:
-            written = [g for g in dgating_groups(self.optimizer) if g.get(SCHEDULED_KEY)]
+        if self.targets and self.optimizer is not None:
             ramp = self.ramp(self.last_step)
-            if written and ramp > 0:
-                self.scale = float(written[0][LAM_KEY]) / (self.base_lam * ramp)
+            for group in dgating_groups(self.optimizer):
+                key = self._key(group.get(KIND_KEY, ALL))
+                if not group.get(SCHEDULED_KEY) or ramp == 0 or key not in self.targets:
+                    continue
+                if group[LAM_KEY] == 0 and key not in self.held:
+                    ranking = self._ranking(key)
+                    self._hold_groups(key, self._masks([c for c in ranking if c[0] == 0.0]))
+                elif group[LAM_KEY] > 0:
+                    self.scale[key] = float(group[LAM_KEY]) / (self.base[group.get(KIND_KEY, ALL)] * ramp)
         self._apply()
         return self.lam
 
     def _apply(self) -> None:
         if self.optimizer is not None:
-            set_lam(self.optimizer, self.lam)
+            set_lam(self.optimizer, self.lams if ALL not in self.base else self.lams[ALL])
 
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "scale": self.scale, "base_lam": self.base_lam,
-                "start_norm": self.start_norm, "measured": [list(m) for m in self.measured]}
+        return {"last_step": self.last_step, "scale": dict(self.scale), "base": dict(self.base),
+                "previous": dict(self.previous), "reference": self.reference, "measured": [list(m) for m in self.measured],
+                "held": {key: {g: m.clone() for g, m in masks.items()} for key, masks in self.held.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step, self.scale = int(state["last_step"]), float(state["scale"])
-        self.base_lam = float(state.get("base_lam", self.base_lam))
-        self.start_norm = state.get("start_norm")
+        self.last_step = int(state["last_step"])
+        self.scale.update(state["scale"])
+        self.base.update(state.get("base", {}))
+        self.previous = {k: tuple(v) for k, v in state.get("previous", {}).items()}
+        self.reference = state.get("reference")
         self.measured = [tuple(m) for m in state.get("measured", [])]
+        for key, masks in state.get("held", {}).items():
+            self._hold_groups(key, masks)
         self._apply()
 
     def __repr__(self) -> str:
-        mode = (f"target={self.target:g} by_step={self.by_step}" if self.target is not None else
-                f"warmup_steps={self.warmup_steps}" if self.warmup_steps else "constant")
-        return f"LambdaScheduler(lam={self.lam:.4g} at step {self.last_step}, {mode})"
-
+        lam = self.lam
+        shown = f"{lam:.4g}" if not isinstance(lam, dict) else "{" + ", ".join(f"{k}: {v:.4g}" for k, v in lam.items()) + "}"
+        if self.targets:
+            goal = self.targets.get(ALL, self.targets)
+            mode = f"target={goal} of {self.metric} by_step={self.by_step}{' (recovering)' if self.recovering else ''}"
+        else:
+            mode = f"warmup_steps={self.warmup_steps}" if self.warmup_steps else "constant"
+        return f"LambdaScheduler(lam={shown} at step {self.last_step}, {mode})"

@@ -25,19 +25,32 @@ from .report import sparsity
 from .wrappers import accepts_wrapped, frozen_gates, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
 
 LAM_KEY, D_KEY, SCHEDULED_KEY = "dgating_lam", "dgating_D", "dgating_scheduled"  # in the optimizer's param group
+KIND_KEY = "dgating_kind"  # in the optimizer's param group: the kind of groups whose weights and gates it holds
 
 
 def gated_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(primary weights theta, gate factors) of a gated model. A theta is the stored ``original``
     of every parameter a gate scales; its entries outside any gated group (rare: a layer only part
     of whose channels are exactly removable) get the same decay."""
+    per_kind = parameters_by_kind(model)
+    return [p for thetas, _ in per_kind.values() for p in thetas], [f for _, fs in per_kind.values() for f in fs]
+
+
+def parameters_by_kind(model: nn.Module) -> dict[str, tuple[list[nn.Parameter], list[nn.Parameter]]]:
+    """kind -> (primary weights, gate factors), kinds in the order of the model's gates. A primary
+    weight scaled by gates of several kinds (a first layer whose input features and neurons are
+    both gated) goes with the kind of lower lambda (``Recipe.lam_of``): a parameter has one decay,
+    and the lower one never pushes a kind harder than asked."""
     dset = require_gated(model, "D-Gating training")
-    thetas = []
+    out: dict[str, tuple[list, list]] = {}
+    for dgate in dset.values():
+        out.setdefault(dgate.kind, ([], []))[1].append(dgate.factors)
     for module in model.modules():
         for name, plist in getattr(module, "parametrizations", {}).items():
-            if any(isinstance(p, GateScale) for p in plist):
-                thetas.append(plist.original)
-    return thetas, [g.factors for g in dset.values()]
+            kinds = {s.kind for p in plist if isinstance(p, GateScale) for s in p.sources}
+            if kinds:
+                out[min(kinds, key=lambda k: (dset.recipe.lam_of(k), list(out).index(k)))][0].append(plist.original)
+    return out
 
 
 def check_lam(lam, what: str = "lam") -> float:
@@ -53,48 +66,64 @@ def check_lam(lam, what: str = "lam") -> float:
     return value
 
 
-def _lam_D(model: nn.Module, lam: float | None) -> tuple[float, int]:
+def kind_lams(model: nn.Module, lam: "float | dict[str, float] | None") -> dict[str, float]:
+    """Lambda per kind of the model's gates: ``lam`` a number (every kind), a dict (kind -> lam; kinds
+    it leaves out take the recipe's), or None (the recipe's: a ``groups`` entry's ``lam``, else the
+    top-level one)."""
     dset = require_gated(model, "D-Gating training")
-    return check_lam(dset.recipe.lam if lam is None else lam), dset.recipe.D
+    kinds = list(dict.fromkeys(g.kind for g in dset.values()))
+    if isinstance(lam, dict):
+        unknown = sorted(set(lam) - set(kinds))
+        if unknown:
+            raise LambdaError(f"lam names kind {unknown[0]!r}, which the model's gates do not have; its kinds are "
+                              f"{', '.join(kinds)}")
+        return {k: check_lam(lam[k], f"lam[{k!r}]") if k in lam else dset.recipe.lam_of(k) for k in kinds}
+    return {k: dset.recipe.lam_of(k) if lam is None else check_lam(lam) for k in kinds}
 
 
 @accepts_wrapped()
-def param_groups(model: nn.Module, lam: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+def param_groups(model: nn.Module, lam: "float | dict[str, float] | None" = None,
+                 weight_decay: float = 0.0) -> list[dict]:
     """Parameter groups for any ``torch.optim`` optimizer: weight decay ``2 * lam / D`` on the gated
     primary weights and the gates (the paper's L_{2,2/D} objective), ``weight_decay`` on the rest.
-    ``lam=None`` takes the recipe's lambda. The D-Gating group records ``lam`` and ``D`` (keys
-    ``dgating_lam``, ``dgating_D``), which ``check_optimizer``, ``track`` and ``LambdaScheduler`` read.
+    One D-Gating group per kind (named ``dgating/<kind>``), with that kind's lambda: ``lam`` a
+    number (all kinds), a dict kind -> lam, or None (the recipe's, per kind: ``kind_lams``). Each
+    D-Gating group records ``lam``, ``D`` and its kind (keys ``dgating_lam``, ``dgating_D``,
+    ``dgating_kind``), which ``check_optimizer``, ``track`` and ``LambdaScheduler`` read.
 
     Why 2*lam/D: coupled ``weight_decay=wd`` is the gradient of (wd/2)||p||^2, and the paper's
     penalty is (lam/D)||p||^2 on every theta and gamma. Give the rest some decay too when the gated
     layer is followed by a positively homogeneous activation (ReLU): otherwise the network can move
     a group's scale into the next, unpenalized layer instead of letting the group die.
     """
-    thetas, factors = gated_parameters(model)
-    lam, D = _lam_D(model, lam)
-    gated_ids = {id(p) for p in thetas + factors}
+    lams, D = kind_lams(model, lam), require_gated(model, "D-Gating training").recipe.D
+    groups = [{"params": thetas + factors, "weight_decay": 2.0 * lams[kind] / D, "name": f"dgating/{kind}",
+               LAM_KEY: lams[kind], D_KEY: D, KIND_KEY: kind}
+              for kind, (thetas, factors) in parameters_by_kind(model).items()]
+    gated_ids = {id(p) for g in groups for p in g["params"]}
     rest = [p for p in model.parameters() if id(p) not in gated_ids and p.requires_grad]
-    groups = [{"params": thetas + factors, "weight_decay": 2.0 * lam / D, "name": "dgating", LAM_KEY: lam, D_KEY: D}]
     if rest:
         groups.append({"params": rest, "weight_decay": weight_decay, "name": "other"})
     return groups
 
 
 @accepts_wrapped()
-def penalty(model: nn.Module, lam: float | None = None) -> torch.Tensor:
-    """(lam / D) * (sum ||theta||^2 + sum gamma^2): the D-Gating regularizer as a loss term.
-    ``lam=None`` takes the recipe's lambda. Under FSDP2 each rank sums its own shards and the
+def penalty(model: nn.Module, lam: "float | dict[str, float] | None" = None) -> torch.Tensor:
+    """(lam / D) * (sum ||theta||^2 + sum gamma^2): the D-Gating regularizer as a loss term, with
+    each kind's lambda (``lam`` as for ``param_groups``; a ``LambdaScheduler``'s ``lam`` fits).
+    ``lam=None`` takes the recipe's lambdas. Under FSDP2 each rank sums its own shards and the
     sums are all-reduced (every rank must call it): the value is the global penalty and the
     gradient of each shard is its own, ``2 * lam / D * p``, as FSDP expects."""
-    thetas, factors = gated_parameters(model)
-    lam, D = _lam_D(model, lam)
+    lams, D = kind_lams(model, lam), require_gated(model, "D-Gating training").recipe.D
     total = None
-    for p in thetas + factors:
-        sq = (p.float() if p.dtype in LOW_PRECISION else p).pow(2).sum()
-        if is_dtensor(sq):
-            sq = sq.full_tensor()  # sum over the shards; backward leaves each shard its own gradient
-        total = sq if total is None else total + sq
-    return (lam / D) * total
+    for kind, (thetas, factors) in parameters_by_kind(model).items():
+        for p in thetas + factors:
+            sq = (p.float() if p.dtype in LOW_PRECISION else p).pow(2).sum()
+            if is_dtensor(sq):
+                sq = sq.full_tensor()  # sum over the shards; backward leaves each shard its own gradient
+            term = (lams[kind] / D) * sq
+            total = term if total is None else total + term
+    return total
 
 
 @accepts_wrapped(gather=True)
@@ -126,7 +155,7 @@ def imbalance(model: nn.Module, threshold: float | None = None) -> float:
 
 
 @accepts_wrapped()
-def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: float | None = None,
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: "float | dict[str, float] | None" = None,
                     uses_penalty: bool = False) -> list[str]:
     """Warn where an optimizer silently does not optimize the D-Gating objective; returns the
     messages (each warning points at the caller's line). ``uses_penalty=True``: the loss already
@@ -134,8 +163,8 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: flo
     regularized twice).
 
     The lambda checked is, per param group: the one a ``LambdaScheduler`` set last (ramps and
-    targets are understood), else ``lam`` when given, else the one ``dg.param_groups`` recorded,
-    else the recipe's. Also warns when gated weights are stored in bfloat16/float16, where the
+    targets are understood), else ``lam`` when given (a number or kind -> lam), else the one
+    ``dg.param_groups`` recorded, else the recipe's for the parameter's kind. Also warns when gated weights are stored in bfloat16/float16, where the
     decay rounds away (see ``precision``)."""
     problems = optimizer_problems(model, optimizer, lam, uses_penalty)
     for message in problems:
@@ -143,14 +172,16 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, lam: flo
     return problems
 
 
-def optimizer_problems(model: nn.Module, optimizer, lam: float | None = None, uses_penalty: bool = False) -> list[str]:
+def optimizer_problems(model: nn.Module, optimizer, lam: "float | dict[str, float] | None" = None,
+                       uses_penalty: bool = False) -> list[str]:
     """What ``check_optimizer`` warns about, without warning (for callbacks that log it)."""
     model = unwrap(model, "dg.check_optimizer")
     optimizer = unwrap_optimizer(optimizer)
     thetas, factors = gated_parameters(model)
     dset = require_gated(model, "D-Gating training")
     D = dset.recipe.D
-    lam = None if lam is None else check_lam(lam)
+    lams = kind_lams(model, lam)
+    kind_of = {id(p): kind for kind, (ts, fs) in parameters_by_kind(model).items() for p in ts + fs}
     where = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -169,12 +200,10 @@ def optimizer_problems(model: nn.Module, optimizer, lam: float | None = None, us
         if group is None or id(group) in seen:
             continue
         seen.add(id(group))
-        if group.get(SCHEDULED_KEY):
+        if group.get(SCHEDULED_KEY) or (lam is None and LAM_KEY in group):
             group_lam = float(group[LAM_KEY])
-        elif lam is not None:
-            group_lam = lam
         else:
-            group_lam = float(group.get(LAM_KEY, dset.recipe.lam))
+            group_lam = lams[kind_of[id(p)]]
         want = 0.0 if uses_penalty else 2.0 * group_lam / D
         wd = float(group.get("weight_decay", 0.0))
         if wd and (decoupled or group.get("decoupled_weight_decay", False)):
@@ -236,7 +265,8 @@ class SparsityMonitor:
         model = unwrap(model, "dg.track")
         require_gated(model, "dg.track")
         self.model, self.threshold, self.verbose = model, threshold, verbose
-        self._check = (optimizer, None if lam is None else check_lam(lam), uses_penalty)
+        kind_lams(model, lam)  # a bad lam is refused here, not at the first step
+        self._check = (optimizer, lam, uses_penalty)
         self.history: list[dict] = []
 
     def step(self, epoch: int | None = None) -> dict:
