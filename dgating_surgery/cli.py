@@ -333,7 +333,7 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
     from .execution import output_diff, tolerance
     from .measure import forward, macs
     from .report import sparsity
-    from .shrink import plan_cut, shrink
+    from .shrink import plan_cut, select_features, sets_by_layer, shrink, where_it_fails
     model = load_gated(gated_path, allow_pickle, reference)
     rep = sparsity(model, threshold)
     inputs = model.dgate_origin.inputs
@@ -347,9 +347,10 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
         macs_after = macs(cut, args, kwargs)
         change = output_diff(reference, forward(cut, args, kwargs))
     except Exception as exc:
+        where = where_it_fails(cut, *select_features(cut, args, kwargs), sets_by_layer(model))
         raise click.ClickException(f"a cut at threshold {rep.threshold:g} gives a model that does not run on the example "
-                                   f"inputs ({type(exc).__name__}: {_one_line(exc)[:200]}): a size the forward uses did "
-                                   "not follow the cut; exclude the layers named there from the recipe") from None
+                                   f"inputs: {where} ({type(exc).__name__}: {_one_line(exc)[:200]}); exclude those sets "
+                                   "from the recipe") from None
     rtol = tolerance(reference)
     data = {"threshold": rep.threshold, "groups": rep.groups, "dead": rep.dead, "params_total": rep.params_total,
             "params_removable": rep.params_removable, "macs_before": macs_before, "macs_after": macs_after,

@@ -4,6 +4,8 @@ user's object and class, and the gate costs a scaling of parameters, not a pass 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +18,12 @@ from . import groups as groups_mod
 from . import plugins
 from . import tracing
 from .errors import GatingError, NotGatedError
-from .execution import as_tuple, detached
+from .execution import as_tuple, describe_mismatch, detached, output_diff, run, tolerance
 from .kinds import KINDS, POLICY, Role
 from .precision import LOW_PRECISION, balanced_split
 from .recipe import Recipe, load_recipe
 from .rules import has_module_rule
-from .tensors import along, get_tensor, owner
+from .tensors import along, get_tensor, owner, tied_holders
 from .wrappers import accepts_wrapped, check_gateable, refuse_ungated_state, warn_user
 
 GATES_ATTR = "dgates"
@@ -195,9 +197,10 @@ def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=Non
     recipe = load_recipe(recipe)
     _refuse_gated(model)
     check_gateable(model)  # wrappers, PEFT adapters, existing parametrizations: refused with the order to use
-    apply_plan(model, analyze(model, example_inputs, example_kwargs), recipe)
-    if example_inputs is not None or example_kwargs:
-        gate_set(model).examples = detached((as_tuple(example_inputs), dict(example_kwargs or {})))
+    plan = analyze(model, example_inputs, example_kwargs)
+    examples = (as_tuple(example_inputs), dict(example_kwargs or {}))
+    _apply(model, plan, recipe, _Unchanged(model, *examples))
+    gate_set(model).examples = detached(examples)
     return model
 
 
@@ -208,17 +211,107 @@ def _refuse_gated(model: nn.Module) -> None:
 
 
 def apply_plan(model: nn.Module, plan: groups_mod.Plan, recipe) -> nn.Module:
-    """Gate ``model`` from a plan ``analyze`` made of it (lets a caller inspect the plan first)."""
+    """Gate ``model`` from a plan ``analyze`` made of it (lets a caller inspect the plan first).
+    Unlike ``gate_model`` it has no example inputs, so it does not check that the function is kept."""
+    return _apply(model, plan, recipe, None)
+
+
+def _apply(model: nn.Module, plan: groups_mod.Plan, recipe, unchanged: _Unchanged | None) -> nn.Module:
     recipe = load_recipe(recipe)
     _refuse_gated(model)
     chosen = select(plan, recipe, type(model).__name__)
     built = _build_gates(plan, chosen, recipe.D)
-    if recipe.init == "balanced":
-        _balance(model, built.values(), recipe.D)
-    _register_scales(model, built.values())
+    _register_scales(model, built.values())  # every gate 1 for now: the weights are untouched
     model.add_module(GATES_ATTR, DGateSet(built, recipe))
+    if unchanged is not None:
+        unchanged.check_every_use_is_gated()
+    if recipe.init == "balanced":
+        scales = _balance(model, built.values(), recipe.D)
+        if unchanged is not None:
+            unchanged.check_balanced(scales)
     model.register_load_state_dict_pre_hook(refuse_ungated_state)  # a clear error for an ungated state_dict
     return model
+
+
+class _Unchanged:
+    """The guard of ``gate_model``: the gated model must compute what the model computed on the
+    example inputs. Two checks. Before the balanced init (every gate 1, weights untouched), every
+    gate is doubled while the weight slices it scales are halved: powers of two, so every gated
+    weight ``theta * gate`` is bit for bit what it was, and an output that moves shows a use of a
+    weight that bypasses its gate (a tied weight gated in one of its uses); the gates that do so
+    are named, and the model is restored exactly. After the balanced init the output is compared
+    once more (a failure there can only be rounding; the gates are collapsed into the weights).
+    An output that cannot show a difference (all zeros, not finite) is not checked."""
+
+    def __init__(self, model: nn.Module, args: tuple, kwargs: dict):
+        self.model, self.args, self.kwargs = model, args, kwargs
+        self.reference = run(model, args, kwargs)
+        self.checkable = describe_mismatch(self.reference, self.reference) is None
+        self.rtol = tolerance(self.reference)
+
+    def _diff(self) -> float:
+        return output_diff(self.reference, run(self.model, self.args, self.kwargs))
+
+    def check_every_use_is_gated(self) -> None:
+        if not self.checkable:
+            return
+        dgates = list(gate_set(self.model).values())
+        with _doubled(self.model, dgates):
+            diff = self._diff()
+        if diff <= self.rtol:
+            return
+        culprits = []
+        for dgate in dgates:
+            with _doubled(self.model, [dgate]):
+                if self._diff() > self.rtol:
+                    culprits.append(dgate)
+        _ungate(self.model)
+        names = ", ".join(f"'{g.name}' ({g.kind})" for g in culprits) or "of several sets together"
+        modules = ", ".join(f'"{g.modules[0]}"' for g in culprits)
+        raise GatingError(f"gating {type(self.model).__name__} would change its output (by {diff:.3g} of its largest "
+                          f"value on the example inputs): a weight of the group set(s) {names} is also used where "
+                          f"its gate does not reach. The model was left ungated; exclude them in the recipe "
+                          f"(exclude: [{modules}]) and please report the model.")
+
+    def check_balanced(self, scales: list[torch.Tensor]) -> None:
+        """After the balanced init, which scaled each gate's weights by ``scales``."""
+        if not self.checkable:
+            return
+        diff = self._diff()
+        if diff <= self.rtol:
+            return
+        with torch.no_grad():
+            for dgate, scale in zip(gate_set(self.model).values(), scales):
+                scale_groups_(self.model, dgate, 1 / scale)
+        _ungate(self.model)
+        raise GatingError(f"the balanced init changed {type(self.model).__name__}'s output by {diff:.3g} of its "
+                          f"largest value on the example inputs (tolerance {self.rtol:g}); the model was left "
+                          "ungated (its weights within rounding of the original). Use `init: ones` in the recipe.")
+
+
+@contextmanager
+def _doubled(model: nn.Module, dgates) -> Iterator[None]:
+    """Every gate of ``dgates`` doubled and the weight slices it scales halved, for the block."""
+    with torch.no_grad():
+        for dgate in dgates:
+            dgate.factors[0].mul_(2)
+            scale_groups_(model, dgate, torch.full((dgate.num_groups,), 0.5, dtype=torch.float64))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for dgate in dgates:
+                dgate.factors[0].div_(2)
+                scale_groups_(model, dgate, torch.full((dgate.num_groups,), 2.0, dtype=torch.float64))
+
+
+def _ungate(model: nn.Module) -> None:
+    """Remove the gates ``_apply`` registered, leaving the primary weights as the model's weights."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for attr in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+    delattr(model, GATES_ATTR)
 
 
 def _build_gates(plan, chosen, D) -> dict[str, DGate]:
@@ -310,9 +403,11 @@ def scale_groups_(model: nn.Module, dgate: DGate, factor: torch.Tensor) -> None:
                 theta.mul_(along(per_group[cut.scale + 1], cut.dim, theta.ndim).to(theta.dtype))
 
 
-def _balance(model: nn.Module, dgates, D: int) -> None:
+def _balance(model: nn.Module, dgates, D: int) -> list[torch.Tensor]:
     """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D) (for bfloat16/float16
-    weights the nearest powers of two, see ``precision.balanced_split``)."""
+    weights the nearest powers of two, see ``precision.balanced_split``). Returns each gate's scale of
+    its primary weights (what undoing it divides by)."""
+    scales = []
     with torch.no_grad():
         for dgate in dgates:
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
@@ -321,6 +416,8 @@ def _balance(model: nn.Module, dgates, D: int) -> None:
             factors, scale = balanced_split(norm, D, exact)  # bf16/fp16: powers of two, the function kept exactly
             dgate.factors.copy_(factors.to(dgate.factors.dtype))
             scale_groups_(model, dgate, scale)
+            scales.append(scale)
+    return scales
 
 
 def _register_scales(model: nn.Module, dgates) -> None:
@@ -332,9 +429,11 @@ def _register_scales(model: nn.Module, dgates) -> None:
         for cut in dgate.cuts:
             if (cut.scale >= 0).any():
                 per_param.setdefault((cut.fqn, cut.dim), []).append((dgate, cut))
+    holders = tied_holders(model)  # taken before any parametrization moves a tensor
     for (fqn, dim), entries in per_param.items():
         module, attr = owner(model, fqn)
         shape = getattr(module, attr).shape
+        tied = holders.get(id(primary(model, fqn)), [(module, attr)])
         index = torch.full((shape[dim],), -1, dtype=torch.long)
         sources, offsets = [], {}
         for dgate, cut in entries:
@@ -348,5 +447,7 @@ def _register_scales(model: nn.Module, dgates) -> None:
                                   "engine cannot combine; exclude one of them in the recipe (`dgate inspect` lists "
                                   "the sets)")
             index[here] = scale[here] + offsets[id(dgate)]
-        parametrize.register_parametrization(module, attr, GateScale(sources, along(index, dim, len(shape))))
+        scale = GateScale(sources, along(index, dim, len(shape)))
+        for holder, name in tied:  # a tied weight (embedding and output layer) is gated in every use
+            parametrize.register_parametrization(holder, name, scale)
     gate_modes.install(model)  # where a gate may act on a layer's output, it does so when that is cheaper

@@ -15,10 +15,10 @@ from . import constraints
 from .errors import ShrinkError, one_line
 from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
-from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, require_gated
+from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, primary, require_gated
 from .kinds import ATTRIBUTE_ROLES, Role
 from .recipe import check_threshold
-from .tensors import get_tensor, owner, replace_tensor
+from .tensors import get_tensor, owner, replace_tensor, tied_holders
 from .tracing import check_not_meta
 from .wrappers import accepts_wrapped, memory_format, warn_user
 
@@ -99,12 +99,13 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     plan = plan_cut(model, threshold, round_to, uniform)
     check_threshold(rtol, "rtol")
     check = _verification(model, example_inputs, example_kwargs) if verify else None
+    cut_by = sets_by_layer(model)
     before = _Snapshot(model)
     try:
         _cut(model, plan)
         if check is not None:
             args, kwargs, reference = check
-            _verify(reference, _run_slim(model, args, kwargs), rtol)
+            _verify(reference, _run_slim(model, args, kwargs, cut_by), rtol)
     except BaseException:
         before.restore()  # a failed cut or verification leaves the gated model as it was
         raise
@@ -137,9 +138,10 @@ def _verification(model: nn.Module, example_inputs, example_kwargs):
 
 def _cut(model: nn.Module, plan: CutPlan) -> None:
     sliced = _collapse(model, plan.removed)  # a gated tensor is collapsed and sliced at once: no full copy
+    tied = tied_holders(model)
     for fqn, drop in plan.removed.items():
         if fqn not in plan.attributes and fqn not in sliced:
-            _slice(model, fqn, drop)
+            _slice(model, fqn, drop, tied)
     values = {}
     for fqn, role in plan.attributes.items():
         gone = plan.removed[fqn][0]
@@ -172,13 +174,59 @@ class _Snapshot:
         return {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v) for k, v in attrs.items()}
 
 
-def _run_slim(model: nn.Module, example_inputs, kwargs):
+def _run_slim(model: nn.Module, example_inputs, kwargs, cut_by: dict[str, list[str]]):
+    args, kwargs = select_features(model, example_inputs, kwargs)
     try:
-        return run(model, *select_features(model, example_inputs, kwargs))
+        return run(model, args, kwargs)
     except Exception as exc:
-        raise ShrinkError(f"the slim model does not run on the example inputs ({one_line(exc)}): a size the forward "
-                          "uses did not follow the cut. The model was left gated; exclude the layers named in "
-                          "the error from the recipe (`dgate inspect` lists the sets).") from exc
+        where = where_it_fails(model, args, kwargs, cut_by)
+        raise ShrinkError(f"the slim model does not run on the example inputs: {where} ({one_line(exc)}). The model "
+                          "was left gated; exclude those sets from the recipe (`dgate inspect` lists every set).") from exc
+
+
+def sets_by_layer(model: nn.Module) -> dict[str, list[str]]:
+    """Layer name -> the gated sets (name and kind) that cut its tensors, from a gated model."""
+    dgates = require_gated(model, "shrink").values()
+    name_of = {id(m): name.partition(".parametrizations.")[0] for name, m in model.named_modules()}
+    layers_of = {key: [name_of[id(m)] for m, _ in found] for key, found in tied_holders(model).items()}
+    found: dict[str, list[str]] = {}
+    for dgate in dgates:
+        for cut in dgate.cuts:
+            layer = cut.fqn.rpartition(".")[0]
+            tensor = primary(model, cut.fqn) if cut.role not in ATTRIBUTE_ROLES else None
+            for name in layers_of.get(id(tensor), [layer]):  # a tied weight: every layer using it
+                names = found.setdefault(name, [])
+                if f"'{dgate.name}' ({dgate.kind})" not in names:
+                    names.append(f"'{dgate.name}' ({dgate.kind})")
+    return found
+
+
+def where_it_fails(model: nn.Module, args: tuple, kwargs: dict, cut_by: dict[str, list[str]]) -> str:
+    """Where a slim model that raises on these inputs fails, as a phrase: the innermost layer running
+    then, and the gated sets (``sets_by_layer`` of the gated model) whose cut of it or of the layers
+    inside it left a size its forward uses behind."""
+    running: list[str] = []
+
+    def finished(module, args, output) -> None:
+        running.pop()
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: running.append(name)))
+        handles.append(module.register_forward_hook(finished))
+    try:
+        run(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - the failure the caller reports; here only where it happens
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    layer = running[-1] if running else ""
+    where = (f"layer '{layer}' ({type(model.get_submodule(layer)).__name__})" if layer else
+             f"the forward of {type(model).__name__} itself")
+    sets = [s for name, names in cut_by.items() if not layer or name == layer or name.startswith(f"{layer}.")
+            for s in names]
+    cut = f"the cut of {', '.join(dict.fromkeys(sets))}" if sets else "the cut"
+    return f"{where} fails: a size its forward uses did not follow {cut}"
 
 
 def set_cut_attributes(model: nn.Module, values: dict) -> None:
@@ -218,6 +266,7 @@ def _collapse(model: nn.Module, removed: dict) -> set[str]:
     the original, so a module whose only parametrizations are gates gets its own class back here.
     """
     sliced: set[str] = set()
+    collapsed: dict[int, torch.Tensor] = {}  # a tied weight's primary -> its collapsed value, shared by every holder
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
@@ -231,6 +280,9 @@ def _collapse(model: nn.Module, removed: dict) -> set[str]:
             for attr, plist in module.parametrizations.items():
                 fqn = f"{name}.{attr}" if name else attr
                 drop = removed.get(fqn)
+                if id(plist.original) in collapsed:  # a later use of a tied weight: the first holder's value
+                    values[attr] = (collapsed[id(plist.original)], None)
+                    continue
                 value = getattr(module, attr).detach()
                 if drop is not None:
                     value = _sliced(value, drop, plist.original)
@@ -241,15 +293,18 @@ def _collapse(model: nn.Module, removed: dict) -> set[str]:
         module.__class__ = type(module).__bases__[0]
         del module._modules["parametrizations"]
         for attr, (value, original) in values.items():
-            replace_tensor(module, attr, value, like=original)
+            if original is None:
+                module._parameters[attr] = value
+            else:
+                collapsed[id(original)] = replace_tensor(module, attr, value, like=original)
     delattr(model, GATES_ATTR)
     return sliced
 
 
-def _slice(model: nn.Module, fqn: str, drop: dict[int, torch.Tensor]) -> None:
+def _slice(model: nn.Module, fqn: str, drop: dict[int, torch.Tensor], tied: dict) -> None:
     module, attr = owner(model, fqn)
-    old = getattr(module, attr).detach()
-    replace_tensor(module, attr, _sliced(old, drop, old))
+    old = getattr(module, attr)
+    replace_tensor(module, attr, _sliced(old.detach(), drop, old), tied=tied.get(id(old), ()))
 
 
 def _sliced(tensor: torch.Tensor, drop: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
