@@ -146,10 +146,11 @@ def read_manifest(path) -> dict:
 
 
 @accepts_wrapped()
-def kept_groups(model: nn.Module, threshold: float | None = None) -> dict:
+def kept_groups(model: nn.Module, threshold: float | None = None, uniform: bool = False) -> dict:
     """Per gate of a gated model: its kind, group count and the indices of the groups a cut at
-    ``threshold`` keeps (positions among the gate's groups), for ``save_slim(kept=...)``."""
-    plan = plan_cut(model, threshold)
+    ``threshold`` (``uniform``: with uniform widths) keeps (positions among the gate's groups), for
+    ``save_slim(kept=...)``."""
+    plan = plan_cut(model, threshold, uniform=uniform)
     return {dgate.name: {"kind": dgate.kind, "groups": dgate.num_groups,
                          "kept": (~plan.dead[key]).nonzero().reshape(-1).tolist()}
             for key, dgate in gate_set(model).items()}

@@ -406,11 +406,15 @@ def _describe_change(change: float, rtol: float, threshold: float) -> str:
 @click.option("--round-to", "round_to", type=click.IntRange(min=1), default=None, metavar="N",
               help="Keep each cut layer's width a multiple of N (e.g. 8) by keeping its strongest dead groups; "
               "default: the recipe's round_to (1: no rounding).")
+@click.option("--uniform", is_flag=True, help="Give every layer of a width set (the layers a Hugging Face config "
+              "states one width for) the same width, the largest any keeps, so that the config states them and "
+              "save_pretrained writes an ordinary checkpoint; prints what that costs against the per-layer cut.")
 @click.option("--export", "exports", multiple=True, type=click.Choice(["onnx", "torch.export"]),
               help="Also write a deployment export beside the checkpoint (.onnx, or .pt2 from torch.export).")
 @click.option("--force", is_flag=True, help="Replace the output (and exports) if they exist.")
 @_artefact_options
-def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, exports, force, reference, allow_pickle, as_json):
+def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, exports, force, reference, allow_pickle,
+               as_json):
     """Cut the dead groups out of GATED and write the slim checkpoint; prints parameters, MACs and
     latency before and after (interleaved runs, with their spread). The slim model is always
     checked against the gated one on the example inputs; GATED is left as it is."""
@@ -426,11 +430,15 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, exports, f
     inputs = model.dgate_origin.inputs
     args, kwargs = inputs.make()
     before = {"params": model_params(model), "macs": macs(model, args, kwargs)}
-    kept = kept_groups(model, threshold)
-    dead = sparsity(model, threshold).dead
+    kept = kept_groups(model, threshold, uniform=uniform)
+    dead = sparsity(model, threshold, uniform=uniform).dead
     uncut = collapsed(model)  # the gated function at the dense cost: timed against the slim model, interleaved
+    if uniform:  # what uniform widths cost: the per-layer cut, measured on a copy
+        import copy
+        per_layer = shrink(copy.deepcopy(model), threshold, verify=False)
+        per_layer = {"params": model_params(per_layer), "macs": macs(per_layer, args, kwargs)}
     try:
-        slim = shrink(model, threshold, args, kwargs, **({} if rtol is None else {"rtol": rtol}))
+        slim = shrink(model, threshold, args, kwargs, uniform=uniform, **({} if rtol is None else {"rtol": rtol}))
     except ShrinkError as exc:
         raise click.ClickException(_one_line(str(exc).replace("pass a larger rtol", "pass a larger --rtol")) + (
             f" `dgate report {gated_path} -t T` shows the output change a threshold makes.")) from None
@@ -443,6 +451,8 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, exports, f
     data = {"output": written, "groups_cut": dead, "verified_reload": verify,
             **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
             "latency_ms_before": timing.before_ms, "latency_ms_after": timing.after_ms, "latency": timing.to_dict()}
+    if uniform:
+        data["uniform_cost"] = {k: after[k] - per_layer[k] for k in ("params", "macs")}
     rows = [("parameters", display.n(before["params"]), display.n(after["params"]),
              display.ratio(before["params"], after["params"])),
             ("MACs", display.n(before["macs"]), display.n(after["macs"]), display.ratio(before["macs"], after["macs"])),
@@ -452,6 +462,9 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, exports, f
     note = (f"cut {display.n(dead)} groups; slim model checked against the gated one on {inputs}"
             f"{'; reloaded from disk: outputs identical' if verify else ''}. Wrote {', '.join(written)}. "
             f"Load it with dg.load_slim({str(out)!r}).")
+    if uniform:
+        note += (f" Uniform widths kept {display.n(data['uniform_cost']['params'])} parameters and "
+                 f"{display.n(data['uniform_cost']['macs'])} MACs more than the per-layer cut.")
     _emit(as_json, data, display.before_after_table(rows, f"{gated_path} -> {out}"), note)
 
 

@@ -190,3 +190,37 @@ def test_per_layer_widths_are_written_as_transformers_per_layer_config(tmp_path)
     assert again.to_dict()["per_layer_config"] == json.loads((tmp_path / "config.json").read_text())["per_layer_config"]
     loaded = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()  # dgating_surgery is imported here
     assert dg.max_rel_diff(reference, _output(loaded, "llama", args, kwargs)) < 1e-4
+
+
+def test_dgate_shrink_uniform_reports_the_cost_and_its_onnx_export_runs_in_onnxruntime(tmp_path):
+    """`dgate shrink --uniform --export onnx` on a Llama: one width per layer set, the cost against the
+    per-layer cut (as dg.sparsity counts it), and where onnxruntime is installed, the exported graph
+    computes the gated model's output."""
+    from click.testing import CliRunner
+
+    from dgating_surgery.cli import main
+    T.LlamaConfig(vocab_size=100, num_key_value_heads=4, **SMALL).save_pretrained(tmp_path / "tiny")
+    gated_path, slim_path = tmp_path / "gated.safetensors", tmp_path / "slim.safetensors"
+    runner = CliRunner()
+    done = runner.invoke(main, ["convert", str(tmp_path / "tiny"), "-r", "llama", "-o", str(gated_path)])
+    assert done.exit_code == 0, done.output
+    gated = dg.load_gated(gated_path)
+    dg.kill_random_groups(gated, 0.3, seed=1)
+    with torch.no_grad():
+        gated.dgates["layers_0_mlp_gate_proj"].factors[0, :40] = 0.0  # layer 0 narrower
+    dg.save_gated(gated, gated_path)
+    padding = dg.sparsity(gated).params_removable - dg.sparsity(gated, uniform=True).params_removable
+    done = runner.invoke(main, ["shrink", str(gated_path), "-o", str(slim_path), "--uniform", "--export", "onnx",
+                                "--json"])
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.output)
+    assert data["uniform_cost"]["params"] == padding > 0 and data["uniform_cost"]["macs"] > 0
+    slim = dg.load_slim(slim_path)
+    assert len({layer.mlp.gate_proj.out_features for layer in slim.layers}) == 1
+    ort = pytest.importorskip("onnxruntime")
+    args, kwargs = gated.dgate_origin.inputs.make()
+    with torch.no_grad():
+        reference = gated(*args, **kwargs).last_hidden_state
+    session = ort.InferenceSession(str(slim_path.with_suffix(".onnx")))
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: args[0].numpy()})[0])
+    assert float((out - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
