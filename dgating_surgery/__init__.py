@@ -36,6 +36,7 @@ _HOME = {
     **dict.fromkeys(["SparsityMonitor", "check_optimizer", "group_norms", "imbalance", "param_groups", "penalty",
                      "track"], "training"),
     **dict.fromkeys(["LambdaScheduler", "set_lam"], "schedule"),
+    **dict.fromkeys(["collapsed_groups", "hold"], "deadness"),
     **dict.fromkeys(["convert_sync_batchnorm", "full_params", "unwrap"], "wrappers"),
 }
 
@@ -48,6 +49,7 @@ __all__ = [
     # training
     "param_groups", "penalty", "check_optimizer", "track", "SparsityMonitor", "group_norms", "imbalance",
     "search_lambda", "SearchResult", "removed_fraction", "LambdaScheduler", "set_lam",
+    "collapsed_groups", "hold",
     # wrapped models (DDP, FSDP2, torch.compile, SyncBatchNorm)
     "unwrap", "full_params", "convert_sync_batchnorm",
     # figures and checks

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .deadness import RELATIVE
 from .gates import gate_set
 from .shrink import plan_cut
 from .tensors import get_tensor
@@ -22,6 +23,7 @@ class GateRow:
     dead: int
     params_removable: int  # entries of this gate's own slices that a cut removes
     all_dead: bool = False  # every group is below the threshold: the strongest is kept (zero), so the layer keeps a width
+    collapsed: int = 0  # groups below deadness.RELATIVE of the gate's largest norm (dead or not: Adam leaves them ~1e-3)
 
     @property
     def label(self) -> str:
@@ -46,10 +48,11 @@ class SparsityReport:
     def by_kind(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for row in self.rows:
-            acc = out.setdefault(row.kind, {"groups": 0, "dead": 0, "alive": 0})
+            acc = out.setdefault(row.kind, {"groups": 0, "dead": 0, "alive": 0, "collapsed": 0})
             acc["groups"] += row.groups
             acc["dead"] += row.dead
             acc["alive"] += row.alive
+            acc["collapsed"] += row.collapsed
         return out
 
     @property
@@ -60,12 +63,22 @@ class SparsityReport:
     def dead(self) -> int:
         return sum(r.dead for r in self.rows)
 
+    @property
+    def collapsed(self) -> int:
+        """Groups collapsed by the relative criterion (``deadness``): under SGD the dead ones; under
+        Adam also the ones left bouncing near zero, which ``dg.hold`` turns into exact zeros."""
+        return sum(r.collapsed for r in self.rows)
+
     def __str__(self) -> str:
         lines = [f"{'gate':40s} {'kind':9s} {'groups':>7s} {'dead':>6s} {'params cut':>11s}"]
         for r in self.rows:
             lines.append(f"{r.label[:60]:40s} {r.kind:9s} {r.groups:7d} {r.dead:6d} {r.params_removable:11d}")
         lines.append(f"total: {self.dead}/{self.groups} groups dead, {self.params_removable}/{self.params_total} "
                      f"parameters removable at threshold {self.threshold:g}")
+        if self.collapsed > self.dead:
+            lines.append(f"{self.collapsed} groups have collapsed (norm below {RELATIVE:g} of their gate's largest) but "
+                         "are not below the threshold (usual under Adam): dg.hold(model, optimizer=opt) holds them at "
+                         "exactly zero, so that shrink cuts them")
         if self.params_uniform_padding is not None:
             lines.append(f"uniform widths keep {self.params_uniform_padding} parameters the per-layer cut removes")
         return "\n".join(lines)
@@ -94,8 +107,11 @@ def sparsity(model: nn.Module, threshold: float | None = None, uniform: bool = F
     for key, dgate in dset.items():
         dead = plan.dead[key]
         own = int(group_params(model, dgate, params)[dead].sum())
-        all_dead = bool((plan.norms[key] < report.threshold).all())
-        report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own, all_dead))
+        norms = plan.norms[key]
+        all_dead = bool((norms < report.threshold).all())
+        collapsed = int((norms < RELATIVE * norms.max()).sum()) if norms.max() > 0 else 0
+        report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own, all_dead,
+                                   collapsed))
     return report
 
 

@@ -33,6 +33,8 @@ from torch import nn
 
 from .deadness import RELATIVE, Hold, check_relative, reference_norms, scores, zeroed
 from .errors import LambdaError
+from .execution import as_tuple, on_device_of
+from .tensors import get_tensor
 from .training import D_KEY, KIND_KEY, LAM_KEY, SCHEDULED_KEY, check_lam, kind_lams
 from .wrappers import unwrap, unwrap_optimizer
 
@@ -172,15 +174,13 @@ class LambdaScheduler:
             if missing:
                 raise LambdaError(f"per-kind targets need one optimizer param group per kind; {missing[0]} has none: "
                                   "build the optimizer from dg.param_groups(model, lam)")
-        self.examples = None
         if self.metric == "macs":
             from .gates import gate_set
             kept = gate_set(self.model).examples
             if example_inputs is not None or example_kwargs:
-                self.examples = ((example_inputs,) if not isinstance(example_inputs, tuple) else example_inputs,
-                                 dict(example_kwargs or {}))
+                self._count_macs(as_tuple(example_inputs), dict(example_kwargs or {}))
             elif kept is not None:
-                self.examples = kept
+                self._count_macs(*on_device_of(kept, self.model))
             else:
                 raise LambdaError("metric='macs' measures a forward pass: pass example_inputs (or gate the model "
                                   "with example inputs)")
@@ -260,12 +260,45 @@ class LambdaScheduler:
             hit = sum(int(v[masks[k]].sum()) for k, v in per_gate.items() if k in masks)
             return hit / max(total, 1)
         with zeroed(self.model, masks):
-            examples = self.examples
-            if examples is None:
+            if self.metric == "params":
                 return removed_fraction(self.model, self.metric)
-            from .measure import macs, macs_after_cut
-            return 1.0 - macs_after_cut(self.model, examples[0], examples[1]) / max(
-                macs(self.model, examples[0], examples[1]), 1)
+            from .shrink import plan_cut
+
+            plan = plan_cut(self.model)
+        removed = 0.0
+        for fqn, per_entry in self.macs_per_entry.items():
+            if fqn in plan.removed:
+                shape = get_tensor(self.model, fqn).shape
+                removed += per_entry * (shape.numel() - torch.Size(plan.kept_shape(fqn, shape)).numel())
+        return removed / max(self.macs_total, 1)
+
+    def _count_macs(self, args, kwargs) -> None:
+        """MACs of one forward pass, and for every weight a cut can slice whose layer's MACs are
+        proportional to it (a conv or linear layer: weight entries times output positions) the
+        MACs per weight entry. Measured once; a cut's saving is then the removed entries times
+        that, with no forward pass (MACs of products between activations, as attention scores,
+        count as kept)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from .gates import gate_set
+        from .measure import forward
+
+        with FlopCounterMode(display=False) as counter:
+            forward(self.model, args, kwargs)
+        per_module = counter.get_flop_counts()
+        self.macs_total = int(counter.get_total_flops()) // 2
+        root = type(self.model).__name__
+        self.macs_per_entry = {}
+        for dgate in gate_set(self.model).values():
+            for cut in dgate.cuts:
+                module_name, _, attr = cut.fqn.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                inner = [name for name, _ in module.named_children() if name != "parametrizations"]
+                if attr != "weight" or inner:  # a layer with sublayers: its MACs are not its weight's
+                    continue
+                flops = sum(per_module.get(f"{root}.{module_name}" if module_name else root, {}).values())
+                if flops:
+                    self.macs_per_entry[cut.fqn] = flops / 2 / get_tensor(self.model, cut.fqn).numel()
 
     def choose(self, key: str) -> tuple[list, float]:
         """The weakest groups whose cut removes the fraction closest to ``key``'s target (the fewest
@@ -292,14 +325,15 @@ class LambdaScheduler:
         return ranking[:k], f(k)
 
     def strength(self, key: str) -> float:
-        """The weakest ratio, over ``key``'s gates, of the gate's largest norm now to that at the
-        start of the penalty. When the strongest groups shrink too, lambda is past the range where
+        """The largest over ``key``'s gates of the ratio of the gate's largest norm now to that at
+        the start of the penalty: below 1 when every layer shrinks, the network as a whole. When the strongest groups shrink too, lambda is past the range where
         the loss defends what it needs: the controller then only lowers it."""
         from .gates import gate_set
 
         dset = gate_set(self.model)
         now = reference_norms(self.model)
-        return min(now[k] / self.reference[k] for k in now if (key == ALL or dset[k].kind == key) and self.reference[k] > 0)
+        ratios = sorted(now[k] / self.reference[k] for k in now if (key == ALL or dset[k].kind == key) and self.reference[k] > 0)
+        return ratios[-1] if ratios else 1.0
 
     def wanted_rate(self, key: str, quantile: float) -> float:
         """How fast (in log score per step) ``key``'s target quantile must fall to reach
