@@ -22,7 +22,8 @@ _HOME = {
     **dict.fromkeys(["kept_groups", "load_gated", "load_slim", "read_manifest", "save_gated", "save_slim"],
                     "checkpoint"),
     **dict.fromkeys(["CheckpointError", "DGatingError", "GatingError", "LambdaError", "ModelSpecError",
-                     "NotGatedError", "RecipeError", "ShrinkError", "TraceError", "WrapperError"], "errors"),
+                     "NotGatedError", "RecipeError", "ShrinkError", "TraceError", "UntrustedCodeError",
+                     "WrapperError"], "errors"),
     **dict.fromkeys(["max_rel_diff", "output_diff"], "execution"),
     **dict.fromkeys(["DGate", "analyze", "apply_plan", "gate_model", "gates"], "gates"),
     **dict.fromkeys(["gate_sides", "set_gate_side"], "gate_modes"),
@@ -59,7 +60,7 @@ __all__ = [
     "save_slim", "load_slim", "save_gated", "load_gated", "kept_groups", "read_manifest", "load_model",
     # errors
     "DGatingError", "RecipeError", "TraceError", "GatingError", "NotGatedError", "ShrinkError", "CheckpointError",
-    "ModelSpecError", "WrapperError", "LambdaError",
+    "UntrustedCodeError", "ModelSpecError", "WrapperError", "LambdaError",
 ]
 
 

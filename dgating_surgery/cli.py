@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DGatingError, ShrinkError, one_line
+from .errors import DGatingError, ShrinkError
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # the names of inputs.DTYPES, here without importing torch (a test checks that they agree)
@@ -124,7 +124,11 @@ def _model_options(f):
 
 
 def _artefact_options(f):
-    f = click.option("--allow-pickle", is_flag=True, help="Allow rebuilding a model referenced as a pickle file.")(f)
+    f = click.option("--trust-code", is_flag=True, help="Allow the file to name code of its own to rebuild the "
+                     "model (a package.module:callable or a .py file beside it) rather than a torchvision, timm or "
+                     "transformers constructor: it runs with your rights, so only for files you trust.")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow rebuilding a model referenced as a pickle file "
+                     "(unpickling runs code stored in it).")(f)
     f = click.option("--model", "reference", metavar="FACTORY",
                      help="Rebuild the architecture with this package.module:callable instead of the reference "
                      "stored in the file.")(f)
@@ -162,21 +166,38 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _check_output(path: str, force: bool = False, inputs=(), also=()) -> Path:
     """Fail before any work when the output could not be written, is one of the inputs (the slim
-    model must never replace the trained gated one), or exists and ``--force`` was not given.
-    ``also``: further files the command writes beside it (exports)."""
+    model must never replace the trained gated one; a factory file is an input too), is another
+    output of the same command, or exists and ``--force`` was not given. ``also``: further files
+    the command writes beside it (exports)."""
     out = Path(path)
     if not out.parent.is_dir():
         raise click.ClickException(f"cannot write {out}: directory '{out.parent}' does not exist (create it first)")
     if out.is_dir():
         raise click.ClickException(f"cannot write {out}: it is a directory; name the output file")
-    for target in (out, *also):
-        for source in inputs:
-            if source is not None and Path(source).exists() and _same_file(target, Path(source)):
-                raise click.ClickException(f"cannot write {target}: it is the input {source}, which would be lost; "
-                                           "write to another file")
-        if target.exists() and not force:
+    targets = [out, *also]
+    for i, target in enumerate(targets):
+        _refuse_inputs(target, inputs)
+        for other in targets[:i]:
+            if other.resolve() == target.resolve():
+                raise click.ClickException(f"cannot write {target}: the command writes {other} there already "
+                                           "(name the output so that its exports get other names)")
+        if os.path.lexists(target) and not force:
             raise click.ClickException(f"{target} exists: pass --force to replace it, or write to another file")
     return out
+
+
+def _refuse_inputs(target: Path, inputs) -> None:
+    """``target`` must not be any of ``inputs`` (files the command reads, or None)."""
+    for source in inputs:
+        if source is not None and Path(source).exists() and _same_file(target, Path(source)):
+            raise click.ClickException(f"cannot write {target}: it is the input {source}, which would be lost; "
+                                       "write to another file")
+
+
+def _spec_file(model_spec: str) -> str | None:
+    """The file a MODEL spec reads: itself, or a factory file's ``path/to/file.py`` part."""
+    from .trust import is_file_spec
+    return model_spec.rpartition(":")[0] if ":" in model_spec and is_file_spec(model_spec) else model_spec
 
 
 def _emit(as_json: bool, data: dict, *renderables) -> None:
@@ -294,14 +315,14 @@ def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
     from .models import Origin
     from .recipe import load_recipe
     from .report import sparsity
-    out = _check_output(output, force, inputs=(model_spec, weights))
+    out = _check_output(output, force, inputs=(_spec_file(model_spec), weights))
     model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
     rec = load_recipe(recipe)
     args, kwargs = inputs.make()
     with display.console(stderr=True).status("tracing, finding groups, gating"):
         gated = gate_model(model, rec, args, kwargs)
     gated.dgate_origin = Origin(ref, inputs, rec.to_dict())
-    save_gated(gated, out)
+    save_gated(gated, out, replace=force)
     report = sparsity(gated)
     con = display.console()
     con.print(f"gated {type(model).__name__} ({ref}) with recipe {rec.source}: {len(report.rows)} gates, "
@@ -320,7 +341,7 @@ def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
 @click.option("--threshold", "-t", type=_NonNegative("--threshold"),
               help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
 @_artefact_options
-def report(gated_path, threshold, reference, allow_pickle, as_json):
+def report(gated_path, threshold, reference, allow_pickle, trust_code, as_json):
     """Dead and alive groups per layer, parameters and MACs a cut at the threshold removes, the
     output change that cut would make on the example inputs, and the histogram of group norms
     (where the threshold falls). Any threshold can be explored: nothing is cut or written."""
@@ -334,7 +355,7 @@ def report(gated_path, threshold, reference, allow_pickle, as_json):
     from .measure import forward, macs
     from .report import sparsity
     from .shrink import plan_cut, select_features, sets_by_layer, shrink, where_it_fails
-    model = load_gated(gated_path, allow_pickle, reference)
+    model = load_gated(gated_path, allow_pickle, reference, trust_code=trust_code)
     rep = sparsity(model, threshold)
     inputs = model.dgate_origin.inputs
     args, kwargs = inputs.make()
@@ -414,7 +435,7 @@ def _describe_change(change: float, rtol: float, threshold: float) -> str:
 @click.option("--force", is_flag=True, help="Replace the output (and exports) if they exist.")
 @_artefact_options
 def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, exports, force, reference, allow_pickle,
-               as_json):
+               trust_code, as_json):
     """Cut the dead groups out of GATED and write the slim checkpoint; prints parameters, MACs and
     latency before and after (interleaved runs, with their spread). The slim model is always
     checked against the gated one on the example inputs; GATED is left as it is."""
@@ -423,8 +444,11 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, e
     from .measure import collapsed, compare_latency, macs
     from .report import model_params, sparsity
     from .shrink import shrink
-    out = _check_output(output, force, inputs=(gated_path,), also=[_export_target(output, f) for f in exports])
-    model = load_gated(gated_path, allow_pickle, reference)
+    also = [_export_target(output, f) for f in exports]
+    out = _check_output(output, force, inputs=(gated_path,), also=also)
+    model = load_gated(gated_path, allow_pickle, reference, trust_code=trust_code)
+    for target in (out, *also):  # nor the file the model is built from (a factory's source, a pickle)
+        _refuse_inputs(target, [_named_file(model)])
     if round_to is not None:  # through the recipe, so that every figure and the manifest's kept groups follow it
         model.dgates.recipe = dataclasses.replace(model.dgates.recipe, round_to=round_to)
     inputs = model.dgate_origin.inputs
@@ -444,10 +468,10 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, e
             f" `dgate report {gated_path} -t T` shows the output change a threshold makes.")) from None
     timing = compare_latency(uncut, slim, args, kwargs)
     after = {"params": model_params(slim), "macs": macs(slim, args, kwargs)}
-    save_slim(slim, out, kept=kept)
+    save_slim(slim, out, kept=kept, replace=force)
     if verify:
-        _verify_reload(slim, out, allow_pickle, args, kwargs)
-    written = [str(out)] + [str(_export(slim, out, fmt, args, kwargs)) for fmt in exports]
+        _verify_reload(slim, out, allow_pickle, trust_code or reference is not None, args, kwargs)
+    written = [str(out)] + [str(_export(slim, out, fmt, args, kwargs, force)) for fmt in exports]
     data = {"output": written, "groups_cut": dead, "verified_reload": verify,
             **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
             "latency_ms_before": timing.before_ms, "latency_ms_after": timing.after_ms, "latency": timing.to_dict()}
@@ -472,39 +496,46 @@ def _export_target(output: str, fmt: str) -> Path:
     return Path(output).with_suffix(".onnx" if fmt == "onnx" else ".pt2")
 
 
-def _verify_reload(slim, out: Path, allow_pickle: bool, args, kwargs) -> None:
+def _named_file(model) -> str | None:
+    from .trust import named_file
+    return named_file(model.dgate_origin.reference)
+
+
+def _verify_reload(slim, out: Path, allow_pickle: bool, trust_code: bool, args, kwargs) -> None:
     """Outputs of the checkpoint as loaded from disk must equal the in-memory slim model's exactly."""
     from .checkpoint import load_slim
     from .execution import output_diff
     from .measure import forward
-    reloaded = load_slim(out, allow_pickle=allow_pickle)
+    reloaded = load_slim(out, allow_pickle=allow_pickle, trust_code=trust_code)
     if output_diff(forward(slim, args, kwargs), forward(reloaded, args, kwargs)) != 0.0:
         out.unlink()
         raise click.ClickException(f"{out}: the reloaded checkpoint's outputs differ from the slim model's; the file "
                                    "was removed. Please report the model.")
 
 
-def _export(slim, out: Path, fmt: str, args, kwargs) -> Path:
-    """A deployment export of the slim model; written atomically like the checkpoint."""
+def _export(slim, out: Path, fmt: str, args, kwargs, force: bool) -> Path:
+    """A deployment export of the slim model, written like the checkpoint (``write_atomically``:
+    a unique temporary name that keeps the suffix torch.export insists on)."""
     import torch
 
+    from .checkpoint import write_atomically
     from .execution import evaluating
     from .shrink import select_features
     target = _export_target(str(out), fmt)
-    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # torch.export insists on the suffix
     sel_args, sel_kwargs = select_features(slim, args, kwargs)
-    try:
+
+    def write(tmp: str) -> None:
         with evaluating(slim), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if fmt == "onnx":
-                torch.onnx.export(slim, sel_args, str(tmp), kwargs=sel_kwargs, dynamo=True, external_data=False,
+                torch.onnx.export(slim, sel_args, tmp, kwargs=sel_kwargs, dynamo=True, external_data=False,
                                   verbose=False)
             else:
-                torch.export.save(torch.export.export(slim, sel_args, sel_kwargs, strict=False), str(tmp))
-        tmp.replace(target)
+                torch.export.save(torch.export.export(slim, sel_args, sel_kwargs, strict=False), tmp)
+    try:
+        write_atomically(target, write, replace=force)
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        raise click.ClickException(f"{fmt} export of the slim model failed ({one_line(exc)}); the slim "
+        raise click.ClickException(f"{fmt} export of the slim model failed ({_one_line(exc)}); the slim "
                                    f"checkpoint {out} was written and is usable") from None
     return target
 
@@ -523,5 +554,14 @@ def demo(out, epochs, lam, seed):
     run_demo(out, epochs, lam, seed)
 
 
+def _installed_libraries_first() -> None:
+    """``python -m dgating_surgery.cli`` puts the current directory first on the import path: move
+    it last, so that a ``torchvision/`` folder there never replaces the library."""
+    import sys
+    here = {"", os.getcwd()}
+    sys.path[:] = [p for p in sys.path if p not in here] + [p for p in sys.path if p in here]
+
+
 if __name__ == "__main__":
+    _installed_libraries_first()
     main()

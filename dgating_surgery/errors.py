@@ -39,6 +39,12 @@ class CheckpointError(DGatingError, RuntimeError):
     """A checkpoint cannot be written or read, or does not fit the architecture it names."""
 
 
+class UntrustedCodeError(CheckpointError):
+    """A checkpoint asks to run code the caller did not allow (a callable that is not a library's
+    model constructor, a file, a pickle): the message says what it asks to run and which opt-in
+    (``trust_code``, ``allow_pickle``) or explicit architecture would allow it."""
+
+
 class ModelSpecError(DGatingError, ValueError):
     """A MODEL spec or weights file could not be resolved; the message names it and says what to pass."""
 

@@ -13,8 +13,13 @@ A MODEL spec is one of
 
 A factory may also be a file, ``path/to/file.py:callable``, or a timm model name, ``timm:resnet18``
 (``timm.create_model``). Modules in the current directory are importable, for factories and for the
-classes a pickle names. A checkpoint's manifest stores a pickle's path (and a factory file's)
+classes a pickle names, but after the installed libraries (a ``torchvision/`` folder there never
+replaces torchvision). A checkpoint's manifest stores a pickle's path (and a factory file's)
 relative to the checkpoint, so that the two can be moved together.
+
+What a reference read from a checkpoint may run is decided in ``trust.py``: ``build`` runs a
+library's model constructor freely, anything else only with the caller's ``trust_code`` (or
+``allow_pickle`` for a pickle).
 """
 from __future__ import annotations
 
@@ -32,10 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelSpecError, one_line
+from .errors import DGatingError, ModelSpecError, UntrustedCodeError, one_line
 from .inputs import InputSpec
+from .trust import PICKLE_FLAG, hf_class, is_file_spec, named_file, refusal, safe_constructor
 
-PICKLE_FLAG = "--allow-pickle (allow_pickle=True in Python)"
+REF_FIELDS = ("kind", "spec", "kwargs", "config")
+REF_KINDS = ("factory", "pickle", "hf")
 # libraries a MODEL spec commonly names, and the extra of this package that installs each
 EXTRAS = {"torchvision": "vision", "timm": "timm", "transformers": "transformers"}
 
@@ -61,18 +68,16 @@ class ModelRef:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelRef":
-        if not isinstance(data, dict) or data.get("kind") not in ("factory", "pickle", "hf") or "spec" not in data:
-            raise ModelSpecError(f"not a model reference: {data!r}")
+        problem = _ref_problem(data)
+        if problem is not None:
+            text = repr(data)
+            raise ModelSpecError(f"not a model reference ({problem}): {text if len(text) < 200 else text[:197] + '...'}")
         return cls(data["kind"], data["spec"], dict(data.get("kwargs") or {}), data.get("config"))
 
     def _path(self) -> tuple[str, str] | None:
         """The file this reference names (a pickle, or a factory's .py file) and the rest of the spec."""
-        if self.kind == "pickle":
-            return self.spec, ""
-        if self.kind == "factory" and is_file_factory(self.spec):
-            module, _, attr = self.spec.rpartition(":")
-            return module, f":{attr}"
-        return None
+        named = named_file(self)
+        return None if named is None else (named, self.spec[len(named):])
 
     def relative_to(self, directory) -> "ModelRef":
         """This reference with its file written relative to ``directory`` (a checkpoint's), so that
@@ -101,6 +106,25 @@ class ModelRef:
         return f"{self.spec}({args})" if self.kind == "factory" else f"pickled model {self.spec}"
 
 
+def _ref_problem(data) -> str | None:
+    """Why ``data`` is not a reference's dict (fields, their types), or None."""
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}, not an object"
+    unknown = sorted(str(k) for k in data if k not in REF_FIELDS)
+    if unknown:
+        return f"unknown field '{unknown[0]}' (known: {', '.join(REF_FIELDS)})"
+    kind, spec = data.get("kind"), data.get("spec")
+    if kind not in REF_KINDS:
+        return f"field 'kind' is {kind!r}, not one of {', '.join(REF_KINDS)}"
+    if not isinstance(spec, str) or not spec or len(spec) > 1000 or "\0" in spec:
+        return "field 'spec' must be a non-empty string (at most 1000 characters)"
+    if not isinstance(data.get("kwargs", {}), dict) or (kind != "factory" and data.get("kwargs")):
+        return "field 'kwargs' must be an object of keyword arguments, and only a factory takes them"
+    if (kind == "hf") != isinstance(data.get("config"), dict):
+        return "field 'config' must be an object (the transformers config) for kind hf, and absent otherwise"
+    return None
+
+
 @dataclass
 class Origin:
     """What a checkpoint needs to know of a model beyond its tensors, kept on the model as
@@ -115,18 +139,12 @@ class Origin:
 def factory_ref(spec: str, kwargs: dict | None = None) -> ModelRef:
     """The reference of a factory spec; a factory file's path is made absolute (the manifest stores
     it relative to the checkpoint)."""
-    if is_file_factory(spec):
+    if is_file_spec(spec):
         module, _, attr = spec.rpartition(":")
         path = Path(module).expanduser()
         if path.is_file():
             spec = f"{path.resolve()}:{attr}"
     return ModelRef("factory", spec, dict(kwargs or {}))
-
-
-def is_file_factory(spec: str) -> bool:
-    """``path/to/file.py:callable`` rather than ``package.module:callable``."""
-    module = spec.rpartition(":")[0]
-    return module.endswith(".py") or "/" in module or os.sep in module
 
 
 # -- resolving a spec ------------------------------------------------------------------------------
@@ -142,7 +160,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, kwargs: dict
         raise ModelSpecError(f"MODEL '{spec}': keyword arguments (--arg) only apply to a factory 'package.module:callable'")
     if is_factory:
         ref = factory_ref(spec, kwargs)
-        model = build(ref)
+        model = build(ref, trust_code=True)  # the caller named it
     elif path.is_dir():
         model, ref = _load_hf(path)
     else:
@@ -152,18 +170,29 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, kwargs: dict
     return model, ref
 
 
-def build(ref: ModelRef, allow_pickle: bool = False) -> nn.Module:
-    """A fresh model of the referenced architecture (random weights for factories and HF configs)."""
+def build(ref: ModelRef, allow_pickle: bool = False, trust_code: bool = False, folder=None) -> nn.Module:
+    """A fresh model of the referenced architecture (random weights for factories and HF configs).
+
+    A library's model constructor with plain arguments (``trust.safe_constructor``) always runs;
+    anything else only with ``trust_code`` (the caller chose the reference or trusts its file) or,
+    for a pickle, ``allow_pickle``, else ``UntrustedCodeError``. ``folder``: the checkpoint's, which
+    a file the reference names may not leave."""
+    problem = refusal(ref, trust_code, allow_pickle, folder)
+    if problem is not None:
+        raise UntrustedCodeError(problem)
     if ref.kind == "pickle":
         return _load_pickle(Path(ref.spec), allow_pickle)
+    constructor, _ = safe_constructor(ref)
     if ref.kind == "hf":
         return _hf_from_config(ref.spec, ref.config)
     module_name, _, attr = ref.spec.rpartition(":")
     if not module_name or not attr:
         raise ModelSpecError(f"factory '{ref.spec}': write it as package.module:callable (or path/to/file.py:callable)")
-    target = _factory(ref.spec, module_name, attr)
+    target = constructor or _factory(ref.spec, module_name, attr)
     try:
         model = target(**ref.kwargs)
+    except DGatingError:
+        raise  # e.g. a size bound checkpoint.py sets around the build
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         if isinstance(exc, TypeError) and len(frames) == 1:  # raised by the call itself: the arguments
@@ -178,7 +207,7 @@ def _factory(spec: str, module_name: str, attr: str):
     """The callable a factory spec names: an attribute of an importable module or of a .py file, or
     a timm model name (``timm:resnet18`` calls ``timm.create_model("resnet18")``)."""
     _cwd_importable()
-    if is_file_factory(spec):
+    if is_file_spec(spec):
         target: Any = _import_file(module_name, spec)
     else:
         try:
@@ -220,8 +249,10 @@ def _timm_model(spec: str, name: str):
 
 
 def _import_file(path_text: str, spec: str):
-    """The module a factory's .py file defines (imported once; its directory becomes importable,
-    so that it can import its neighbours and a pickle can name its classes)."""
+    """The module a factory's .py file defines (imported once). Its directory becomes importable
+    after the installed libraries, so that it can import its neighbours and a pickle can name its
+    classes; it keeps its own name only where that name is not an installed module's (a
+    ``torchvision.py`` factory never stands in for torchvision)."""
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise ModelSpecError(f"factory '{spec}': file '{path}' not found")
@@ -230,12 +261,11 @@ def _import_file(path_text: str, spec: str):
     existing = sys.modules.get(name)
     if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
         return existing
-    if existing is not None or not name.isidentifier():
+    if existing is not None or not name.isidentifier() or _installed(name, path):
         name = f"_dgate_factory_{abs(hash(str(path)))}"
         if name in sys.modules:
             return sys.modules[name]
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
+    _append_path(str(path.parent))
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
@@ -247,11 +277,26 @@ def _import_file(path_text: str, spec: str):
     return module
 
 
+def _installed(name: str, path: Path) -> bool:
+    """Whether another module than the file at ``path`` is importable as ``name`` (a library)."""
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return found is not None and (found.origin is None or Path(found.origin).resolve() != path)
+
+
+def _append_path(directory: str) -> None:
+    """Make ``directory`` importable after everything else: never before the installed libraries."""
+    if directory not in sys.path and os.path.abspath(directory) not in map(os.path.abspath, sys.path):
+        sys.path.append(directory)
+
+
 def _cwd_importable() -> None:
     """Like uvicorn/gunicorn: a user's own module in the current directory can be imported (for a
-    factory, and for the class a pickle names), also from the console script."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    factory the caller named, and for the class a pickle names), also from the console script;
+    appended, so that installed libraries come first."""
+    _append_path(os.getcwd())
 
 
 def _describe_exc(exc: BaseException) -> str:
@@ -370,12 +415,19 @@ def _hf_class_name(config) -> str:
 
 
 def _hf_from_config(name: str, config: dict | None) -> nn.Module:
+    """A transformers model class (never an Auto class: no remote code) built from its config."""
+    cls = hf_class(name)
+    if cls is None:
+        hint = ("install transformers (pip install '.[transformers]')" if importlib.util.find_spec("transformers") is None
+                else "is the right transformers installed?")
+        raise ModelSpecError(f"cannot rebuild transformers.{name}: transformers has no model class of that name ({hint})")
     try:
-        import transformers
-        cls = getattr(transformers, name)
         return cls(cls.config_class.from_dict(dict(config or {})))
-    except (ImportError, AttributeError) as exc:
-        raise ModelSpecError(f"cannot rebuild transformers.{name}: {exc} (is the right transformers installed?)") from None
+    except DGatingError:
+        raise
+    except Exception as exc:
+        raise ModelSpecError(f"transformers could not build {name} from the stored config: {_describe_exc(exc)}") \
+            from None
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -427,6 +479,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 def dumps(data) -> str:
     """JSON for manifests; refuses what would not come back as written (e.g. a tensor in kwargs)."""
     try:
-        return json.dumps(data, sort_keys=True)
-    except TypeError as exc:
+        return json.dumps(data, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
         raise ModelSpecError(f"cannot record {exc}: factory arguments and configs must be plain JSON data") from None

@@ -127,7 +127,7 @@ def run(rank: int, world: int, out_path: str) -> None:
     if rank == 0:
         path = os.path.join(os.path.dirname(out_path), "ddp_gated.safetensors")
         dg.save_gated(ddp, path, reference="models:MLP", example_inputs=X[:4])
-        out["ddp/saved_keys"] = sorted(dg.load_gated(path).state_dict())
+        out["ddp/saved_keys"] = sorted(dg.load_gated(path, trust_code=True).state_dict())
     # the documented sequence: cut the module on every rank, drop the wrapper, wrap again, new optimizer
     slim = dg.shrink(ddp.module, THRESHOLD, example_inputs=X[:8])
     out["ddp/slim"] = plain_state(slim)

@@ -29,7 +29,7 @@ def slim_roundtrip(tmp_path, model, x, recipe="default", **gate_kwargs):
     kept = dg.kept_groups(gated)
     slim = dg.shrink(gated, example_inputs=x, **gate_kwargs)
     path = dg.save_slim(slim, tmp_path / "slim.safetensors", example_inputs=x, kept=kept, recipe=recipe)
-    loaded = dg.load_slim(path)
+    loaded = dg.load_slim(path, trust_code=True)
     return slim, loaded, path
 
 
@@ -65,7 +65,7 @@ def test_gated_artefact_resumes_training(tmp_path):
     x = torch.randn(8, 10)
     gated = dg.gate_model(M.MLP(), "mlp", x)
     path = dg.save_gated(gated, tmp_path / "gated.safetensors", example_inputs=x)
-    resumed = dg.load_gated(path)
+    resumed = dg.load_gated(path, trust_code=True)
     assert resumed.training and torch.equal(run(gated, x), run(resumed, x))
     assert [g.num_groups for g in dg.gates(resumed)] == [g.num_groups for g in dg.gates(gated)]
     opt = torch.optim.SGD(dg.param_groups(resumed, lam=0.1), lr=0.1)
@@ -74,7 +74,7 @@ def test_gated_artefact_resumes_training(tmp_path):
         resumed(x).pow(2).mean().backward()
         opt.step()
     dg.save_gated(resumed, path)  # reference and inputs recorded by load_gated
-    again = dg.load_gated(path)
+    again = dg.load_gated(path, trust_code=True)
     assert torch.equal(run(resumed, x), run(again, x))
     assert not torch.equal(run(gated, x), run(again, x))
 
@@ -85,7 +85,7 @@ def test_tied_weights_are_saved_once_and_reloaded(tmp_path):
     assert state["emb.weight"].data_ptr() == state["head.weight"].data_ptr()
     path = dg.save_slim(model, tmp_path / "tied.safetensors", reference="test_checkpoint:Tied")
     assert dg.read_manifest(path)["aliases"] == {"head.weight": "emb.weight"}
-    loaded = dg.load_slim(path)
+    loaded = dg.load_slim(path, trust_code=True)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(run(model, ids), run(loaded, ids))
 
@@ -163,7 +163,7 @@ def test_plain_safetensors_and_wrong_format(slim_file, tmp_path):
 
 def test_writes_are_atomic(slim_file, monkeypatch, tmp_path):
     before = slim_file.read_bytes()
-    model = dg.load_slim(slim_file)
+    model = dg.load_slim(slim_file, trust_code=True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -250,7 +250,7 @@ def test_save_slim_refuses_a_file_load_slim_could_not_load(tmp_path):
         dg.save_slim(slim, path, reference="models:MLP")
     assert os.listdir(tmp_path) == []
     dg.save_slim(slim, path, reference="test_checkpoint:sequential")  # what the message says to do
-    assert torch.equal(run(dg.load_slim(path), x), run(slim, x))
+    assert torch.equal(run(dg.load_slim(path, trust_code=True), x), run(slim, x))
 
 
 def test_shrink_works_in_place(tmp_path):

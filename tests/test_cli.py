@@ -66,7 +66,7 @@ def trained_gated(tmp_path):
     """convert -> load in Python -> a few SGD steps -> kill some groups (as long training would) -> save."""
     path = tmp_path / "gated.safetensors"
     dgate("convert", *CNN, "--recipe", "resnet", "-o", path)
-    model = dg.load_gated(path)
+    model = dg.load_gated(path, trust_code=True)
     x = torch.randn(4, 3, 16, 16)
     opt = torch.optim.SGD(dg.param_groups(model, lam=1e-2), lr=0.05, momentum=0.9)
     for _ in range(3):
@@ -97,29 +97,29 @@ def test_inspect_matches_analyze():
 def test_convert_train_report_shrink_load(tmp_path):
     gated_path = trained_gated(tmp_path)
     assert dg.read_manifest(gated_path)["model"] == {"kind": "factory", "spec": "models:Residual"}
-    model = dg.load_gated(gated_path)
+    model = dg.load_gated(gated_path, trust_code=True)
     expected = dg.sparsity(model)
     assert expected.dead > 0
 
-    data = json.loads(dgate("report", gated_path, "--json").stdout)
+    data = json.loads(dgate("report", "--trust-code", gated_path, "--json").stdout)
     assert [(r["name"], r["groups"], r["dead"], r["params_removable"]) for r in data["gates"]] == [
         (r.name, r.groups, r.dead, r.params_removable) for r in expected.rows]
     assert (data["params_total"], data["params_removable"]) == (expected.params_total, expected.params_removable)
     args, _ = InputSpec.from_dict(dg.read_manifest(gated_path)["inputs"]).make()
     assert data["macs_before"] == dg.macs(model, args) > data["macs_after"] > 0
     assert sum(b["count"] for b in data["histogram"]) == expected.groups
-    text = dgate("report", gated_path).stdout
+    text = dgate("report", "--trust-code", gated_path).stdout
     assert f"{expected.params_removable:,} of {expected.params_total:,}" in text and "group norms" in text
 
     out = tmp_path / "slim.safetensors"
-    data = json.loads(dgate("shrink", gated_path, "-o", out, "--verify", "--json").stdout)
-    slim = dg.load_slim(out)
+    data = json.loads(dgate("shrink", "--trust-code", gated_path, "-o", out, "--verify", "--json").stdout)
+    slim = dg.load_slim(out, trust_code=True)
     assert data["params_after"] == dg.model_params(slim) == expected.params_total - expected.params_removable
     assert data["params_before"] == expected.params_total and data["groups_cut"] == expected.dead
     assert data["macs_after"] == dg.macs(slim, args) and data["latency_ms_after"] > 0
-    reference = dg.shrink(dg.load_gated(gated_path), example_inputs=args)
+    reference = dg.shrink(dg.load_gated(gated_path, trust_code=True), example_inputs=args)
     assert torch.equal(run(reference, *args), run(slim, *args))
-    assert "parameters" in dgate("shrink", gated_path, "-o", out, "--force").stdout  # replaces it when asked
+    assert "parameters" in dgate("shrink", "--trust-code", gated_path, "-o", out, "--force").stdout  # replaces it
 
 
 def test_shrink_exports_and_features(tmp_path):
@@ -128,10 +128,10 @@ def test_shrink_exports_and_features(tmp_path):
     recipe = tmp_path / "features.yaml"
     recipe.write_text("D: 3\ngroups:\n  - kind: features\n")
     dgate("convert", "models:MLP", "--recipe", recipe, "-o", gated)
-    dg.save_gated(M.kill(dg.load_gated(gated), 0.5), gated)
+    dg.save_gated(M.kill(dg.load_gated(gated, trust_code=True), 0.5), gated)
     out = tmp_path / "slim.safetensors"
-    dgate("shrink", gated, "-o", out, "--export", "onnx", "--export", "torch.export")
-    slim = dg.load_slim(out)
+    dgate("shrink", "--trust-code", gated, "-o", out, "--export", "onnx", "--export", "torch.export")
+    slim = dg.load_slim(out, trust_code=True)
     x = torch.randn(1, 10)
     assert slim.fc1.in_features == len(slim.kept_input_features["x"]) < 10
     onnx.checker.check_model(onnx.load(tmp_path / "slim.onnx"))
@@ -176,7 +176,7 @@ def files(tmp_path_factory):
     dgate("convert", "models:MLP", "-r", "mlp", "-o", gated)
     data = gated.read_bytes()
     (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    dgate("shrink", gated, "-o", root / "slim.safetensors")
+    dgate("shrink", "--trust-code", gated, "-o", root / "slim.safetensors")
     torch.save(M.MLP(), root / "model.pt")
     return root
 
@@ -219,24 +219,26 @@ def test_shrink_never_writes_over_its_input_or_an_existing_file(tmp_path, monkey
     """Item 1: `dgate shrink X -o X` replaced the trained gated file with the slim one (exit 0)."""
     gated = trained_gated(tmp_path)
     trained = gated.read_bytes()
-    line = one_error_line(shell("shrink", "gated.safetensors", "-o", "gated.safetensors", cwd=tmp_path))
+    line = one_error_line(shell("shrink", "--trust-code", "gated.safetensors", "-o", "gated.safetensors",
+                                cwd=tmp_path))
     assert "is the input" in line and gated.read_bytes() == trained
     monkeypatch.chdir(tmp_path)
     (tmp_path / "link.safetensors").symlink_to(gated)
     for other_name in ("./gated.safetensors", str(gated), "link.safetensors"):
-        result = dgate("shrink", "gated.safetensors", "-o", other_name, "--force", ok=False)  # --force keeps it too
+        result = dgate("shrink", "--trust-code", "gated.safetensors", "-o", other_name, "--force", ok=False)  # kept
         assert result.exit_code == 1 and "is the input" in result.stderr, result.output
         assert gated.read_bytes() == trained
     out = tmp_path / "slim.safetensors"
     out.write_bytes(b"an older slim model")
-    result = dgate("shrink", gated, "-o", out, ok=False)
+    result = dgate("shrink", "--trust-code", gated, "-o", out, ok=False)
     assert result.exit_code == 1 and "exists: pass --force" in result.stderr
     assert out.read_bytes() == b"an older slim model"
     (tmp_path / "new.pt2").write_bytes(b"an older export")
-    result = dgate("shrink", gated, "-o", "new.safetensors", "--export", "torch.export", ok=False)
+    result = dgate("shrink", "--trust-code", gated, "-o", "new.safetensors", "--export", "torch.export", ok=False)
     assert result.exit_code == 1 and "new.pt2 exists" in result.stderr and not (tmp_path / "new.safetensors").exists()
-    dgate("shrink", gated, "-o", out, "--force")
-    assert dg.model_params(dg.load_slim(out)) < dg.model_params(dg.load_gated(gated))
+    dgate("shrink", "--trust-code", gated, "-o", out, "--force")
+    assert dg.model_params(dg.load_slim(out, trust_code=True)) < dg.model_params(dg.load_gated(gated,
+                                                                                              trust_code=True))
     assert gated.read_bytes() == trained
     result = dgate("convert", "models:Residual", "-o", gated, ok=False)  # convert over a trained model
     assert result.exit_code == 1 and "exists: pass --force" in result.stderr and gated.read_bytes() == trained
@@ -247,12 +249,12 @@ def test_report_explores_any_threshold_and_shrink_takes_the_tolerance(tmp_path):
     changes the output; shrink cuts there with the --rtol the report names."""
     path = tmp_path / "gated.safetensors"
     dgate("convert", "models:MLP", "-r", "mlp", "-o", path)
-    dg.save_gated(fade(dg.load_gated(path)), path)
-    gated = dg.load_gated(path)
+    dg.save_gated(fade(dg.load_gated(path, trust_code=True)), path)
+    gated = dg.load_gated(path, trust_code=True)
     args, _ = InputSpec.from_dict(dg.read_manifest(path)["inputs"]).make()
     assert dg.sparsity(gated).dead == 0  # near zero is not exact zero: the default threshold cuts nothing
 
-    data = json.loads(dgate("report", path, "-t", "1e-2", "--json").stdout)
+    data = json.loads(dgate("report", "--trust-code", path, "-t", "1e-2", "--json").stdout)
     cut = dg.shrink(copy.deepcopy(gated), 1e-2, verify=False)  # what the user would measure in Python
     expected = dg.output_diff(run(gated, *args), run(cut, *args))
     assert data["dead"] == dg.sparsity(gated, 1e-2).dead == 17
@@ -261,15 +263,16 @@ def test_report_explores_any_threshold_and_shrink_takes_the_tolerance(tmp_path):
     assert data["output_change"] == pytest.approx(expected, rel=1e-4) and expected > 1e-4
     assert expected <= data["rtol_needed"] < 10 * expected
     assert data["macs_after"] == dg.macs(cut, args) < data["macs_before"]
-    text = dgate("report", path, "-t", "1e-2").stdout
+    text = dgate("report", "--trust-code", path, "-t", "1e-2").stdout
     assert f"needs --rtol {data['rtol_needed']:.0e}" in " ".join(text.split())
-    assert "none (the groups cut are exactly zero)" in dgate("report", path, "-t", "0").stdout
+    assert "none (the groups cut are exactly zero)" in dgate("report", "--trust-code", path, "-t", "0").stdout
 
     out = tmp_path / "slim.safetensors"
-    failed = dgate("shrink", path, "-o", out, "-t", "1e-2", ok=False)
+    failed = dgate("shrink", "--trust-code", path, "-o", out, "-t", "1e-2", ok=False)
     assert failed.exit_code == 1 and "pass a larger --rtol" in failed.stderr and not out.exists()
-    done = json.loads(dgate("shrink", path, "-o", out, "-t", "1e-2", "--rtol", data["rtol_needed"], "--json").stdout)
-    slim = dg.load_slim(out)
+    done = json.loads(dgate("shrink", "--trust-code", path, "-o", out, "-t", "1e-2", "--rtol", data["rtol_needed"],
+                            "--json").stdout)
+    slim = dg.load_slim(out, trust_code=True)
     assert done["groups_cut"] == data["dead"] and done["params_after"] == dg.model_params(slim)
     assert dg.output_diff(run(gated, *args), run(slim, *args)) <= data["rtol_needed"]
 
@@ -287,7 +290,7 @@ def test_nonsense_thresholds_are_refused(files, value):
     assert sorted(p.name for p in files.iterdir()) == before
     if value == "ten":
         return
-    model = dg.load_gated(gated)
+    model = dg.load_gated(gated, trust_code=True)
     for call in (dg.shrink, dg.sparsity, dg.kept_groups, dg.plan_cut, dg.macs_after_cut):
         args = (model, torch.randn(1, 10), None, float(value)) if call is dg.macs_after_cut else (model, float(value))
         with pytest.raises(dg.RecipeError, match="threshold must be a finite number >= 0"):
@@ -307,13 +310,15 @@ def test_latency_is_interleaved_with_spread_and_says_within_noise(tmp_path):
     interleaved rounds and the table shows each median with its spread. (Whether a difference is
     within noise depends on the machine's load: test_latency.py checks that verdict on a fake clock.)"""
     gated = trained_gated(tmp_path)
-    data = json.loads(dgate("shrink", gated, "-o", tmp_path / "same.safetensors", "-t", "0", "--json").stdout)
+    data = json.loads(dgate("shrink", "--trust-code", gated, "-o", tmp_path / "same.safetensors", "-t", "0",
+                            "--json").stdout)
     timing = data["latency"]
     assert data["groups_cut"] == 0 and data["params_after"] == data["params_before"]
     assert timing["rounds"] >= 7 and isinstance(timing["within_noise"], bool), timing
     assert timing["before_iqr_ms"][0] <= timing["before_ms"] <= timing["before_iqr_ms"][1]
     assert timing["after_iqr_ms"][0] <= timing["after_ms"] <= timing["after_iqr_ms"][1]
-    text = " ".join(dgate("shrink", gated, "-o", tmp_path / "same.safetensors", "-t", "0", "--force").stdout.split())
+    text = " ".join(dgate("shrink", "--trust-code", gated, "-o", tmp_path / "same.safetensors", "-t", "0",
+                          "--force").stdout.split())
     assert "interleaved runs" in text and ("within noise" in text or "faster" in text or "slower" in text)
 
 
@@ -384,7 +389,7 @@ def test_timm_model_names(tmp_path):
     assert data["model"] == "timm:resnet18()" and data["gated_groups"] > 0
     path = tmp_path / "gated.safetensors"
     dgate("convert", "timm:resnet18", "--arg", "num_classes=7", "-r", "resnet", "--input-shape", "1,3,32,32", "-o", path)
-    model = dg.load_gated(path)
+    model = dg.load_gated(path)  # a timm model by name: no opt-in
     assert model.fc.out_features == 7 and type(model).__name__ == "ResNet"
     result = dgate("inspect", "timm:resnet181", ok=False)
     assert result.exit_code == 1 and "did you mean 'resnet18'" in result.stderr

@@ -222,7 +222,7 @@ def test_factory_given_as_a_file(userdir):
     assert done.returncode == 0, done.stderr
     # the manifest names the file relative to the checkpoint: it loads from any directory
     assert dg.read_manifest(userdir / "gated.safetensors")["model"]["spec"] == "usernet.py:Net"
-    model = dg.load_gated(userdir / "gated.safetensors")
+    model = dg.load_gated(userdir / "gated.safetensors", trust_code=True)  # code in a file: the caller's opt-in
     assert type(model).__name__ == "Net" and len(dg.gates(model)) == 1
     line = one_error_line(shell("inspect", "./nowhere.py:Net", cwd=userdir))
     assert "file 'nowhere.py' not found" in line

@@ -72,7 +72,7 @@ def test_save_gated_of_a_compiled_model_loads_back(tmp_path):
     runner = compiled(model)
     x = torch.randn(4, 10)
     path = dg.save_gated(runner, tmp_path / "g.safetensors", reference="models:MLP", example_inputs=x)
-    loaded = dg.load_gated(path)
+    loaded = dg.load_gated(path, trust_code=True)
     assert sorted(loaded.state_dict()) == sorted(model.state_dict())
     assert not any(k.startswith("_orig_mod.") for k in loaded.state_dict())
     assert torch.equal(loaded(x), model(x))
