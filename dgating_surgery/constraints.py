@@ -83,21 +83,26 @@ class WidthContext:
 
     def __init__(self, model: nn.Module, gates: dict, norms: dict[str, torch.Tensor]):
         self.model, self.gates, self.norms = model, gates, norms
+        self._sizes: dict[tuple[str, int], int] = {}
         self._on: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] | None = None
 
     def size(self, fqn: str, dim: int) -> int:
-        from .gates import primary  # the stored tensor: its shape, without computing a gated product
-        return int(primary(self.model, fqn).shape[dim])
+        """The slot's full size (the stored tensor's: no gated product is computed)."""
+        if (fqn, dim) not in self._sizes:
+            from .gates import primary
+            self._sizes[fqn, dim] = int(primary(self.model, fqn).shape[dim])
+        return self._sizes[fqn, dim]
 
     def cuts_on(self, fqn: str, dim: int) -> list[tuple[str, torch.Tensor]]:
-        """(gate key, group of every position along the slot, -1 for none) of each gate cutting it."""
+        """(gate key, positions each of its groups has along the slot) of every gate cutting it."""
         if self._on is None:
             self._on = {}
             for key, dgate in self.gates.items():
                 for cut in dgate.cuts:
                     if cut.role not in ATTRIBUTE_ROLES:
                         along = cut.index.expand(self.size(cut.fqn, cut.dim))
-                        self._on.setdefault((cut.fqn, cut.dim), []).append((key, along))
+                        per_group = torch.bincount(along[along >= 0], minlength=dgate.num_groups)
+                        self._on.setdefault((cut.fqn, cut.dim), []).append((key, per_group))
         return self._on.get((fqn, dim), [])
 
     def layer_slot(self, key: str) -> tuple[str, int] | None:
@@ -113,32 +118,37 @@ class WidthContext:
     def own_width(self, key: str, slot: tuple[str, int], dead: torch.Tensor) -> int:
         """The slot's width as this gate alone leaves it: positions of its kept groups plus the
         positions no group of this gate owns."""
-        along = next(a for k, a in self.cuts_on(*slot) if k == key)
-        per_group = torch.bincount(along[along >= 0], minlength=dead.numel())
-        return int((along < 0).sum() + per_group[~dead].sum())
+        per_group = next(n for k, n in self.cuts_on(*slot) if k == key)
+        return self.size(*slot) - int(per_group[dead].sum())
 
     def width(self, fqn: str, dim: int, dead: dict[str, torch.Tensor]) -> int:
         """The slot's width after a cut with these dead masks (every gate cutting it counted)."""
-        size = self.size(fqn, dim)
-        for key, along in self.cuts_on(fqn, dim):
-            size -= int(dead[key][along.clamp(min=0)][along >= 0].sum())
-        return size
+        return self.size(fqn, dim) - sum(int(n[dead[key]].sum()) for key, n in self.cuts_on(fqn, dim))
 
 
 Constraint = Callable[[WidthContext, dict], dict]
 
 
-def revive(norm: torch.Tensor, dead: torch.Tensor, done: Callable[[torch.Tensor], bool]) -> torch.Tensor | None:
-    """``dead`` with its strongest dead groups revived one at a time until ``done(mask)``; None if
-    it never is (every dead group revived)."""
-    out = dead.clone()
-    if done(out):
+def revive(norm: torch.Tensor, dead: torch.Tensor, done: Callable[[torch.Tensor], bool],
+           monotone: bool = False) -> torch.Tensor | None:
+    """``dead`` with the fewest of its strongest dead groups revived (largest norm first) for which
+    ``done(mask)``; None if no number does. ``monotone``: once true, ``done`` stays true as more groups
+    are revived (a width reaching a target), so the number is found by bisection."""
+    order = sorted(dead.nonzero().reshape(-1).tolist(), key=lambda j: -float(norm[j]))
+
+    def revived(k: int) -> torch.Tensor:
+        out = dead.clone()
+        out[order[:k]] = False
         return out
-    for j in sorted(dead.nonzero().reshape(-1).tolist(), key=lambda j: -float(norm[j])):
-        out[j] = False
-        if done(out):
-            return out
-    return None
+    if not monotone:
+        return next((mask for mask in map(revived, range(len(order) + 1)) if done(mask)), None)
+    low, high = 0, len(order)
+    if not done(revived(high)):
+        return None
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if done(revived(mid)) else (mid + 1, high)
+    return revived(low)
 
 
 def apply_constraints(ctx: WidthContext, dead: dict[str, torch.Tensor], constraints) -> dict[str, torch.Tensor]:
@@ -185,16 +195,15 @@ def uniform(ctx: WidthContext, dead: dict) -> dict:
     if found.accepts is None or found.accepts(targets):
         return dead
     best = None
-    for wset in found.sets:
-        trial, floor = dict(dead), dict(targets)
-        while floor[wset.label] < _full_units(ctx, wset):
-            floor[wset.label] += 1
-            grown = _settle(ctx, trial, found.sets, floor)
-            if found.accepts(grown):
-                cost = _entries(ctx, trial)
-                if best is None or cost < best[0]:
-                    best = (cost, trial)
-                break
+    for wset in found.sets:  # the fewest units this set alone must grow by for accepted widths, then settled
+        grown = next((u for u in range(targets[wset.label] + 1, _full_units(ctx, wset) + 1)
+                      if found.accepts({**targets, wset.label: u})), None)
+        if grown is None:
+            continue
+        trial = dict(dead)
+        settled = _settle(ctx, trial, found.sets, {**targets, wset.label: grown})
+        if found.accepts(settled) and (best is None or _entries(ctx, trial) < best[0]):
+            best = (_entries(ctx, trial), trial)
     if best is None:
         raise ShrinkError(f"uniform widths: the model's configuration accepts none of the widths a cut can keep "
                           f"(from {targets}); shrink without uniform")
@@ -229,8 +238,8 @@ def _settle(ctx: WidthContext, dead: dict, sets: list[WidthSet], floor: dict[str
             targets[wset.label] = target
             for slot in wset.slots:
                 for key, _ in ctx.cuts_on(slot.fqn, slot.dim):
-                    widened = revive(ctx.norms[key], dead[key],
-                                     lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= target * slot.unit)
+                    widened = revive(ctx.norms[key], dead[key], monotone=True,
+                                     done=lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= target * slot.unit)
                     if widened is None:
                         raise ShrinkError(f"uniform widths: {slot.fqn} (dim {slot.dim}) cannot reach the width of the "
                                           f"other layers of {wset.label} ({target * slot.unit}); shrink without uniform")
