@@ -310,13 +310,14 @@ def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
     """Gate MODEL with the recipe and write the gated artefact, ready to train in Python
     (dg.load_gated) and to cut with `dgate shrink`."""
     from . import display
-    from .checkpoint import save_gated
+    from .checkpoint import save_gated, stored_reference
     from .gates import gate_model
     from .models import Origin
     from .recipe import load_recipe
     from .report import sparsity
     out = _check_output(output, force, inputs=(_spec_file(model_spec), weights))
     model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
+    stored_reference(ref, out)  # a file the checkpoint cannot name (outside its folder): an error before gating
     rec = load_recipe(recipe)
     args, kwargs = inputs.make()
     with display.console(stderr=True).status("tracing, finding groups, gating"):
@@ -340,8 +341,10 @@ def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
 @click.argument("gated_path", metavar="GATED")
 @click.option("--threshold", "-t", type=_NonNegative("--threshold"),
               help="Dead-group threshold (absolute L2 norm); default: the recipe's.")
+@click.option("--uniform", is_flag=True, help="Figures of a cut with uniform widths (`dgate shrink --uniform`), "
+              "and what uniformity costs against the per-layer cut.")
 @_artefact_options
-def report(gated_path, threshold, reference, allow_pickle, trust_code, as_json):
+def report(gated_path, threshold, uniform, reference, allow_pickle, trust_code, as_json):
     """Dead and alive groups per layer, parameters and MACs a cut at the threshold removes, the
     output change that cut would make on the example inputs, and the histogram of group norms
     (where the threshold falls). Any threshold can be explored: nothing is cut or written."""
@@ -356,13 +359,13 @@ def report(gated_path, threshold, reference, allow_pickle, trust_code, as_json):
     from .report import sparsity
     from .shrink import plan_cut, select_features, sets_by_layer, shrink, where_it_fails
     model = load_gated(gated_path, allow_pickle, reference, trust_code=trust_code)
-    rep = sparsity(model, threshold)
+    rep = sparsity(model, threshold, uniform=uniform)
     inputs = model.dgate_origin.inputs
     args, kwargs = inputs.make()
     norms = torch.cat(list(plan_cut(model, threshold).norms.values()))
     bins = display.histogram(norms, rep.threshold)
     macs_before = macs(model, args, kwargs)
-    cut = shrink(copy.deepcopy(model), threshold, verify=False)  # what `dgate shrink -t` would give, measured below
+    cut = shrink(copy.deepcopy(model), threshold, verify=False, uniform=uniform)  # what `dgate shrink -t` gives
     reference = forward(model, args, kwargs)
     try:
         macs_after = macs(cut, args, kwargs)
@@ -381,11 +384,17 @@ def report(gated_path, threshold, reference, allow_pickle, trust_code, as_json):
             "gates": [{"key": r.key, "name": r.name, "kind": r.kind, "groups": r.groups, "alive": r.alive,
                        "dead": r.dead, "params_removable": r.params_removable} for r in rep.rows],
             "histogram": bins}
+    if uniform:  # against the per-layer cut, measured on a copy
+        per_layer_macs = macs(shrink(copy.deepcopy(model), threshold, verify=False), args, kwargs)
+        data["uniform_cost"] = {"params": rep.params_uniform_padding, "macs": macs_after - per_layer_macs}
     summary = (f"at threshold {rep.threshold:g}: {display.n(rep.dead)} of {display.n(rep.groups)} groups dead; a cut "
                f"removes {display.n(rep.params_removable)} of {display.n(rep.params_total)} parameters "
                f"({display.pct(rep.params_removable, rep.params_total)}) and {display.n(macs_before - macs_after)} of "
                f"{display.n(macs_before)} MACs ({display.pct(macs_before - macs_after, macs_before)}) per forward on "
                f"{inputs}")
+    if uniform:
+        summary += (f"; uniform widths keep {display.n(rep.params_uniform_padding)} parameters and "
+                    f"{display.n(data['uniform_cost']['macs'])} MACs the per-layer cut removes")
     _emit(as_json, data, display.sparsity_table(rep, f"{gated_path}: groups per gate"),
           display.histogram_table(bins, rep.threshold), summary, _describe_change(change, rtol, rep.threshold))
 

@@ -192,10 +192,10 @@ def test_per_layer_widths_are_written_as_transformers_per_layer_config(tmp_path)
     assert dg.max_rel_diff(reference, _output(loaded, "llama", args, kwargs)) < 1e-4
 
 
-def test_dgate_shrink_uniform_reports_the_cost_and_its_onnx_export_runs_in_onnxruntime(tmp_path):
+def test_dgate_shrink_and_report_uniform_give_the_cost_and_the_onnx_export_runs_in_onnxruntime(tmp_path):
     """`dgate shrink --uniform --export onnx` on a Llama: one width per layer set, the cost against the
-    per-layer cut (as dg.sparsity counts it), and where onnxruntime is installed, the exported graph
-    computes the gated model's output."""
+    per-layer cut (as dg.sparsity counts it, and as `dgate report --uniform` foresees it), and where
+    onnxruntime is installed, the exported graph computes the gated model's output."""
     from click.testing import CliRunner
 
     from dgating_surgery.cli import main
@@ -215,6 +215,9 @@ def test_dgate_shrink_uniform_reports_the_cost_and_its_onnx_export_runs_in_onnxr
     assert done.exit_code == 0, done.output
     data = json.loads(done.output)
     assert data["uniform_cost"]["params"] == padding > 0 and data["uniform_cost"]["macs"] > 0
+    report = runner.invoke(main, ["report", str(gated_path), "--uniform", "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output)["uniform_cost"] == data["uniform_cost"]  # the same cost, foreseen
     slim = dg.load_slim(slim_path)
     assert len({layer.mlp.gate_proj.out_features for layer in slim.layers}) == 1
     ort = pytest.importorskip("onnxruntime")
