@@ -110,3 +110,26 @@ def test_trainer_checkpoint_and_resume(tmp_path):
     for a, b in zip(dg.gates(whole.net), dg.gates(resumed.net)):
         torch.testing.assert_close(a.factors, b.factors)
     assert opt.param_groups[0]["dgating_lam"] == pytest.approx(LAM)
+
+
+def test_callback_with_a_size_target_holds_the_chosen_groups_and_shrink_cuts_them(tmp_path):
+    """DGatingCallback(target=..., metric="params"): the run is laid out over max_steps (dense,
+    penalty, recovery); the slim model removes the target's share of the parameters."""
+    model = Classifier()
+    args = arguments(tmp_path, max_steps=160, learning_rate=0.1)
+    opt = dgating_optimizer(model, args, lam=1e-3, optimizer_cls=torch.optim.SGD, momentum=0.9)
+    callback = DGatingCallback(target=0.5, metric="params")
+    trainer = trainer_for(model, args, opt, [callback])
+    trainer.train()
+    sched = callback.scheduler
+    assert (sched.start_step, sched.by_step) == (40, 100) and sched.recovering
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    assert abs(dg.removed_fraction(model.net, "params") - 0.5) <= 0.03
+    held = sum(int(m.sum()) for m in sched.held_masks.values())
+    assert sum(int(d.sum()) for d in dg.plan_cut(model.net).dead.values()) == held > 0
+    logged = [entry for entry in trainer.state.log_history if "dgating/held_groups" in entry]
+    assert logged[-1]["dgating/held_groups"] == held and logged[-1]["dgating/lam"] == 0.0
+    X, _ = data()
+    removable, before = dg.sparsity(model.net).params_removable, dg.model_params(model.net)
+    slim = dg.shrink(model.net, example_inputs=X[:16])
+    assert before - dg.model_params(slim) == removable

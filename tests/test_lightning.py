@@ -87,9 +87,24 @@ def test_schedule_state_survives_a_checkpoint(tmp_path):
     fit.fit(Module(), loader())
     (ckpt,) = (tmp_path / "a").glob("lightning_logs/version_*/checkpoints/*.ckpt")
     state = callback.scheduler.state_dict()
-    assert state["last_step"] == 20 and state["scale"] > 1  # lambda was raised
+    assert state["last_step"] == 20 and state["scale"]["all"] != 1  # the controller moved lambda
     resumed = DGatingCallback(schedule={"target": 0.5, "by_step": 60, "every": 10}, threshold=THRESHOLD)
     again = trainer(tmp_path / "b", resumed, epochs=11, enable_checkpointing=False)
     again.fit(Module(), loader(), ckpt_path=str(ckpt))
     assert resumed.scheduler.measured[: len(state["measured"])] == [tuple(m) for m in state["measured"]]
     assert resumed.scheduler.last_step == 22
+
+
+def test_callback_with_a_size_target(tmp_path):
+    """DGatingCallback(target=..., metric="params") lays the run out over the trainer's steps and
+    lands on the target; the held groups are what the cut removes."""
+    module = Module()
+    module.configure_optimizers = lambda: torch.optim.Adam(dg.param_groups(module.net, lam=1e-2), lr=0.01)
+    callback = DGatingCallback(target=0.5, metric="params")
+    trainer(tmp_path, callback, epochs=80, enable_checkpointing=False).fit(module, loader())
+    sched = callback.scheduler
+    assert (sched.start_step, sched.by_step) == (40, 100) and sched.recovering
+    assert abs(dg.removed_fraction(module.net, "params") - 0.5) <= 0.03
+    held = sum(int(m.sum()) for m in sched.held_masks.values())
+    assert sum(int(d.sum()) for d in dg.plan_cut(module.net).dead.values()) == held > 0
+    assert float(read_metrics(tmp_path)[-1]["dgating/held_groups"]) == held

@@ -5,7 +5,9 @@ is imported until its module is; this module holds what both callbacks do, frame
 Each callback: checks the optimizer once training starts (the warnings of ``dg.check_optimizer``),
 logs dead groups and removable parameters to the framework's logger (keys ``dgating/...``), and
 can drive lambda with a ``LambdaScheduler`` (``schedule={"warmup_steps": 500}`` or
-``{"target": 0.5, "by_step": 5000}``).
+``{"target": 0.5, "by_step": 5000}``). ``target=0.5, metric="params"`` asks for a size with no
+schedule to write: the run is split as ``LambdaScheduler.for_run`` does (dense, penalty, recovery
+with the chosen groups held at zero), so a final ``dg.shrink`` gives the model of that size.
 """
 from __future__ import annotations
 
@@ -57,18 +59,22 @@ class CallbackCore:
     lambda schedule with the framework's global step, compute the figures to log."""
 
     def __init__(self, model: nn.Module | None = None, lam: float | None = None, schedule: dict | None = None,
-                 threshold: float | None = None, uses_penalty: bool = False, check: bool = True):
+                 threshold: float | None = None, uses_penalty: bool = False, check: bool = True,
+                 target=None, metric: str = "params"):
         self.model, self.lam, self.threshold, self.uses_penalty, self.check = model, lam, threshold, uses_penalty, check
         if schedule is not None and not isinstance(schedule, (dict, LambdaScheduler)):
             raise TypeError("schedule must be a dict of LambdaScheduler arguments (e.g. {'warmup_steps': 500}) or a "
                             "LambdaScheduler")
+        if target is not None and schedule is not None:
+            raise TypeError("give target (the run is laid out for it) or schedule, not both")
         self.schedule = schedule
+        self.target, self.metric = target, metric
         self.scheduler: LambdaScheduler | None = schedule if isinstance(schedule, LambdaScheduler) else None
         self.optimizer = None
         self.problems: list[str] = []
         self._scheduler_state: dict | None = None
 
-    def begin(self, root: nn.Module, optimizers, step: int, framework: str) -> None:
+    def begin(self, root: nn.Module, optimizers, step: int, framework: str, total_steps: int | None = None) -> None:
         gated = find_gated(self.model if self.model is not None else root)
         if gated is None:
             raise ValueError(missing_model_message(framework))
@@ -80,9 +86,15 @@ class CallbackCore:
             self.problems = optimizer_problems(gated, self.optimizer, self.lam, self.uses_penalty)
             for message in self.problems:
                 warn_user(f"{framework}: {message}")
+        target_opt = None if self.uses_penalty else self.optimizer
         if isinstance(self.schedule, dict):
-            target_opt = None if self.uses_penalty else self.optimizer
             self.scheduler = LambdaScheduler(target_opt, self.lam, model=gated, **self.schedule)
+        elif self.target is not None and self.scheduler is None:
+            if not total_steps or total_steps < 1:
+                raise ValueError(f"DGatingCallback(target=...): the {framework} run has no known length; set max_steps "
+                                 "(or pass schedule={'target': ..., 'by_step': ...})")
+            self.scheduler = LambdaScheduler.for_run(target_opt, gated, self.target, total_steps, self.metric,
+                                                     lam=self.lam)
         if self.scheduler is not None:
             if self._scheduler_state is not None:
                 self.scheduler.load_state_dict(self._scheduler_state)
@@ -115,17 +127,23 @@ class CallbackCore:
 
     def metrics(self) -> dict[str, float]:
         """Dead and total groups (all kinds and per kind), the dead fraction, the parameters a cut
-        removes (count and fraction), lambda."""
+        removes (count and fraction), the collapsed groups (``deadness``: what Adam leaves near
+        zero), the groups a size target holds at zero, lambda (per kind when kinds differ)."""
         report = sparsity(self.model, self.threshold)
         out = {f"{PREFIX}dead_groups": float(report.dead), f"{PREFIX}groups": float(report.groups),
                f"{PREFIX}dead_fraction": report.dead / max(report.groups, 1),
                f"{PREFIX}params_removable": float(report.params_removable),
                f"{PREFIX}params_removable_fraction": report.params_removable / max(report.params_total, 1)}
+        out[f"{PREFIX}collapsed_groups"] = float(report.collapsed)
+        if self.scheduler is not None and self.scheduler.targets:
+            out[f"{PREFIX}held_groups"] = float(sum(int(m.sum()) for m in self.scheduler.held_masks.values()))
         kinds = report.by_kind()
         if len(kinds) > 1:
             out.update({f"{PREFIX}dead_{kind}": float(v["dead"]) for kind, v in kinds.items()})
         lam = self.current_lam
-        if lam is not None:
+        if isinstance(lam, dict):
+            out.update({f"{PREFIX}lam_{kind}": float(v) for kind, v in lam.items()})
+        elif lam is not None:
             out[f"{PREFIX}lam"] = float(lam)
         return out
 

@@ -63,6 +63,9 @@ class DGatingCallback(CoreView, TrainerCallback):
     ``lam``: the lambda to check and to schedule (default: what ``dg.param_groups`` recorded).
     ``schedule``: ``LambdaScheduler`` arguments, e.g. ``{"warmup_steps": 200}`` or ``{"target": 0.5,
     "by_step": 2000, "every": 50}``, or a ``LambdaScheduler``. ``threshold``: for the dead count.
+    ``target`` (a fraction, or kind -> fraction) and ``metric`` ("params", "macs", "groups"): a size
+    for the slim model, reached within this run (``LambdaScheduler.for_run`` over ``max_steps``:
+    dense, penalty, recovery with the chosen groups held at zero); ``dg.shrink`` after training.
 
     The figures go into every log of the Trainer (``trainer.state.log_history``, the progress
     output, trainer_state.json). Report integrations (TensorBoard, W&B) run before the callbacks
@@ -71,8 +74,8 @@ class DGatingCallback(CoreView, TrainerCallback):
     """
 
     def __init__(self, model=None, lam: float | None = None, schedule=None, threshold: float | None = None,
-                 uses_penalty: bool = False):
-        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty)
+                 uses_penalty: bool = False, target=None, metric: str = "params"):
+        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric)
 
     def attach(self, trainer) -> "DGatingCallback":
         """Put this callback first in ``trainer``'s list, before the report integrations."""
@@ -80,7 +83,7 @@ class DGatingCallback(CoreView, TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.core.begin(model, optimizer, state.global_step, "Trainer")
+        self.core.begin(model, optimizer, state.global_step, "Trainer", state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.core.step(state.global_step)

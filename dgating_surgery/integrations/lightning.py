@@ -39,16 +39,20 @@ class DGatingCallback(CoreView, Callback):
     ``lam``: the lambda to check and to schedule (default: what ``dg.param_groups`` recorded).
     ``schedule``: ``LambdaScheduler`` arguments (``{"warmup_steps": 200}``, ``{"target": 0.5,
     "by_step": 2000}``) or a ``LambdaScheduler``. ``every_n_steps``: also log every n steps.
+    ``target`` and ``metric``: a size for the slim model reached within this run (as the Hugging
+    Face callback: over ``trainer.estimated_stepping_batches``); ``dg.shrink`` after training.
     Under DDP/FSDP2 every rank computes the same figures (FSDP2: gathered, a collective).
     """
 
     def __init__(self, model=None, lam: float | None = None, schedule=None, threshold: float | None = None,
-                 uses_penalty: bool = False, every_n_steps: int | None = None):
-        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty)
+                 uses_penalty: bool = False, every_n_steps: int | None = None, target=None, metric: str = "params"):
+        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric)
         self.every_n_steps = every_n_steps
 
     def on_train_start(self, trainer, pl_module):
-        self.core.begin(pl_module, list(trainer.optimizers), trainer.global_step, "Lightning")
+        total = trainer.estimated_stepping_batches
+        self.core.begin(pl_module, list(trainer.optimizers), trainer.global_step, "Lightning",
+                        int(total) if total is not None and total != float("inf") else None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.core.step(trainer.global_step)
