@@ -70,7 +70,7 @@ def save_gated(model: nn.Module, path, reference=None, example_inputs=None, exam
         raise CheckpointError("save_gated needs example_inputs (the batch the model was gated with): loading gates "
                               "a fresh model again on inputs of the same shape")
     state = model.state_dict()
-    manifest = {"format": "gated", "model": _stored_reference(origin.reference, path),
+    manifest = {"format": "gated", "model": stored_reference(origin.reference, path),
                 "inputs": origin.inputs.to_dict(), "recipe": dset.recipe.to_dict()}
     return _write(path, state, manifest, replace)
 
@@ -121,7 +121,7 @@ def save_slim(model: nn.Module, path, reference=None, example_inputs=None, examp
     state = model.state_dict()
     if getattr(model, "dgate_origin", None) is None or reference is not None:
         _check_rebuilds(origin.reference, state, model, derived=reference is None)
-    manifest = {"format": "slim", "model": _stored_reference(origin.reference, path), "recipe": recipe,
+    manifest = {"format": "slim", "model": stored_reference(origin.reference, path), "recipe": recipe,
                 "inputs": origin.inputs.to_dict() if origin.inputs is not None else None, "kept_groups": kept,
                 "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()},
                 "cut_attributes": getattr(model, "cut_attributes", {})}
@@ -192,7 +192,7 @@ def _manifest_ref(manifest: dict, path) -> ModelRef:
     return ModelRef.from_dict(manifest["model"]).resolved(Path(path).parent)
 
 
-def _stored_reference(ref: ModelRef, path) -> dict:
+def stored_reference(ref: ModelRef, path) -> dict:
     """The reference as a manifest stores it: a file it names relative to the checkpoint's folder,
     which the file may not leave (loading would refuse it, with --trust-code too); a transformers
     config without ``auto_map`` (only Auto classes read it, and loading refuses it from a file: the

@@ -296,6 +296,10 @@ def test_a_reference_outside_the_checkpoints_folder_is_not_written(tmp_path):
     with pytest.raises(dg.CheckpointError, match=r"outside the checkpoint's folder"):
         dg.save_slim(model, tmp_path / "out" / "slim.safetensors", reference=f"{tmp_path}/net.py:build")
     assert list((tmp_path / "out").iterdir()) == []
+    result = dgate("convert", f"{tmp_path}/net.py:build", "-r", "mlp", "-o", tmp_path / "out" / "g.safetensors",
+                   ok=False)
+    assert result.exit_code == 1 and "outside the checkpoint's folder" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # -- every manifest field --------------------------------------------------------------------------
