@@ -527,7 +527,7 @@ def _export(slim, out: Path, fmt: str, args, kwargs, force: bool) -> Path:
     a unique temporary name that keeps the suffix torch.export insists on)."""
     import torch
 
-    from .checkpoint import write_atomically
+    from .writing import write_atomically
     from .execution import evaluating
     from .shrink import select_features
     target = _export_target(str(out), fmt)
