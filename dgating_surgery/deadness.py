@@ -106,7 +106,8 @@ class Hold:
                 raise LambdaError(f"dg.hold: the mask of gate {key!r} has {mask.numel()} entries, the gate has "
                                   f"{factors.shape[1]} groups")
             keep = (~mask).to(factors.dtype).to(factors.device)
-            self._handles.append(factors.register_hook(lambda grad, keep=keep: grad * keep))
+            if factors.requires_grad:  # frozen gates (a baseline's) have no gradient to mask
+                self._handles.append(factors.register_hook(lambda grad, keep=keep: grad * keep))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.apply()))
         self.apply()

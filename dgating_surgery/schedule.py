@@ -11,10 +11,13 @@ A size target (``target=0.9, metric="params", by_step=S``) runs in three phases:
 1. dense until ``start_step`` (lambda 0; optionally a ``warmup_steps`` ramp after it);
 2. penalty: every ``every`` steps the controller ranks the groups by collapsed norm relative to
    the largest in their gate (``deadness.scores``) and finds the weakest ones whose cut would
-   remove the target fraction; the largest score among them (the target quantile) must fall on a
-   straight line in log scale from its value at ``start_step`` to ``relative`` at ``by_step``.
-   Lambda is multiplied by (quantile / line), clipped to [1/factor, factor]: a proportional
-   controller on a leading figure, since deaths themselves lag lambda by hundreds of steps;
+   remove the target fraction; the largest score among them (the target quantile) must fall to
+   ``relative`` by ``by_step``. Deaths lag lambda by hundreds of steps, so the controller steers
+   the pace of that leading figure: lambda is multiplied by (the pace still needed / the pace
+   observed since the last measurement), clipped to [1/factor, factor] (the decay that kills a
+   group is proportional to lambda). A guard brakes when the strongest group of every gate
+   shrinks (the whole network collapsing: lambda is past the range where the loss defends what it
+   needs), checked five times per measurement interval;
 3. recovery: as soon as the collapsed groups (score below ``relative``) reach the target, or at
    ``by_step`` at the latest, the weakest groups that make the target are held at exactly zero
    (``deadness.hold``), lambda goes to 0 and the remaining steps train the alive weights. A final
@@ -116,7 +119,7 @@ class LambdaScheduler:
         biggest = max(self.base.values())
         self.max_lam = check_lam(max_lam, "max_lam") if max_lam is not None else biggest * 1e4
         self.last_step = 0
-        self.scale = dict.fromkeys(self.targets or [ALL], 1.0)  # what the controller multiplied each lambda by
+        self.scale = dict.fromkeys([*self.targets, ALL], 1.0)  # controller key -> what it multiplied lambda by
         self.reference: dict[str, float] | None = None  # gate key -> its largest norm when the penalty started
         self.previous: dict[str, tuple[int, float]] = {}  # key -> (step, target quantile's score) last measured
         self.held: dict[str, dict[str, torch.Tensor]] = {}  # controller key -> gate key -> bool per group held
@@ -214,7 +217,9 @@ class LambdaScheduler:
         return min(1.0, (step - self.start_step) / self.warmup_steps)
 
     def _key(self, kind: str) -> str:
-        return kind if kind in self.scale else ALL
+        """The controller of ``kind``: its own target's, else the whole model's (ALL; scale 1 when
+        there is no whole-model target)."""
+        return kind if kind in self.targets else ALL
 
     @property
     def lams(self) -> dict[str, float]:

@@ -189,3 +189,32 @@ def test_adam_collapses_groups_that_hold_turns_into_an_exact_cut():
     before = dg.model_params(model)
     slim = dg.shrink(model, example_inputs=X[:32])
     assert before - dg.model_params(slim) == removable
+
+
+def test_per_kind_lambda_reaches_the_optimizer_and_the_penalty():
+    """A recipe's per-kind lam: one param group per kind with 2*lam/D decay, the penalty weighs each
+    kind's parameters with its own lambda, and a per-kind target drives each group separately."""
+    recipe = {"D": 3, "lam": 1e-3, "groups": [{"kind": "heads", "lam": 4e-3}, {"kind": "neurons"}]}
+    model = dg.gate_model(tiny_llama(), recipe, example_kwargs={"input_ids": token_batches()[0][:1]})
+    groups = dg.param_groups(model, weight_decay=1e-4)
+    assert [(g["name"], g["dgating_lam"], g["weight_decay"]) for g in groups[:2]] == [
+        ("dgating/heads", 4e-3, pytest.approx(2 * 4e-3 / 3)), ("dgating/neurons", 1e-3, pytest.approx(2 * 1e-3 / 3))]
+    assert groups[2]["weight_decay"] == 1e-4
+    heads, neurons = ({id(p) for p in g["params"]} for g in groups[:2])
+    assert not heads & neurons and len(heads) + len(neurons) == sum(len(g["params"]) for g in groups[:2])
+    squares = [sum(float(p.detach().pow(2).sum()) for p in g["params"]) for g in groups[:2]]
+    assert float(dg.penalty(model).detach()) == pytest.approx((4e-3 * squares[0] + 1e-3 * squares[1]) / 3, rel=1e-5)
+    assert float(dg.penalty(model, {"heads": 0.0}).detach()) == pytest.approx(1e-3 * squares[1] / 3, rel=1e-5)
+    opt = torch.optim.SGD(groups, lr=0.01)
+    assert dg.check_optimizer(model, opt) == []
+    sched = dg.LambdaScheduler(opt, model=model, target={"heads": 0.5}, by_step=10, every=1)
+    assert sched.base == {"heads": 4e-3, "neurons": 1e-3}
+    sched.scale["heads"] = 2.0
+    sched.step()
+    assert [g["dgating_lam"] for g in opt.param_groups[:2]] == [pytest.approx(8e-3), 1e-3]  # the target's kind only
+    with pytest.raises(dg.RecipeError, match=r"groups\[1\].lam.*heads already has lam 0.004"):
+        dg.load_recipe({"D": 3, "groups": [{"kind": "heads", "lam": 4e-3}, {"kind": "heads", "lam": 1e-3}]})
+    with pytest.raises(dg.LambdaError, match="target names kind 'channels'"):
+        dg.LambdaScheduler(opt, model=model, target={"channels": 0.5}, by_step=10)
+    with pytest.raises(dg.LambdaError, match="per-kind targets count groups or parameters"):
+        dg.LambdaScheduler(opt, model=model, target={"heads": 0.5}, metric="macs", by_step=10)

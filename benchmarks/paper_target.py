@@ -1,0 +1,201 @@
+"""The size the user asks for, in one run (issue 17), on the paper's LeNet-300-100 and sklearn's
+digits: D-Gating with ``LambdaScheduler.for_run`` (dense, penalty, recovery with the chosen
+neurons held at zero) against magnitude pruning + fine-tune at equal optimizer steps.
+
+Protocol (every method, every seed): 64-300-100-10 MLP, SGD momentum 0.9, lr 0.05 (x0.1 for the
+last quarter of the steps), batch 64, L2 5e-4 on the weights no method regularizes by group,
+STEPS optimizer steps in total; the hidden neurons are the groups; sizes are fractions of the
+network's parameters KEPT (50/25/10/5%); every method reaches its size within 3 points with its
+own knob; no method is tuned (one trial each: the defaults); test accuracy of the physically
+slimmed model on the fixed 30% test split.
+
+- D-Gating target: ``LambdaScheduler.for_run(opt, model, target=1 - kept, total_steps=STEPS)``
+  from lam 1e-3 (the controller sets lambda), D = 3.
+- magnitude uniform: dense until the step D-Gating holds (5/8 of the run), then the same fraction
+  of neurons in each hidden layer with the smallest L2 norm (incoming row and outgoing column) is
+  held at zero (the fraction bisected to the size), and the rest of the steps fine-tune.
+- magnitude, D-Gating's layers: the same, with the per-layer neuron counts the D-Gating run of
+  that seed kept.
+- scratch: the slim architecture D-Gating found, trained from a fresh init for all STEPS.
+
+    python benchmarks/paper_target.py                # the table (5 seeds, about 15 minutes on one core)
+    python benchmarks/paper_target.py --splits       # the measurement behind the default split
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dgating_surgery as dg
+from dgating_surgery.deadness import Hold, zeroed
+from dgating_surgery.demo import accuracy
+from dgating_surgery.schedule import LambdaScheduler
+
+from paper_common import MLP, REST_WD, digits, setup
+
+STEPS, LR, BATCH = 1500, 0.05, 64
+KEPT = (0.5, 0.25, 0.1, 0.05)
+SEEDS = (0, 1, 2, 3, 4)
+GROUPS = [{"kind": "neurons", "names": ["hidden.*"]}]
+
+
+def train(model, opt, X, y, steps, seed, after=None):
+    """``steps`` minibatch steps with lr x0.1 for the last quarter; ``after(step)`` after each."""
+    gen = torch.Generator().manual_seed(seed)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 0.75 * steps else 0.1)
+    order = torch.cat([torch.randperm(len(X), generator=gen) for _ in range(steps * BATCH // len(X) + 1)])
+    for step in range(steps):
+        idx = order[step * BATCH:(step + 1) * BATCH]
+        model.train()
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        if after is not None:
+            after(step + 1)
+
+
+def slim_result(model, X_eval, y_eval, example):
+    """Cut (exact: held groups are zero) and measure: accuracy, parameters kept, neurons per layer."""
+    params = dg.model_params(model)
+    slim = dg.shrink(model, example_inputs=example)
+    widths = [layer.out_features for layer in slim.hidden]
+    return {"acc": accuracy(slim, X_eval, y_eval), "kept": dg.model_params(slim) / params, "widths": widths}
+
+
+def dgating(data, kept, seed, dense=None, penalty_end=None, lam=1e-3):
+    Xtr, ytr, Xev, yev = data
+    torch.manual_seed(seed)
+    model = dg.gate_model(MLP(), {"D": 3, "groups": GROUPS}, Xtr[:2])
+    opt = torch.optim.SGD(dg.param_groups(model, lam, weight_decay=REST_WD), lr=LR, momentum=0.9)
+    split = {k: v for k, v in (("dense", dense), ("penalty_end", penalty_end)) if v is not None}
+    sched = LambdaScheduler.for_run(opt, model, 1 - kept, STEPS, "params", **split)
+    train(model, opt, Xtr, ytr, STEPS, seed, lambda step: sched.step())
+    return slim_result(model, Xev, yev, Xtr[:8])
+
+
+def magnitude(data, kept, seed, widths=None):
+    """Dense training, then the smallest-norm neurons held at zero at 5/8 of the run (uniform
+    fraction per layer, or ``widths`` per layer), fine-tuning after."""
+    Xtr, ytr, Xev, yev = data
+    torch.manual_seed(seed)
+    model = dg.gate_model(MLP(), {"D": 2, "init": "ones", "groups": GROUPS}, Xtr[:2])
+    for gate in dg.gates(model):
+        gate.factors.requires_grad_(False)
+    thetas, _ = dg.training.gated_parameters(model)
+    ids = {id(p) for p in thetas}
+    rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    opt = torch.optim.SGD([{"params": thetas, "weight_decay": REST_WD}, {"params": rest, "weight_decay": REST_WD}],
+                          lr=LR, momentum=0.9)
+    prune_at = int(0.625 * STEPS)
+    held = []
+
+    def after(step):
+        if step == prune_at:
+            held.append(Hold(model, smallest(model, kept, widths), opt))
+
+    train(model, opt, Xtr, ytr, STEPS, seed, after)
+    return slim_result(model, Xev, yev, Xtr[:8])
+
+
+def smallest(model, kept, widths=None):
+    """Per gate, the neurons with the smallest norm: ``widths`` kept per layer, or one fraction for
+    every layer, bisected so that the parameters kept come to ``kept``."""
+    norms = {k: v.detach() for k, v in dg.group_norms(model).items()}
+
+    def masks(keep_counts):
+        out = {}
+        for (key, norm), n in zip(norms.items(), keep_counts):
+            mask = torch.ones_like(norm, dtype=torch.bool)
+            mask[norm.argsort(descending=True)[:max(n, 1)]] = False
+            out[key] = mask
+        return out
+
+    if widths is not None:
+        return masks(widths)
+    lo, hi = 0.0, 1.0  # fraction of neurons kept per layer
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        chosen = masks([round(mid * len(n)) for n in norms.values()])
+        with zeroed(model, chosen):
+            removed = dg.removed_fraction(model, "params")
+        lo, hi = (mid, hi) if removed > 1 - kept else (lo, mid)
+    return masks([round(hi * len(n)) for n in norms.values()])
+
+
+def scratch(data, widths, seed):
+    Xtr, ytr, Xev, yev = data
+    torch.manual_seed(seed + 100)
+    model = MLP(hidden=tuple(widths))
+    params = dg.model_params(MLP())
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=REST_WD)
+    train(model, opt, Xtr, ytr, STEPS, seed)
+    return {"acc": accuracy(model, Xev, yev), "kept": dg.model_params(model) / params, "widths": list(widths)}
+
+
+def mean_std(values):
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
+
+
+def splits(seeds=(0, 1, 2)):
+    """Validation accuracy (20% of the training split) per (dense, penalty_end) split."""
+    Xtr, ytr, _, _ = digits()
+    n = int(0.8 * len(Xtr))
+    data = (Xtr[:n], ytr[:n], Xtr[n:], ytr[n:])
+    print("| kept | dense until | penalty until | val acc % (mean ± std) | params kept % |")
+    print("|---|---|---|---|---|")
+    for kept in (0.25, 0.1):
+        for dense, end in ((0.0, 0.5), (0.0, 0.625), (0.125, 0.625), (0.25, 0.625), (0.25, 0.75), (0.375, 0.75)):
+            rows = [dgating(data, kept, s, dense, end) for s in seeds]
+            print(f"| {kept:.0%} | {dense:g} | {end:g} | {mean_std([100 * r['acc'] for r in rows])} | "
+                  f"{mean_std([100 * r['kept'] for r in rows])} |", flush=True)
+
+
+def table(seeds=SEEDS):
+    data = digits()
+    started = time.time()
+    print("| params kept | D-Gating target | magnitude uniform | magnitude, D-Gating's layers | scratch, D-Gating's "
+          "layers | D-Gating - magnitude uniform (paired) | wins / seeds |")
+    print("|---|---|---|---|---|---|---|")
+    for kept in KEPT:
+        rows = {"dg": [], "mag": [], "mag_layers": [], "scratch": []}
+        for seed in seeds:
+            d = dgating(data, kept, seed)
+            rows["dg"].append(d)
+            rows["mag"].append(magnitude(data, kept, seed))
+            rows["mag_layers"].append(magnitude(data, kept, seed, d["widths"]))
+            rows["scratch"].append(scratch(data, d["widths"], seed))
+        cells = []
+        for key in ("dg", "mag", "mag_layers", "scratch"):
+            accs = [100 * r["acc"] for r in rows[key]]
+            sizes = [100 * r["kept"] for r in rows[key]]
+            cells.append(f"{mean_std(accs)} ({statistics.mean(sizes):.1f}% kept)")
+        diffs = [100 * (a["acc"] - b["acc"]) for a, b in zip(rows["dg"], rows["mag"])]
+        wins = sum(x > 0 for x in diffs)
+        ties = sum(x == 0 for x in diffs)
+        print(f"| {kept:.0%} | " + " | ".join(cells) + f" | {mean_std(diffs)} | {wins} (+{ties} ties) / {len(diffs)} |",
+              flush=True)
+        print(f"<!-- widths D-Gating: {[r['widths'] for r in rows['dg']]}; {time.time() - started:.0f} s -->",
+              flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--splits", action="store_true", help="measure the dense/penalty/recovery split")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, or 3 for --splits)")
+    args = parser.parse_args(argv)
+    setup()
+    if args.splits:
+        splits(tuple(range(args.seeds or 3)))
+    else:
+        table(tuple(range(args.seeds or len(SEEDS))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
