@@ -133,3 +133,28 @@ def test_callback_with_a_size_target_holds_the_chosen_groups_and_shrink_cuts_the
     removable, before = dg.sparsity(model.net).params_removable, dg.model_params(model.net)
     slim = dg.shrink(model.net, example_inputs=X[:16])
     assert before - dg.model_params(slim) == removable
+
+
+def test_callback_distills_from_the_penalty_start(tmp_path):
+    """distill=<weight>: a frozen copy taken at the penalty's start teaches the model; its KL term
+    is in the loss the Trainer minimizes."""
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=4, intermediate_size=64, use_cache=False)
+    torch.manual_seed(0)
+    ids = (torch.randint(0, 32, (16, 1)) + torch.arange(12)) % 32
+    model = dg.gate_model(transformers.LlamaForCausalLM(config), {"D": 3, "groups": [{"kind": "neurons"}]},
+                          example_kwargs={"input_ids": ids[:1]})
+    args = arguments(tmp_path, max_steps=16, learning_rate=3e-3, per_device_train_batch_size=8, logging_steps=4)
+    opt = dgating_optimizer(model, args, lam=1e-3)
+    callback = DGatingCallback(target=0.5, distill=1.0)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
+                         optimizers=(opt, None)).train()
+    distiller = callback.core.distiller
+    assert callback.scheduler.start_step == 4 and distiller.teacher is not None
+    model.train()
+    with_term = model(input_ids=ids[:4], labels=ids[:4])
+    distiller.detach()
+    plain = model(input_ids=ids[:4], labels=ids[:4])
+    torch.testing.assert_close(with_term.loss, plain.loss + distiller.loss(plain.logits, input_ids=ids[:4]))
+    assert float((with_term.loss - plain.loss).detach()) > 0

@@ -218,3 +218,29 @@ def test_per_kind_lambda_reaches_the_optimizer_and_the_penalty():
         dg.LambdaScheduler(opt, model=model, target={"channels": 0.5}, by_step=10)
     with pytest.raises(dg.LambdaError, match="per-kind targets count groups or parameters"):
         dg.LambdaScheduler(opt, model=model, target={"heads": 0.5}, metric="macs", by_step=10)
+
+
+def test_distiller_adds_the_kl_to_a_frozen_copy_to_the_models_loss():
+    from dgating_surgery.distill import Distiller
+
+    batch = token_batches()[0]
+    torch.manual_seed(0)
+    model = dg.gate_model(tiny_llama(), {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]},
+                          example_kwargs={"input_ids": batch[:1]})
+    distiller = Distiller(model, weight=0.5, temperature=2.0)
+    with pytest.raises(dg.LambdaError, match=r"before start\(\)"):
+        distiller.loss(torch.zeros(2, 3), batch)
+    distiller.start().attach()
+    model.train()
+    out = model(input_ids=batch, labels=batch)
+    assert float(distiller.loss(out.logits, input_ids=batch).detach()) == pytest.approx(0.0, abs=1e-6)  # the same function
+    with torch.no_grad():
+        model.dgates[next(iter(model.dgates))].factors[:, :2] = 0  # two heads off: predictions move
+    distiller.detach()
+    plain = model(input_ids=batch, labels=batch)
+    term = distiller.loss(plain.logits, input_ids=batch)
+    assert float(term.detach()) > 1e-4
+    distiller.attach()
+    torch.testing.assert_close(model(input_ids=batch, labels=batch).loss, plain.loss + term)
+    model.eval()
+    torch.testing.assert_close(model(input_ids=batch, labels=batch).loss, plain.loss)  # evaluation is not distilled

@@ -8,11 +8,14 @@ can drive lambda with a ``LambdaScheduler`` (``schedule={"warmup_steps": 500}`` 
 ``{"target": 0.5, "by_step": 5000}``). ``target=0.5, metric="params"`` asks for a size with no
 schedule to write: the run is split as ``LambdaScheduler.for_run`` does (dense, penalty, recovery
 with the chosen groups held at zero), so a final ``dg.shrink`` gives the model of that size.
+``distill=<weight>`` adds a KL term to a frozen copy of the model taken when the penalty starts
+(``distill.Distiller``; the model must compute its own loss, as a Hugging Face model given labels).
 """
 from __future__ import annotations
 
 from torch import nn
 
+from ..distill import Distiller
 from ..gates import gate_set
 from ..report import sparsity
 from ..schedule import LambdaScheduler, dgating_groups
@@ -60,8 +63,9 @@ class CallbackCore:
 
     def __init__(self, model: nn.Module | None = None, lam: float | None = None, schedule: dict | None = None,
                  threshold: float | None = None, uses_penalty: bool = False, check: bool = True,
-                 target=None, metric: str = "params"):
+                 target=None, metric: str = "params", distill: float | None = None):
         self.model, self.lam, self.threshold, self.uses_penalty, self.check = model, lam, threshold, uses_penalty, check
+        self.distill, self.distiller = distill, None
         if schedule is not None and not isinstance(schedule, (dict, LambdaScheduler)):
             raise TypeError("schedule must be a dict of LambdaScheduler arguments (e.g. {'warmup_steps': 500}) or a "
                             "LambdaScheduler")
@@ -102,6 +106,15 @@ class CallbackCore:
                 self.scheduler.resume(step)
             else:
                 self.scheduler.step(step)
+        if self.distill:
+            self.distiller = Distiller(gated, self.distill)
+            self._start_distilling(step)
+
+    def _start_distilling(self, step: int) -> None:
+        """From the step the penalty starts, a frozen copy of the model teaches it (``distill``)."""
+        start = self.scheduler.start_step if self.scheduler is not None else 0
+        if self.distiller is not None and self.distiller.teacher is None and step >= start:
+            self.distiller.start().attach()
 
     def _optimizer_of(self, optimizers):
         """The optimizer that holds the gated parameters (else the first)."""
@@ -117,6 +130,7 @@ class CallbackCore:
     def step(self, global_step: int) -> None:
         if self.scheduler is not None:
             self.scheduler.step(global_step)
+        self._start_distilling(global_step)
 
     @property
     def current_lam(self) -> float | None:

@@ -66,6 +66,8 @@ class DGatingCallback(CoreView, TrainerCallback):
     ``target`` (a fraction, or kind -> fraction) and ``metric`` ("params", "macs", "groups"): a size
     for the slim model, reached within this run (``LambdaScheduler.for_run`` over ``max_steps``:
     dense, penalty, recovery with the chosen groups held at zero); ``dg.shrink`` after training.
+    ``distill``: the weight of a KL term to a frozen copy of the model taken when the penalty
+    starts (``distill.Distiller``), added to the model's loss.
 
     The figures go into every log of the Trainer (``trainer.state.log_history``, the progress
     output, trainer_state.json). Report integrations (TensorBoard, W&B) run before the callbacks
@@ -74,8 +76,9 @@ class DGatingCallback(CoreView, TrainerCallback):
     """
 
     def __init__(self, model=None, lam: float | None = None, schedule=None, threshold: float | None = None,
-                 uses_penalty: bool = False, target=None, metric: str = "params"):
-        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric)
+                 uses_penalty: bool = False, target=None, metric: str = "params", distill: float | None = None):
+        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric,
+                                 distill=distill)
 
     def attach(self, trainer) -> "DGatingCallback":
         """Put this callback first in ``trainer``'s list, before the report integrations."""

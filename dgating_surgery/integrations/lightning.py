@@ -41,12 +41,15 @@ class DGatingCallback(CoreView, Callback):
     "by_step": 2000}``) or a ``LambdaScheduler``. ``every_n_steps``: also log every n steps.
     ``target`` and ``metric``: a size for the slim model reached within this run (as the Hugging
     Face callback: over ``trainer.estimated_stepping_batches``); ``dg.shrink`` after training.
+    ``distill``: as the Hugging Face callback's (the gated module must compute its own loss).
     Under DDP/FSDP2 every rank computes the same figures (FSDP2: gathered, a collective).
     """
 
     def __init__(self, model=None, lam: float | None = None, schedule=None, threshold: float | None = None,
-                 uses_penalty: bool = False, every_n_steps: int | None = None, target=None, metric: str = "params"):
-        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric)
+                 uses_penalty: bool = False, every_n_steps: int | None = None, target=None, metric: str = "params",
+                 distill: float | None = None):
+        self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric,
+                                 distill=distill)
         self.every_n_steps = every_n_steps
 
     def on_train_start(self, trainer, pl_module):
