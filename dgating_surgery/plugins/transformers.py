@@ -99,17 +99,19 @@ register_module_fixer(Conv1D, _conv1d)
 
 
 # -- save_pretrained / from_pretrained of a slim model ----------------------------------------------
-# Per-layer widths differ after D-Gating, which a Hugging Face config cannot express. The config of a
-# slim model carries them (``config.dgating_surgery``: the shape of every tensor a cut changed, and the
-# layer attributes no tensor shows); with dgating_surgery imported, from_pretrained gives the freshly
-# built (meta-device) model those shapes before it loads the weights. Without dgating_surgery the
-# weights do not fit and transformers refuses to load them.
+# After a cut, a width every layer shares is written into its config field (``intermediate_size``...): a
+# uniform cut (``shrink(uniform=True)``) leaves a config that states everything, an ordinary checkpoint.
+# Widths that differ per layer, which a config field cannot state, go to transformers' ``per_layer_config``
+# and to our own key (``config.dgating_surgery``: the shape of every tensor the rewritten config does not
+# give, and the layer attributes no tensor shows); with dgating_surgery imported, from_pretrained gives
+# the freshly built (meta-device) model those shapes before it loads the weights. Without it the weights
+# do not fit and transformers refuses to load them.
 CONFIG_KEY = "dgating_surgery"
 
 
-# The config fields that state one width for every layer (tried in this order when a config refuses a
-# choice of widths: a head is cheaper to keep than a hidden channel), and those that state the epsilon of
-# norms over the hidden size. Which tensors each field sizes is measured, not listed (``_field_slots``).
+# The config fields that may state one width for every layer (rewritten one at a time in this order
+# when the config class refuses them together), and those that state the epsilon of norms over the
+# hidden size. Which tensors each field sizes is measured, not listed (``_probe``).
 WIDTH_FIELDS = ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", "n_heads", "intermediate_size",
                 "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "hidden_size", "n_embd", "d_model")
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
@@ -246,7 +248,8 @@ def _record_widths(model) -> None:
     unstated = {k: v for k, v in attributes.items() if getattr(*owner(fresh, k)) != v}
     if per_layer:
         config.allow_global_per_layer_attribute_access = True  # the global values stay the layers' largest
-        config.per_layer_config = per_layer
+    if per_layer or getattr(config, "is_heterogeneous", False):
+        config.per_layer_config = per_layer or None
     if differ or unstated:
         setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated})
     elif hasattr(config, CONFIG_KEY):
