@@ -13,8 +13,10 @@ The contract of a constraint: ``constraint(ctx, dead) -> dead``, where
 - it returns the same keys with some dead groups revived (True -> False), the strongest first
   (largest collapsed norm: ``revive``), and never kills an alive group. ``apply_constraints``
   checks that, and that every gate keeps at least one group.
-Constraints compose: each one starts from the masks the previous one returned (``round_to`` then
-``uniform``: uniform widths that are multiples of N where the layers allow it).
+Constraints compose: each one starts from the masks the previous one returned. ``plan_cut`` applies
+the constraints every cut needs (``REQUIRED``, e.g. equal query heads per key/value group or equal
+widths across a layer's experts, where a kind makes them; ``register_constraint``), then ``round_to``,
+then ``uniform`` when asked (uniform widths that are multiples of N where the layers allow it).
 
 Widths are counted along a *slot*: one (tensor, dim) that the cut narrows, e.g. a linear's output
 rows. A gate's own layer slot is the first producer it cuts (for input features, the first
@@ -127,6 +129,13 @@ class WidthContext:
 
 
 Constraint = Callable[[WidthContext, dict], dict]
+REQUIRED: list[Constraint] = []  # applied to every cut, before round_to and uniform
+
+
+def register_constraint(constraint: Constraint) -> None:
+    """Make ``constraint`` part of every cut (a structure that is only valid at some widths)."""
+    if constraint not in REQUIRED:
+        REQUIRED.append(constraint)
 
 
 def revive(norm: torch.Tensor, dead: torch.Tensor, done: Callable[[torch.Tensor], bool],

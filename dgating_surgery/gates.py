@@ -50,7 +50,8 @@ class DGate(nn.Module):
     holds only tensors, as Hugging Face, safetensors and ONNX tools expect."""
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
-                 D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None):
+                 D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None,
+                 per_group: int = 1):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
@@ -58,6 +59,7 @@ class DGate(nn.Module):
         self.cuts = cuts
         self.positions = positions  # kinds that record their input: the input features each group owns
         self.width = width  # kinds that record their input: how many features the input has
+        self.per_group = per_group  # entries of the first layer per group (query heads per kv group)
 
     @property
     def D(self) -> int:
@@ -162,8 +164,9 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
     """The group sets the recipe asks for that have at least one exactly removable group.
 
     An entry with selectors (modules/names) that matches nothing is an error (a typo is the usual
-    cause), and so is a recipe that matches nothing at all; a bare ``kind`` that a model lacks
-    (neurons in a CNN whose only linear layer is the classifier) is only a warning.
+    cause), and so is a recipe that matches nothing at all; a bare ``kind`` whose groups the model
+    has but cannot remove (neurons in a CNN whose only linear layer is the classifier) is a warning
+    that says why, and one the model has none of (heads in a CNN) goes without a word.
     """
     chosen, unmatched = [], []
     for i, spec in enumerate(recipe.groups):
@@ -172,16 +175,20 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
             unmatched.append((i, spec))
         chosen.extend(s for s in hits if not any(s is c for c in chosen))
     for i, spec in unmatched:
-        available = [s.name for s in plan.sets if s.kind == spec.kind and s.removable.any()]
+        of_kind = [s for s in plan.sets if s.kind == spec.kind]
+        available = [s.name for s in of_kind if s.removable.any()]
+        why = next(((s.name, r) for s in of_kind for r in s.reasons if r is not None), None)
         hint = (f"exactly removable {spec.kind} sets here: {', '.join(available[:8])}"
                 f"{' ...' if len(available) > 8 else ''}" if available else
-                f"{model_name} has no exactly removable {spec.kind}")
+                f"{model_name} has no exactly removable {spec.kind}"
+                f"{f' (e.g. {why[0]}: {why[1]})' if why else ''}")
         message = (f"recipe {recipe.source}: groups[{i}] {spec.describe()} matched nothing in {model_name}; "
                    f"{hint}")
         if spec.modules or spec.names or not chosen:
             raise GatingError(f"{message}. Change the selectors or remove the entry (`dgate inspect` lists "
                               "every set).")
-        warn_user(message)
+        if of_kind:
+            warn_user(message)
     chosen.sort(key=lambda s: plan.sets.index(s))
     return chosen
 
@@ -350,7 +357,7 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
         records = KINDS[gset.kind].records_input
         positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if records else None
         built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
-                           cuts[k], positions, gset.width)
+                           cuts[k], positions, gset.width, gset.per_group)
     return built
 
 
@@ -450,4 +457,9 @@ def _register_scales(model: nn.Module, dgates) -> None:
         scale = GateScale(sources, along(index, dim, len(shape)))
         for holder, name in tied:  # a tied weight (embedding and output layer) is gated in every use
             parametrize.register_parametrization(holder, name, scale)
+            if holder is not module:
+                # its state_dict names the shared primary weight twice: Hugging Face's save_pretrained drops
+                # the names that a ``_tied_weights_keys`` pattern (of any submodule, prefixed) marks as copies
+                holder.parametrizations[name]._tied_weights_keys = {"original": f"{fqn.rpartition('.')[0]}."
+                                                                                f"parametrizations.{attr}.original"}
     gate_modes.install(model)  # where a gate may act on a layer's output, it does so when that is cheaper

@@ -38,6 +38,7 @@ class GroupSet:
     policies: list  # per group: the name of the policy (``kinds.POLICY``) its gate uses, or None
     positions: list | None = None  # kinds that record their input: each group's positions along dim 1
     width: int | None = None  # kinds that record their input: the input's size along dim 1
+    per_group: int = 1  # entries of its first layer per group: the query heads of a grouped-query kv group
 
     @property
     def name(self) -> str:
@@ -296,8 +297,10 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
         positions = width = None
         if KINDS[kind].records_input:
             positions, width = _input_positions(ctx, key, roots, facts)
+        first = next(ctx.spaces[s] for s in key if ctx.spaces[s].kind == kind)
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
-                             [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width))
+                             [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width,
+                             max(1, first.size // len(roots))))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
 

@@ -58,7 +58,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
         if is_dead.all():
             is_dead[norm.argmax()] = False
         dead[key], norms[key] = is_dead, norm
-    steps = [constraints.round_to(dset.recipe.round_to if round_to is None else round_to)]
+    steps = [*constraints.REQUIRED, constraints.round_to(dset.recipe.round_to if round_to is None else round_to)]
     if uniform:
         steps.append(constraints.uniform)
     dead = constraints.apply_constraints(constraints.WidthContext(model, dict(dset.items()), norms), dead, steps)

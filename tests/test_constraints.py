@@ -93,3 +93,24 @@ def test_revive_takes_the_strongest_first_and_reports_an_unreachable_goal():
     dead = torch.tensor([True, True, True, False])
     assert constraints.revive(norm, dead, lambda m: int((~m).sum()) >= 2).tolist() == [True, True, False, False]
     assert constraints.revive(norm, dead, lambda m: int((~m).sum()) >= 5) is None
+
+
+def test_a_registered_constraint_applies_to_every_cut_before_round_to():
+    """What a structure needs (equal widths across experts, ...) is registered once and every cut
+    (plan_cut, shrink, sparsity) follows it; here: block 1 must keep as many neurons as block 0."""
+    gated, x = _gated()
+    reference = gated(x)
+
+    def match_block_0(ctx, dead):
+        want = int((~dead["blocks_0_0"]).sum())
+        dead["blocks_1_0"] = constraints.revive(ctx.norms["blocks_1_0"], dead["blocks_1_0"],
+                                                lambda m: int((~m).sum()) >= want, monotone=True)
+        return dead
+    constraints.register_constraint(match_block_0)
+    try:
+        assert dg.sparsity(gated).rows[2].alive == 30  # the rows follow the gates' order: embed, blocks 0-2
+        slim = dg.shrink(gated, example_inputs=x, round_to=4)
+    finally:
+        constraints.REQUIRED.remove(match_block_0)
+    assert _widths(slim) == [32, 32, 28]  # 30 kept for block 1 first, then rounded to 4
+    torch.testing.assert_close(slim(x), reference, rtol=0, atol=1e-6)

@@ -153,6 +153,11 @@ def sdpa(ctx: RuleContext, node):
     value = None
     for t, step in ((q, 1), (k, rep), (v, rep)):
         line = _head_line(ctx, t, hdim, node, heads // step)
+        if line is None and t is not q:  # said before the tie below blocks the heads in the engine's terms
+            path = ctx.owner_module(node)[0]
+            ctx.taint(ids, f"the query heads of {repr(path) if path else ctx.where(node)} share keys and values that "
+                           "are not split by head (as in multi-query attention: one key/value head for all query "
+                           "heads), so no head can go without the others")
         mapped = line.map(lambda x: x[torch.arange(heads) // step]) if line is not None else None
         ctx.tie(ids.numpy(), mapped.ids.numpy() if mapped is not None else torch.full((heads,), NONE).numpy(), node)
         if t is v:

@@ -34,9 +34,14 @@ from .names import op_name
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A parameter or buffer read by the graph (``get_attr``) that has not been used element-wise yet."""
+    """A parameter or buffer read by the graph (``get_attr``) that has not been used element-wise
+    yet, or a view of one that a hand-written linear multiplies by (``W.T``, ``W.t().expand(B, -1,
+    -1)``): ``transposed``, its last two dims swapped; ``lead``, leading dims added in front of it
+    (a batch it is broadcast over)."""
 
     fqn: str
+    transposed: bool = False
+    lead: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,12 +173,20 @@ class RuleContext:
         """The labels of a tensor argument (a parameter used element-wise gets its own ids), or None."""
         state = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
         if isinstance(state, ParamRef):
-            return self._param_labels_of(state.fqn)
+            lab = self._param_labels_of(state.fqn)
+            if state.transposed:
+                lab = lab.map(lambda t: t.transpose(-1, -2))
+            return lab.map(lambda t: t.reshape((1,) * state.lead + tuple(t.shape)))
         return state if isinstance(state, Labels) else None
 
     def all_labels(self, structure) -> list[Labels]:
         """Every label set among the nodes of an argument structure (tuple outputs included)."""
         return self._states(structure, Labels)
+    def weight(self, arg) -> ParamRef | None:
+        """The parameter or buffer (or a view of one, see ``ParamRef``) an argument is, or None."""
+        state = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+        return state if isinstance(state, ParamRef) else None
+
 
     def literal_sizes(self, node, sizes, ndim: int) -> list[bool]:
         """Which output dims of a view the forward code fixes (see ``fixed_by_code``)."""

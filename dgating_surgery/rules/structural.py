@@ -8,7 +8,7 @@ from torch import nn
 from ..kinds import Role
 from ..labels import NONE, Labels
 from ..tensors import along
-from .context import RuleContext, unknown
+from .context import ParamRef, RuleContext, unknown
 
 
 def arg(node, pos, name, default=None):
@@ -80,17 +80,21 @@ def convolution_call(ctx: RuleContext, node):  # aten.convolution(x, w, b, strid
 
 def linear(ctx: RuleContext, node, x, weight, bias, transposed=False):
     """Linear over the last dim: consumes input features, produces fresh neurons. ``transposed``:
-    the weight is stored (in, out), as in ``x @ W`` or Hugging Face's GPT-2 ``Conv1D``."""
+    the weight is stored (in, out), as in ``x @ W`` or Hugging Face's GPT-2 ``Conv1D``. A weight
+    of more than 2 dims holds one matrix per expert (``(E, out, in)``): a neuron is the same row
+    of every expert's matrix, so the fused tensor stays rectangular."""
     if weight is None:
         return unknown_weights(ctx, node)
     out_shape = ctx.shape(node)
     nd = len(out_shape)
-    w_in, w_out = (0, 1) if transposed else (1, 0)
-    ctx.consume(weight, w_in, 2, ctx.per_dim(x, nd - 1, node), node)
+    wndim = len(ctx.param_shape(weight))
+    w_in, w_out = (wndim - 2, wndim - 1) if transposed else (wndim - 1, wndim - 2)
+    ctx.consume(weight, w_in, wndim, ctx.per_dim(x, nd - 1, node), node)
     out = ctx.new_space(out_shape[-1], "neurons", weight, node)
-    ctx.attach(weight, Role.PRODUCER, along(out, w_out, 2), w_out)
+    ctx.attach(weight, Role.PRODUCER, along(out, w_out, wndim), w_out)
     if bias is not None:
-        ctx.attach(bias, Role.PRODUCER, out, 0)
+        bndim = len(ctx.param_shape(bias))
+        ctx.attach(bias, Role.PRODUCER, along(out, bndim - 1, bndim), bndim - 1)
     return Labels.fresh(along(out, nd - 1, nd), zaff=False, zall=True)
 
 
@@ -98,15 +102,100 @@ def linear_module(ctx: RuleContext, node):
     return linear(ctx, node, node.args[0], ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"))
 
 
-def linear_call(ctx: RuleContext, node):
-    return linear(ctx, node, node.args[0], ctx.fqn(arg(node, 1, "weight")), ctx.fqn(arg(node, 2, "bias")))
+def _plain(ctx: RuleContext, arg) -> str | None:
+    """The parameter an argument reads as it is stored (no view of it), or None."""
+    ref = ctx.weight(arg)
+    return ref.fqn if ref is not None and not ref.transposed and not ref.lead else None
 
 
-def addmm(ctx: RuleContext, node):  # addmm(bias, x, W): GPT-2's Conv1D
-    bias, x, w = node.args[:3]
-    if ctx.fqn(w) is None:
+def _times_weight(ctx: RuleContext, node, x, w, bias=None, stored_out_in=False):
+    """``x`` times a weight argument ``w`` read as (in, out) (``stored_out_in``: as (out, in), the
+    convention of ``F.linear``), plus an optional bias: the linear it is, whatever view of the
+    parameter the code multiplies by; ``unknown_weights`` when ``w`` is no parameter, ``unknown``
+    when the bias is not one either (an activation added in the same call)."""
+    ref = ctx.weight(w)
+    if ref is None or len(ctx.param_shape(ref.fqn)) < 2:
+        return unknown_weights(ctx, node)
+    if bias is not None and _plain(ctx, bias) is None:
         return unknown(ctx, node)
-    return linear(ctx, node, x, ctx.fqn(w), ctx.fqn(bias), transposed=True)
+    return linear(ctx, node, x, ref.fqn, None if bias is None else _plain(ctx, bias),
+                  transposed=ref.transposed == stored_out_in)
+
+
+def linear_call(ctx: RuleContext, node):
+    return _times_weight(ctx, node, node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), stored_out_in=True)
+
+
+def addmm(ctx: RuleContext, node):
+    """addmm(bias, x, W) and baddbmm(bias, x, W): ``bias + x @ W`` (GPT-2's Conv1D, or a
+    hand-written ``F.linear`` with ``W.t()``)."""
+    bias, x, w = node.args[:3]
+    if ctx.weight(w) is None:
+        return unknown(ctx, node)
+    return _times_weight(ctx, node, x, w, bias)
+
+
+def weight_matmul(ctx: RuleContext, node, otherwise):
+    """``x @ W``, ``x @ W.T``, ``torch.matmul(x, W.t())``, ``torch.bmm(x, W.expand(B, -1, -1))``:
+    an activation times a parameter is a linear layer; a product of two activations is
+    ``otherwise``'s (attention)."""
+    a, b = node.args[0], node.args[1]
+    if ctx.weight(b) is not None and ctx.weight(a) is None and ctx.is_tensor(a):
+        return _times_weight(ctx, node, a, b)
+    return otherwise(ctx, node)
+
+
+def einsum(ctx: RuleContext, node):
+    """``einsum("...i,oi->...o", x, W)`` (or ``"io"``, or the weight first): a linear over the
+    last dim; any other equation has no rule."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])  # aten.einsum(equation, [x, W])
+    inputs, _, result = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if len(operands) == 2 and len(terms) == 2:
+        for (x, xs), (w, ws) in (((operands[0], terms[0]), (operands[1], terms[1])),
+                                 ((operands[1], terms[1]), (operands[0], terms[0]))):
+            ref = ctx.weight(w)
+            if ref is None or ref.lead or ctx.weight(x) is not None or len(ws) != 2 or not xs:
+                continue
+            contracted, produced = xs[-1], result[-1:]
+            if sorted(ws) == sorted(contracted + produced) and produced not in xs and result == xs[:-1] + produced:
+                return linear(ctx, node, x, ref.fqn, None, transposed=(ws == contracted + produced) != ref.transposed)
+    return unknown(ctx, node)
+
+
+
+
+def param_view(ctx: RuleContext, node, otherwise):
+    """A transpose of a weight (``W.T``, ``W.t()``, ``W.transpose(-1, -2)``, ``W.permute(1, 0)``)
+    or leading dims added to it (``W.unsqueeze(0)``, ``W.expand(B, -1, -1)``) stays the weight,
+    seen through a view (``ParamRef``), so that the product it then takes part in is a linear;
+    anything else is ``otherwise``'s."""
+    ref = ctx.env.get(node.args[0]) if node.args else None
+    if not isinstance(ref, ParamRef) or not ctx.is_tensor(node) or len(ctx.param_shape(ref.fqn)) < 2:
+        return otherwise(ctx, node)
+    name, shape, nd = ctx.op_name(node), tuple(ctx.shape(node)), len(ctx.shape(node))
+    attribute = node.args[1] if name == "getattr" else None
+    swap_last = None
+    if name in ("t", "numpy_T") or attribute == "T":
+        swap_last = nd == 2
+    elif name == "mT" or attribute == "mT":
+        swap_last = True
+    elif name in ("transpose", "swapaxes", "swapdims"):
+        swap_last = {node.args[1] % nd, node.args[2] % nd} == {nd - 2, nd - 1}
+    elif name == "permute":
+        order = [d % nd for d in (node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:])]
+        swap_last = order == [*range(nd - 2), nd - 1, nd - 2]
+    if swap_last:
+        return ParamRef(ref.fqn, not ref.transposed, ref.lead)
+    own = list(ctx.param_shape(ref.fqn))
+    if ref.transposed:
+        own[-2:] = own[:-3:-1]
+    if name in ("unsqueeze", "expand") and nd >= len(own) and list(shape[nd - len(own):]) == own \
+            and (name == "expand" or node.args[1] % nd < nd - len(own)):
+        return ParamRef(ref.fqn, ref.transposed, nd - len(own))
+    return otherwise(ctx, node)
 
 
 def unknown_weights(ctx: RuleContext, node):

@@ -25,7 +25,8 @@ from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_m
 from .pooling import reduction, spatial
 from .shapes import numel, shape_only, size
 from .attention import head_splits, matmul, multihead_attention, sdpa
-from .structural import addmm, conv_call, conv_module, convolution_call, embedding, linear_call, linear_module
+from .structural import (addmm, conv_call, conv_module, convolution_call, einsum, embedding, linear_call, linear_module,
+                         param_view, weight_matmul)
 
 ZERO_KEEPING = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.Mish, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -92,7 +93,8 @@ NAME_RULES = {
     "conv1d": conv_call, "conv2d": conv_call, "conv3d": conv_call, "convolution": convolution_call,
     "conv_transpose1d": partial(conv_call, transposed=True), "conv_transpose2d": partial(conv_call, transposed=True),
     "conv_transpose3d": partial(conv_call, transposed=True),
-    "linear": linear_call, "addmm": addmm, "mm": matmul, "matmul": matmul, "bmm": matmul,
+    "linear": linear_call, "addmm": addmm, "baddbmm": addmm, "einsum": einsum,
+    **{name: partial(weight_matmul, otherwise=matmul) for name in ("mm", "matmul", "bmm")},
     "scaled_dot_product_attention": sdpa, "embedding": embedding,
     "batch_norm": batch_norm_call, "_native_batch_norm_legit_no_training": batch_norm_call,
     "instance_norm": batch_norm_call, "F.batch_norm": batch_norm_functional,
@@ -109,7 +111,7 @@ NAME_RULES = {
     "clamp_max": partial(clamp_min_max, bound="max"), "clamp_max_": partial(clamp_min_max, bound="max"),
     "pow": power, "pow_": power, "prelu": prelu, "_prelu_kernel": prelu, "glu": glu,
     "zeros_like": partial(like, value=0), "ones_like": partial(like, value=1), "full_like": partial(like, value_pos=1),
-    "size": size, "getattr": size, "sym_size": size, "numel": numel,
+    "size": size, "sym_size": size, "numel": numel,
     **{name: partial(unary, keeps_zero=True) for name in ZERO_KEEPING_FN},
     **{name: partial(unary, keeps_zero=False) for name in NOT_ZERO_KEEPING_FN},
     **{name: movement for name in MOVEMENT_FN},
@@ -125,6 +127,10 @@ NAME_RULES = {
     **{name: partial(movement, check=check_cat) for name in ("cat", "concat", "stack")},
     "getitem": getitem,
     **{name: spatial for name in SPATIAL_FN},
+    # a weight transposed or broadcast for a hand-written linear stays that weight (``structural.param_view``)
+    **{name: partial(param_view, otherwise=movement)
+       for name in ("t", "numpy_T", "mT", "transpose", "swapaxes", "swapdims", "permute", "unsqueeze", "expand")},
+    "getattr": partial(param_view, otherwise=size),
     "sum": partial(reduction, kind="sum"), "mean": partial(reduction, kind="mean"),
     "amax": partial(reduction, kind="max"), "amin": partial(reduction, kind="min"),
     "std": partial(reduction, kind="std"), "var": partial(reduction, kind="var"),
