@@ -387,6 +387,8 @@ def _resize(model: nn.Module, state: dict, path, ref) -> None:
                                   "this architecture")
         module, attr = owner(model, key)
         old = getattr(module, attr)
+        if tuple(old.shape) == tuple(saved.shape) and old.dtype == saved.dtype:
+            continue  # a tied weight, resized already under its first name
         replace_tensor(module, attr, torch.empty(saved.shape, dtype=saved.dtype), tied=tied.get(id(old), ()))
 
 
