@@ -25,17 +25,21 @@ from pathlib import Path
 
 import click
 
-from .errors import DGatingError, ShrinkError
+from .errors import DGatingError, DGatingWarning, ShrinkError
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # the names of inputs.DTYPES, here without importing torch (a test checks that they agree)
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
+_SHOWN: set[str] = set()  # the warnings shown by this command
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """The package's own warnings (e.g. a recipe entry that matched nothing) as one line; other
-    libraries' warnings (tracer internals) are not the user's business here."""
-    if str(filename).startswith(PACKAGE_DIR):
+    """The package's own warnings (e.g. a recipe entry that matched nothing) as one line each, once;
+    other libraries' warnings (tracer internals) are not the user's business here."""
+    if (issubclass(category, DGatingWarning) or str(filename).startswith(PACKAGE_DIR)) and str(message) not in _SHOWN:
+        _SHOWN.add(str(message))
         from . import display
         display.console(stderr=True).print(f"[yellow]warning:[/] {message}")
 
@@ -58,6 +62,7 @@ class _Group(click.Group):
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _show_warning
+            _SHOWN.clear()
             try:
                 return super().invoke(ctx)
             except DGatingError as exc:
@@ -251,10 +256,11 @@ def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
     for name, justify in (("group set", "left"), ("kind", "left"), ("groups", "right"), ("removable", "right"),
                           ("gated", "center"), ("params covered", "right"), ("why not removable", "left")):
         table.add_column(name, justify=justify, overflow="fold")
-    for r in rows:
+    for r, gset in zip(rows, plan.sets):
         why = "; ".join(f"{w['groups']}: {w['reason']}" for w in r["not_removable"])
         gated = "[green]yes[/]" if r["gated"] else ("[dim]no[/]" if r["removable"] else "[red]-[/]")
-        table.add_row(r["name"], r["kind"], display.n(r["groups"]), display.n(r["removable"]), gated,
+        table.add_row(r["name"], r["kind"], display.groups(gset.kind, r["groups"], gset.per_group),
+                      display.n(r["removable"]), gated,
                       display.n(r["params_covered"]) if r["gated"] else "", why, style=None if r["gated"] else "dim")
     summary = (f"[bold]{data['gated_sets']}[/] group sets, [bold]{display.n(data['gated_groups'])}[/] groups gated; "
                f"they cover {display.n(total_covered)} of {display.n(total)} parameters "

@@ -26,6 +26,14 @@ def n(value: int) -> str:
     return f"{int(value):,}"
 
 
+def groups(kind: str, count: int, per_group: int = 1) -> str:
+    """A number of groups as a reader counts them: with grouped-query attention a heads group is a
+    key/value head with the query heads it serves, so "2 kv groups (8 query heads)"."""
+    if kind == "heads" and per_group > 1:
+        return f"{n(count)} kv groups ({n(count * per_group)} query heads)"
+    return n(count)
+
+
 def pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "-"
 
@@ -37,8 +45,8 @@ def sparsity_table(report: SparsityReport, title: str = "D-Gating sparsity") -> 
                           ("dead", "right"), ("params removable", "right")):
         table.add_column(name, justify=justify)
     for row in report.rows:
-        table.add_row(row.label, row.kind, n(row.groups), n(row.alive), n(row.dead), n(row.params_removable),
-                      style="dim" if row.dead == 0 else None)
+        table.add_row(row.label, row.kind, groups(row.kind, row.groups, row.per_group), n(row.alive), n(row.dead),
+                      n(row.params_removable), style="dim" if row.dead == 0 else None)
     table.add_section()
     table.add_row("total", "", n(report.groups), n(report.groups - report.dead), n(report.dead),
                   f"{n(report.params_removable)} of {n(report.params_total)} "

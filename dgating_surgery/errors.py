@@ -56,3 +56,8 @@ class WrapperError(DGatingError, TypeError):
 
 class LambdaError(DGatingError, ValueError):
     """A D-Gating strength lambda (or a lambda schedule) is invalid: negative, not finite, ..."""
+
+
+class DGatingWarning(UserWarning):
+    """Every warning dgating-surgery gives on purpose (``wrappers.warn_user``): the command line shows
+    each once, wherever it is attributed (to the user's line, which for ``dgate`` is click's)."""

@@ -121,7 +121,7 @@ def default_inputs(model: nn.Module, shape: tuple[int, ...] | None = None, dtype
     if shape is None:
         raise ModelSpecError(f"cannot guess an input shape for {type(model).__name__}: pass --input-shape, "
                              "e.g. 1,3,224,224")
-    dtype = dtype or (guess_dtype if shape == guess else "float32")
+    dtype = dtype or guess_dtype  # a text model's ids stay integers whatever their shape
     if dtype not in DTYPES:
         raise ModelSpecError(f"input dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     _check_size(shape, dtype)

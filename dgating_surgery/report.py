@@ -24,6 +24,7 @@ class GateRow:
     params_removable: int  # entries of this gate's own slices that a cut removes
     all_dead: bool = False  # every group is below the threshold: the strongest is kept (zero), so the layer keeps a width
     collapsed: int = 0  # groups below deadness.RELATIVE of the gate's largest norm (dead or not: Adam leaves them ~1e-3)
+    per_group: int = 1  # entries of the first layer per group (query heads per kv group: ``display.groups``)
 
     @property
     def label(self) -> str:
@@ -111,7 +112,7 @@ def sparsity(model: nn.Module, threshold: float | None = None, uniform: bool = F
         all_dead = bool((norms < report.threshold).all())
         collapsed = int((norms < RELATIVE * norms.max()).sum()) if norms.max() > 0 else 0
         report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own, all_dead,
-                                   collapsed))
+                                   collapsed, dgate.per_group))
     return report
 
 

@@ -109,6 +109,8 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     except BaseException:
         before.restore()  # a failed cut or verification leaves the gated model as it was
         raise
+    from .training import retire_replaced  # here: training imports report, which imports this module
+    retire_replaced(before.parameters, model)  # an optimizer built before the cut now refuses to step
     return model
 
 
@@ -160,6 +162,7 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module):
         self.saved = [(m, type(m), self._state(m.__dict__)) for m in model.modules()]
+        self.parameters = list(model.parameters())
 
     def restore(self) -> None:
         for module, cls, state in self.saved:

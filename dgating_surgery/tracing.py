@@ -9,7 +9,9 @@ are the user's own parameter names, so later stages edit the user's modules, nev
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +71,10 @@ def describe_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once and keeps a summary (shapes, small Python values) of every node."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, advice):
         super().__init__(gm)
         self.extra_traceback = False  # our message names the node; torch's would add the graph and a URL
+        self.advice = advice  # exception -> what to change in the example inputs
         self.values: dict[torch.fx.Node, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -80,13 +83,32 @@ class _Recorder(torch.fx.Interpreter):
         except TraceError:
             raise
         except Exception as exc:  # the user's model failed on the user's inputs: say where
-            raise TraceError(
-                f"the model failed on the example inputs at {describe_node(self.module, n)}: "
-                f"{one_line(exc)}. "
-                "Pass example_inputs shaped like a real batch for this model (for an image model "
-                "e.g. torch.randn(1, 3, 224, 224); from the shell: --input-shape 1,3,224,224)") from exc
+            raise TraceError(f"the model failed on the example inputs at {describe_node(self.module, n)}: "
+                             f"{one_line(exc)}. {self.advice(exc)}") from exc
         self.values[n] = _summarize(result)
         return result
+
+
+_SHAPE_ADVICE = ("Pass example_inputs shaped like a real batch for this model (for an image model e.g. "
+                "torch.randn(1, 3, 224, 224); from the shell: --input-shape 1,3,224,224)")
+
+
+def _dtype_advice(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> str | None:
+    """What to change when the example inputs' dtype is what the model failed on, else None: token
+    ids given as floats to an embedding, or floating inputs of a dtype none of the weights has."""
+    text = str(exc)
+    floats = {t.dtype for t in pytree.tree_leaves((args, kwargs))
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if floats and "'indices'" in text:
+        return ("The model looks its inputs up in an embedding, which takes integer token ids: pass e.g. "
+                "torch.randint(0, vocab_size, (1, 16)) (from the shell: --input-dtype int64)")
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if floats and weights and not floats & weights and "type" in text.lower():
+        given, wanted = (", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (floats, weights))
+        return (f"The example inputs are {given} but the model's weights are {wanted}: pass inputs of the weights' "
+                f"dtype (x.to(torch.{wanted.split(', ')[0]}); from the shell: --input-dtype {wanted.split(', ')[0]}), "
+                f"or cast the model to {given} first")
+    return None
 
 
 class _Tracer(torch.fx.Tracer):
@@ -166,19 +188,45 @@ def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: T
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, fx_exc: Exception) -> torch.fx.GraphModule:
     try:
-        with evaluating(model):
+        # torch.export prints the partial graph of a failed capture to stderr: the error says where instead
+        with evaluating(model), contextlib.redirect_stderr(io.StringIO()):
             return torch.export.export(model, args, kwargs, strict=False).module()
     except Exception as export_exc:
-        raise TraceError(
-            f"could not capture {type(model).__name__} as a graph. torch.fx.symbolic_trace failed: "
-            f"{one_line(fx_exc)}; torch.export (non-strict) failed: {one_line(export_exc)}. "
-            "Make the forward traceable (no Python control flow on tensor values), or pass "
-            "example_inputs/example_kwargs that torch.export accepts "
-            "(for Hugging Face decoders: use_cache=False)") from export_exc
+        advice = _dtype_advice(model, args, kwargs, export_exc)
+        why = (f"torch.export failed ({one_line(export_exc)}). {advice}" if advice
+               else _why_not_captured(fx_exc, export_exc))
+        raise TraceError(f"could not capture {type(model).__name__} as a graph: {why}") from export_exc
+
+
+# what torch.export's failure means, in the user's terms: (test on the exception, what to say and do)
+_EXPORT_FAILURES = (
+    (lambda exc: "Cache" in str(exc).split("\n")[0] and "not a known type" in str(exc),
+     lambda exc: "it returns a key/value cache, which torch.export cannot capture: pass "
+                 "example_kwargs={'use_cache': False}"),
+    (lambda exc: "data-dependent" in str(exc).split("\n")[0],
+     lambda exc: f"its forward branches on a tensor's value{_user_frame(exc)}, which neither torch.fx.symbolic_trace "
+                 "nor torch.export can follow. Make that code independent of tensor values (e.g. torch.where "
+                 "instead of if), or gate a submodule that does not contain it"),
+)
+
+
+def _why_not_captured(fx_exc: Exception, export_exc: Exception) -> str:
+    for applies, say in _EXPORT_FAILURES:
+        if applies(export_exc):
+            return say(export_exc)
+    return (f"torch.fx.symbolic_trace failed ({one_line(fx_exc)}); torch.export (non-strict) failed "
+            f"({one_line(export_exc)}). Make the forward traceable (no Python control flow on tensor values), or "
+            "pass example_inputs/example_kwargs that torch.export accepts")
+
+
+def _user_frame(exc: Exception) -> str:
+    """Where in the user's code torch.export's error happened (its message quotes the line), or ''."""
+    found = re.search(r'File "([^"]+)", line (\d+), in (\S+)\n\s+(.+)', str(exc))
+    return f" at {found[1]}:{found[2]} in {found[3]} (`{found[4].strip()}`)" if found else ""
 
 
 def _record(model: nn.Module, gm: torch.fx.GraphModule, frontend: str, args: tuple, kwargs: dict) -> dict:
-    recorder = _Recorder(gm)
+    recorder = _Recorder(gm, lambda exc: _dtype_advice(model, args, kwargs, exc) or _SHAPE_ADVICE)
     args, kwargs = fresh((args, kwargs))  # the user's tensors stay as they were, whatever the forward writes
     with evaluating(model), _buffers_restored(model):
         if frontend == "export":

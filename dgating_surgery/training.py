@@ -14,11 +14,13 @@ gradient per shard, global value) and the read-only figures on gathered paramete
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .errors import LambdaError
+from .errors import LambdaError, ShrinkError
 from .gates import GateScale, group_sq_sums, require_gated
 from .precision import LOW_PRECISION, rounding
 from .report import sparsity
@@ -45,10 +47,12 @@ def parameters_by_kind(model: nn.Module) -> dict[str, tuple[list[nn.Parameter], 
     out: dict[str, tuple[list, list]] = {}
     for dgate in dset.values():
         out.setdefault(dgate.kind, ([], []))[1].append(dgate.factors)
+    seen = set()  # a tied weight's primary is parametrized in every layer using it: listed once
     for module in model.modules():
         for name, plist in getattr(module, "parametrizations", {}).items():
             kinds = {s.kind for p in plist if isinstance(p, GateScale) for s in p.sources}
-            if kinds:
+            if kinds and id(plist.original) not in seen:
+                seen.add(id(plist.original))
                 out[min(kinds, key=lambda k: (dset.recipe.lam_of(k), list(out).index(k)))][0].append(plist.original)
     return out
 
@@ -303,3 +307,38 @@ class SparsityMonitor:
 
 
 track = SparsityMonitor  # dg.track(model, optimizer): the name the training loop reads best
+
+
+# -- an optimizer built before shrink --------------------------------------------------------------
+# parameters a cut replaced, by id (a WeakSet would compare tensors with ==), each entry gone with its tensor
+_REPLACED: dict[int, weakref.ref] = {}
+_STEP_HOOK: list = []  # the handle of the optimizer step pre-hook, once registered
+
+
+def retire_replaced(before: list[nn.Parameter], model: nn.Module) -> None:
+    """After ``shrink``: the parameters of ``before`` that ``model`` no longer has (every weight a cut
+    sliced or collapsed, every gate) are marked, and a step of any optimizer that still holds one is
+    an error (it would update tensors the model no longer uses, silently: the slim model would never
+    train). Registers the global optimizer step pre-hook once."""
+    kept = {id(p) for p in model.parameters()}
+    for p in before:
+        if id(p) not in kept:
+            _REPLACED[id(p)] = weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None))
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(_refuse_replaced))
+
+
+def _refuse_replaced(optimizer, args, kwargs) -> None:
+    if not _REPLACED:
+        return
+    stale = sum(_is_replaced(p) for group in optimizer.param_groups for p in group["params"])
+    if stale:
+        raise ShrinkError(f"{type(optimizer).__name__}.step(): {stale} of its parameters were replaced by dg.shrink "
+                          "(the slim model's weights are new tensors), so this step would not train the slim model; "
+                          "build a new optimizer from the slim model after shrinking (e.g. "
+                          "torch.optim.AdamW(slim.parameters(), lr=...))")
+
+
+def _is_replaced(p: torch.Tensor) -> bool:
+    ref = _REPLACED.get(id(p))
+    return ref is not None and ref() is p

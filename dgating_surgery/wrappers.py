@@ -20,13 +20,13 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import GatingError, WrapperError
+from .errors import DGatingWarning, GatingError, WrapperError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 # -- warnings that point at the user's line ----------------------------------------------------------
-def warn_user(message: str, category=UserWarning) -> None:
+def warn_user(message: str, category=DGatingWarning) -> None:
     """``warnings.warn`` attributed to the first frame outside this package (the user's line, or
     the framework's for a callback), however deep inside the package it is raised."""
     frame, level = sys._getframe(1), 2

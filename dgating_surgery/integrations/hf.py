@@ -21,8 +21,12 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("dgating_surgery.integrations.hf needs transformers: pip install 'dgating-surgery[hf]'") from exc
 
+import json
+from pathlib import Path
+
 import torch
 
+from ..errors import CheckpointError
 from ..training import param_groups
 from . import CallbackCore, CoreView, find_gated, missing_model_message
 
@@ -98,3 +102,51 @@ class DGatingCallback(CoreView, TrainerCallback):
         logs.update(figures)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(figures)
+
+
+def from_pretrained_gated(path, recipe, example_inputs=None, example_kwargs=None, model_class=None):
+    """A gated model written by ``save_pretrained`` (or a Trainer checkpoint of one), ready to train
+    on. ``from_pretrained`` refuses such a directory: its weights are D-Gating factors and primary
+    weights, which no ungated model has. This builds the class its config names (``model_class``
+    overrides it), gates it with ``recipe`` (the one it was gated with) on the example inputs
+    (default: what ``dgate`` uses, e.g. token ids of shape 1x16 with ``use_cache=False``), and loads
+    the weights; a weight it does not find, or one it has no place for, is an error."""
+    import transformers
+
+    from ..gates import gate_model
+    from ..inputs import default_inputs
+    config = transformers.AutoConfig.from_pretrained(path)
+    if model_class is None:
+        name = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, name, None) if name else None
+        if model_class is None:
+            raise CheckpointError(f"{path}: its config names no transformers class ({name!r}); pass model_class=")
+    state = _saved_weights(Path(path))
+    model = model_class(config).to(next(v.dtype for v in state.values() if v.is_floating_point()))
+    if example_inputs is None and not example_kwargs:
+        example_inputs, example_kwargs = default_inputs(model).make()
+    gate_model(model, recipe, example_inputs, example_kwargs)
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {id(own[k]) for k in state if k in own}
+    missing = [k for k in missing if id(own[k]) not in loaded]  # save_pretrained keeps one name of a tied weight
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit {model_class.__name__} gated with recipe {recipe!r}: "
+                              f"{len(missing)} weights missing ({', '.join(missing[:3])}), {len(unexpected)} unexpected "
+                              f"({', '.join(unexpected[:3])}); gate it with the recipe it was gated with")
+    return model.train()
+
+
+def _saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``save_pretrained`` directory (one file or shards; safetensors or torch)."""
+    from safetensors.torch import load_file
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{name}.index.json"
+        files = ([folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+                 if index.exists() else [folder / name] if (folder / name).exists() else [])
+        if files:
+            state = {}
+            for file in files:
+                state.update(load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True))
+            return state
+    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin (nor a sharded index) to load")

@@ -11,8 +11,10 @@ import functools
 import json
 import re
 import sys
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
 from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
@@ -20,7 +22,9 @@ from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model
 from ..kinds import ATTRIBUTE_ROLES
 from ..rules import register_rms_norm
 from ..shrink import set_cut_attributes
-from ..tensors import owner, replace_tensor
+from ..errors import CheckpointError
+from ..gates import GATES_ATTR
+from ..tensors import owner, replace_tensor, tied_holders
 
 
 def _conv1d(m: Conv1D) -> None:
@@ -288,29 +292,76 @@ def _state_epsilon(cls: type, data: dict, attributes: dict) -> dict:
 
 
 def restore_widths(model) -> None:
-    """Give a model built from a slim config the saved widths (its tensors are still empty)."""
+    """Give a model built from a slim config the saved widths (its tensors are still empty). The
+    names are those of the class that was saved; another class of the architecture (the base
+    ``LlamaModel`` of a saved ``LlamaForCausalLM``, or the reverse) takes those it has."""
     spec = getattr(model.config, CONFIG_KEY, None)
     if not spec:
         return
-    for name, shape in spec.get("shapes", {}).items():
-        module, attr = owner(model, name)
-        old = getattr(module, attr)
-        replace_tensor(module, attr, torch.empty(shape, dtype=old.dtype, device=old.device))
-    set_cut_attributes(model, spec.get("attributes", {}))
+    tied = tied_holders(model)
+    for saved, shape in spec.get("shapes", {}).items():
+        name = _own_name(model, saved)
+        if name is not None:
+            module, attr = owner(model, name)
+            old = getattr(module, attr)
+            replace_tensor(module, attr, torch.empty(shape, dtype=old.dtype, device=old.device),
+                           tied=[h for h in tied.get(id(old), []) if h != (module, attr)])
+    attributes = {_own_name(model, saved): value for saved, value in spec.get("attributes", {}).items()}
+    set_cut_attributes(model, {name: value for name, value in attributes.items() if name is not None})
     fix_attributes(model)
+
+
+def _own_name(model, saved: str) -> str | None:
+    """``saved`` (a tensor or layer attribute of the saved model) as ``model`` names it, the base
+    model's prefix (``model.``) taken off or put on as transformers does for the weights; None when
+    ``model`` has no such thing (the output layer of a task model, read by its base model)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    for name in (saved, saved.removeprefix(f"{prefix}."), f"{prefix}.{saved}") if prefix else (saved,):
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        if hasattr(module, attr):
+            return name
+    return None
+
+
+GATED_KEY = re.compile(rf"(^|\.){GATES_ATTR}\.[^.]+\.factors$")  # a DGate's factors in a state_dict
+
+
+def _refuse_gated(checkpoint_files, state_dict) -> None:
+    """A gated model's checkpoint (``save_pretrained`` or a Trainer checkpoint of a gated model) holds
+    D-Gating factors and primary weights under names no ungated model has: from_pretrained would
+    initialise the gated layers at random and call it loaded. Refuse it, saying what loads it."""
+    keys = list(state_dict or ())
+    for path in checkpoint_files or ():
+        if str(path).endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                keys += list(f.keys())
+        else:
+            keys += list(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+    if any(GATED_KEY.search(k) for k in keys):
+        where = Path(checkpoint_files[0]).parent if checkpoint_files else "this state_dict"
+        raise CheckpointError(f"{where} holds a gated model (D-Gating factors and primary weights, saved before "
+                              "dg.shrink): from_pretrained cannot build it and would initialise the gated layers at "
+                              "random. Load it with dgating_surgery.integrations.hf.from_pretrained_gated(path, recipe) "
+                              "(the recipe it was gated with), or dg.shrink the gated model before save_pretrained.")
 
 
 def install_loader() -> None:
     """Wrap ``PreTrainedModel._load_pretrained_model`` (transformers' loader, which from_pretrained
-    calls on the model it has just built) so that a slim checkpoint's widths are restored first."""
+    calls on the model it has just built, with the checkpoint's files) so that a gated checkpoint is
+    refused and a slim checkpoint's widths are restored first."""
     from transformers.modeling_utils import PreTrainedModel
     load = PreTrainedModel._load_pretrained_model
     if getattr(load, "_dgating_surgery", False):
         return
 
-    def load_slim_aware(model, *args, **kwargs):
+    def load_slim_aware(model, state_dict, checkpoint_files, *args, **kwargs):
+        _refuse_gated(checkpoint_files, state_dict)
         restore_widths(model)
-        return load(model, *args, **kwargs)
+        return load(model, state_dict, checkpoint_files, *args, **kwargs)
     load_slim_aware._dgating_surgery = True
     PreTrainedModel._load_pretrained_model = staticmethod(load_slim_aware)
 
