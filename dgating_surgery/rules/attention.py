@@ -30,6 +30,7 @@ from .structural import arg, linear
 ATTENTION = {"scaled_dot_product_attention"}
 _SAME_DIMS = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "dropout", "alias", "detach",
               "_to_copy", "neg", "mul", "add", "sub", "truediv", "div", "slice"}
+_ELEMENTWISE = {"mul", "add", "sub", "truediv", "div"}  # two operands, either may be the one that carries the heads
 
 
 # -- the pre-pass: which reshape makes the heads ---------------------------------------------------
@@ -116,6 +117,12 @@ def _trace_head_dim(node, dim, values):
             continue
         elif name not in _SAME_DIMS:
             return None
+        elif name in _ELEMENTWISE:  # a per-head norm's ``weight * x`` (Qwen3's q_norm): follow the activation
+            full = [a for a in args[:2] if _is_activation(a, values) and values[a].shape == values[node].shape]
+            if not full:
+                return None
+            node = full[0]
+            continue
         node = args[0]
     return None
 

@@ -1,0 +1,94 @@
+"""Heads across Hugging Face families (issue 19): a plugin row never makes a model less cuttable, and
+the attention spellings of transformers 5 cut exactly (tiny configs, random weights)."""
+import inspect
+
+import pytest
+import torch
+
+import dgating_surgery as dg
+
+from conftest import assert_exact_cut
+
+T = pytest.importorskip("transformers")
+
+# one tiny size for every config field that states a width (a field a config class lacks is not passed)
+TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, head_dim=16, max_position_embeddings=64, n_positions=64, d_kv=16, d_ff=96,
+            num_layers=2, num_heads=4, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, d_model=64, ffn_dim=96, n_inner=96,
+            moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
+            num_experts_per_tok=2, image_size=32, patch_size=8, rotary_dim=8, embedding_size=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+IDS = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def tiny(family: str, **overrides):
+    """The family's model (causal LM, else seq2seq LM, else base model, from transformers' auto
+    mappings) on a tiny config, and its role: causal, seq2seq, base or vision."""
+    from transformers.models.auto import modeling_auto as auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config_class = CONFIG_MAPPING[family]
+    default = config_class()
+    config = config_class(**{**{k: v for k, v in TINY.items() if hasattr(default, k)}, **overrides})
+    for role, mapping in (("causal", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                          ("seq2seq", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+                          ("base", auto.MODEL_MAPPING_NAMES)):
+        if family in mapping:
+            model = getattr(T, mapping[family])(config).eval()
+            if role == "base" and "pixel_values" in inspect.signature(model.forward).parameters:
+                role = "vision"
+            return model, role
+    raise KeyError(f"{family}: no model class in the auto mappings")
+
+
+def example(role: str):
+    if role == "vision":
+        return (torch.randn(1, 3, 32, 32),), {}
+    kwargs = {} if role == "base" else {"use_cache": False}
+    return (IDS,), {**kwargs, **({"decoder_input_ids": IDS[:, :7]} if role == "seq2seq" else {})}
+
+
+def _removable(model, args, kwargs) -> dict:
+    return {(s.kind, s.name): s.removable.tolist() for s in dg.analyze(model, args, kwargs).sets}
+
+
+def _rows():
+    from dgating_surgery.plugins.transformers import ATTRIBUTE_FIXERS
+    return sorted(ATTRIBUTE_FIXERS)
+
+
+@pytest.mark.parametrize("row", _rows(), ids=lambda row: row[1])
+def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
+    """Each attribute-fixer row of the transformers plugin, both ways: every group removable without
+    it is removable with it (a row may only add: GPT-2's lets its views follow the head count).
+    Qwen3's attention row took its heads: a fixer lets a view's literal head_dim follow a cut, and
+    the head split behind the per-head q_norm was not found, so the groups went on head_dim."""
+    from dgating_surgery import fixers
+    from dgating_surgery.plugins import transformers as plugin
+    module_name, class_name = row
+    model, role = tiny(module_name.rsplit(".modeling_", 1)[1])
+    args, kwargs = example(role)
+    with_row = _removable(model, args, kwargs)
+    cls = next(c for c in map(type, model.modules()) if c.__name__ == class_name)
+    assert cls in fixers.MODULE_FIXERS
+    monkeypatch.delitem(plugin.ATTRIBUTE_FIXERS, row)
+    monkeypatch.delitem(fixers.MODULE_FIXERS, cls)
+    without = _removable(model, args, kwargs)
+    for kind in {kind for kind, _ in with_row}:
+        count = lambda plan: sum(sum(r) for (k, _), r in plan.items() if k == kind)  # noqa: E731
+        assert count(with_row) >= count(without), (kind, with_row, without)
+    for key in with_row.keys() & without.keys():
+        assert all(w or not wo for w, wo in zip(with_row[key], without[key])), (key, with_row[key], without[key])
+    assert any(any(r) for (kind, _), r in with_row.items() if kind == ("neurons" if "MLP" in class_name else "heads"))
+
+
+@pytest.mark.parametrize("family", ["qwen3"])
+def test_heads_behind_a_per_head_norm_cut_exactly(family):
+    """Qwen3 normalises each head's queries and keys over head_dim (q_norm, k_norm) between the split
+    and the attention: every key/value group is removable and cut exactly."""
+    model, role = tiny(family)
+    args, kwargs = example(role)
+    heads = [s for s in dg.analyze(model, args, kwargs).sets if s.kind == "heads"]
+    assert [s.removable.tolist() for s in heads] == [[True, True]] * 2
+    check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
+    assert check.groups_cut == 2  # one of each layer's two
