@@ -51,7 +51,7 @@ class DGate(nn.Module):
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
                  D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None,
-                 per_group: int = 1):
+                 per_group: int = 1, branches: list | None = None):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
@@ -61,6 +61,7 @@ class DGate(nn.Module):
         self.width = width  # kinds that record their input: how many features the input has
         self.per_group = per_group  # entries of the first layer per group (query heads per kv group)
 
+        self.branches = branches  # kind blocks: per group, the layers removing it replaces (``branches.Branch``)
     @property
     def D(self) -> int:
         return self.factors.shape[0] + 1
@@ -357,7 +358,8 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
         records = KINDS[gset.kind].records_input
         positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if records else None
         built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
-                           cuts[k], positions, gset.width, gset.per_group)
+                           cuts[k], positions, gset.width, gset.per_group,
+                           [b for b, ok in zip(gset.branches, gset.removable) if ok] if gset.branches else None)
     return built
 
 

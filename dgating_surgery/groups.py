@@ -19,7 +19,7 @@ import torch.fx
 
 from .kinds import KINDS, POLICY, Role, set_kind
 from .labels import NONE, Labels
-from .rules import PREPASSES, Attachment, ParamRef, RuleContext, output, rule_for
+from .rules import GRAPH_PASSES, PREPASSES, Attachment, ParamRef, RuleContext, output, rule_for
 from .rules.names import ALIASING_OPS, mutated_argument, op_name
 from .rules.shapes import size_use
 from .tensors import along
@@ -39,6 +39,7 @@ class GroupSet:
     positions: list | None = None  # kinds that record their input: each group's positions along dim 1
     width: int | None = None  # kinds that record their input: the input's size along dim 1
     per_group: int = 1  # entries of its first layer per group: the query heads of a grouped-query kv group
+    branches: list | None = None  # kind blocks: per group, what removing it replaces (``branches.Branch`` or None)
 
     @property
     def name(self) -> str:
@@ -89,6 +90,8 @@ def discover(capture: Capture, split_policy: dict | None = None) -> Plan:
     ctx = RuleContext(capture, {**directed, **(split_policy or {})})
     for node in capture.gm.graph.nodes:
         ctx.env[node] = _apply(ctx, node)
+    for graph_pass in GRAPH_PASSES:  # groups no op rule makes: residual branches
+        graph_pass(ctx)
     _tie_reused_parameters(ctx)
     return resolve(ctx)
 
@@ -298,9 +301,13 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
         if KINDS[kind].records_input:
             positions, width = _input_positions(ctx, key, roots, facts)
         first = next(ctx.spaces[s] for s in key if ctx.spaces[s].kind == kind)
+        branches = None
+        if first.entries is not None:  # entries from different layers (residual branches): named one by one
+            entries = [first.entries[first_elem[r] - first.start] for r in roots]
+            modules, types, branches = (list(column) for column in zip(*entries))
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
                              [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width,
-                             max(1, first.size // len(roots))))
+                             max(1, first.size // len(roots)), branches))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
 

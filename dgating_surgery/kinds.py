@@ -26,6 +26,8 @@ class Role(str, Enum):
     COUNT = "count"  # not a tensor: a layer attribute counting the group's entries, set after the cut
     RESCALE = "rescale"  # not a tensor: an RMS norm over the group's dim; its weight and epsilon are rescaled
     # after the cut (its mean of squares runs over fewer entries), ``fqn`` naming its epsilon attribute
+    BRANCH = "branch"  # a whole tensor of a residual branch: removed with the branch's layers, never sliced
+    BRANCH_OUTPUT = "branch_output"  # a whole tensor of a residual branch's last layer: scaled, and removed as BRANCH
 
 
 # roles that name a layer attribute, not a tensor: shrink sets them after the cut
@@ -59,6 +61,9 @@ POLICIES: tuple[Policy, ...] = (
     # attention heads: scale the output projection's columns of the head, nothing else (its query,
     # key and value rows and per-head tables are cut with it; softmax never gives zeros)
     Policy("head_output", (Role.CONSUMER,), (Role.CONSUMER,), None, by_consumers=True),
+    # residual branches: scale the weights of the branch's last layer (every op after it is homogeneous),
+    # so the branch adds exact zeros; shrink replaces its layers (``branches``)
+    Policy("branch", (Role.BRANCH_OUTPUT,), (Role.BRANCH_OUTPUT,), "zall"),
 )
 POLICY = {p.name: p for p in POLICIES}
 
@@ -89,6 +94,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     # model input features (dim 1); they take precedence, so that a set tied to the input (a
     # depthwise conv on it) is only cut when the recipe asks for features: it changes the inputs
     Kind("features", 0, policies=("affine", "producer", "consumer"), records_input=True),
+    # residual branches x + f(x) (a ResNet block, a transformer's attention or MLP): one group per branch,
+    # made by ``rules.branches``; a dead one is removed whole (depth pruning), its layers replaced
+    Kind("blocks", 5, policies=("branch",)),
 )}
 
 PARAM_SPACE = "param"  # ids of a parameter used element-wise: tied to groups, never a group kind itself

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import constraints
+from .branches import remove_branches
 from .errors import ShrinkError, one_line
 from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
@@ -139,6 +140,8 @@ def _verification(model: nn.Module, example_inputs, example_kwargs):
 
 
 def _cut(model: nn.Module, plan: CutPlan) -> None:
+    dead_branches = [branch for key, dgate in gate_set(model).items() if dgate.branches
+                     for branch, dead in zip(dgate.branches, plan.dead[key].tolist()) if dead]
     sliced = _collapse(model, plan.removed)  # a gated tensor is collapsed and sliced at once: no full copy
     tied = tied_holders(model)
     for fqn, drop in plan.removed.items():
@@ -151,6 +154,7 @@ def _cut(model: nn.Module, plan: CutPlan) -> None:
         values[fqn] = kept if role == Role.COUNT else _rescale_rms_norm(model, fqn, gone.numel(), kept)
     set_cut_attributes(model, values)
     fix_attributes(model)  # after the attributes: a model-level fixer records them (a Hugging Face config)
+    remove_branches(model, dead_branches)  # their tensors were cut to nothing: the layers go
     if plan.kept_inputs:
         model.kept_input_features = {name: torch.tensor(kept) for name, kept in plan.kept_inputs.items()}
 

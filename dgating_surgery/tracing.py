@@ -41,6 +41,8 @@ class Capture:
     gm: torch.fx.GraphModule
     frontend: str  # "fx" (symbolic_trace) or "export"
     values: dict[torch.fx.Node, Any] = field(default_factory=dict)
+    args: tuple = ()  # the example inputs it was captured on (a graph pass may run the model on them)
+    kwargs: dict = field(default_factory=dict)
 
     def module(self, node: torch.fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -160,7 +162,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, is_leaf) -> Capture:
         if frontend != "fx":
             raise
         gm, frontend, values = _after_failed_run(model, args, kwargs, fx_run_exc, is_leaf)
-    return Capture(model=model, gm=gm, frontend=frontend, values=values)
+    return Capture(model=model, gm=gm, frontend=frontend, values=values, args=args, kwargs=kwargs)
 
 
 def _after_failed_run(model: nn.Module, args: tuple, kwargs: dict, fx_run_exc: TraceError, is_leaf):

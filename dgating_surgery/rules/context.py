@@ -66,6 +66,9 @@ class Space:
     owner: str  # parameter name (or input name for features)
     module: str  # the layer (or input) users know it by
     module_type: str
+    # a space whose entries come from different layers (the residual branches of ``rules.branches``): per
+    # entry (name users know it by, layer type, what removing it replaces: a ``branches.Branch`` or None)
+    entries: list | None = None
 
 
 @dataclass

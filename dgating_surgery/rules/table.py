@@ -24,6 +24,7 @@ from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_m
                             rms_norm_module, softmax, softmax_module, vector_normalize)
 from .pooling import reduction, spatial
 from .shapes import numel, shape_only, size
+from .branches import residual_branches
 from .attention import head_splits, matmul, multihead_attention, sdpa
 from .structural import (addmm, conv_call, conv_module, convolution_call, einsum, embedding, linear_call, linear_module,
                          param_view, weight_matmul)
@@ -145,6 +146,8 @@ NAME_RULES = {
 PREPASSES = [head_splits]
 
 
+# passes over the whole graph after the walk, for groups that no single op makes: residual branches
+GRAPH_PASSES = [residual_branches]
 def register_module_rule(cls: type, rule) -> None:
     """A rule for a library's own layer class (called by plugins, see ``plugins``); symbolic
     tracing then keeps the layer as one node instead of tracing its forward."""
