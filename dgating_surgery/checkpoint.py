@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from . import centering
 from .errors import CheckpointError, DGatingError, ModelSpecError, UntrustedCodeError, one_line
 from .fixers import fix_attributes
 from .gates import gate_model, gate_set, require_gated
@@ -119,7 +120,8 @@ def save_slim(model: nn.Module, path, reference=None, example_inputs=None, examp
     manifest = {"format": "slim", "model": stored_reference(origin.reference, path), "recipe": recipe,
                 "inputs": origin.inputs.to_dict() if origin.inputs is not None else None, "kept_groups": kept,
                 "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()},
-                "cut_attributes": getattr(model, "cut_attributes", {})}
+                "cut_attributes": getattr(model, "cut_attributes", {}),
+                "centered_layernorms": getattr(model, centering.SWAPPED_ATTR, [])}
     return _write(path, state, manifest, replace)
 
 
@@ -144,6 +146,7 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         chosen = reference is not None
         ref = as_reference(reference) if chosen else _manifest_ref(manifest, path)
         model, label = _build(ref, path, state, allow_pickle, trust_code or chosen), ref
+    _replay_centering(model, manifest["centered_layernorms"], path)
     _resize(model, state, path, label)
     _set_cut_attributes(model, manifest["cut_attributes"], path)
     fix_attributes(model)
@@ -390,6 +393,14 @@ def _resize(model: nn.Module, state: dict, path, ref) -> None:
         if tuple(old.shape) == tuple(saved.shape) and old.dtype == saved.dtype:
             continue  # a tied weight, resized already under its first name
         replace_tensor(module, attr, torch.empty(saved.shape, dtype=saved.dtype), tied=tied.get(id(old), ()))
+
+
+def _replay_centering(model: nn.Module, names: list, path) -> None:
+    """The LayerNorms the saved model computed as RMS norms of a centred stream (``centering``)."""
+    try:
+        centering.replay(model, names)
+    except (AttributeError, DGatingError) as exc:
+        raise CheckpointError(f"{path}: manifest field 'centered_layernorms': {one_line(exc)}") from None
 
 
 def _set_cut_attributes(model: nn.Module, values: dict, path) -> None:

@@ -45,6 +45,11 @@ def _apply(registry: dict[type, Fixer], obj: nn.Module) -> None:
             registry[cls](obj)
 
 
+def fix_module(module: nn.Module) -> None:
+    """Re-derive one layer's shape attributes from its own tensors."""
+    _apply(MODULE_FIXERS, module)
+
+
 def fix_attributes(model: nn.Module) -> None:
     """Re-derive every layer's shape attributes from its tensors, then the model-level ones."""
     plugins.load()

@@ -17,6 +17,7 @@ from . import gate_modes
 from . import groups as groups_mod
 from . import plugins
 from . import tracing
+from .centering import center_layernorms
 from .errors import GatingError, NotGatedError
 from .execution import as_tuple, describe_mismatch, detached, output_diff, run, tolerance
 from .kinds import KINDS, POLICY, Role
@@ -205,6 +206,8 @@ def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=Non
     recipe = load_recipe(recipe)
     _refuse_gated(model)
     check_gateable(model)  # wrappers, PEFT adapters, existing parametrizations: refused with the order to use
+    if any(g.center_layernorm for g in recipe.groups):  # opt-in: a pre-LayerNorm stream made RMS-normed, exactly
+        center_layernorms(model, example_inputs, example_kwargs)
     plan = analyze(model, example_inputs, example_kwargs)
     examples = (as_tuple(example_inputs), dict(example_kwargs or {}))
     _apply(model, plan, recipe, _Unchanged(model, *examples))

@@ -202,7 +202,8 @@ COMMON = {"format": (_format, False), "version": (_version, False), "sha256": (_
 FIELDS = {
     "gated": {**COMMON, "recipe": (_recipe, False), "inputs": (_inputs, False)},
     "slim": {**COMMON, "recipe": (_recipe, True), "inputs": (_inputs, True), "kept_groups": (_kept_groups, True),
-             "kept_input_features": (_kept_input_features, False), "cut_attributes": (_cut_attributes, False)},
+             "kept_input_features": (_kept_input_features, False), "cut_attributes": (_cut_attributes, False),
+             "centered_layernorms": (_centered_layernorms, False)},  # LayerNorms swapped for CenteredLayerNorm
 }
 # checked before the checksum (which depends on them), in this order
 HEADER = ("format", "version", "sha256")

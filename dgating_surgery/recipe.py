@@ -32,6 +32,9 @@ class GroupSpec:
     names: tuple[str, ...] = ()  # fnmatch globs on module names; empty: any
     exclude: tuple[str, ...] = ()  # fnmatch globs on module names that are never gated
     lam: float | None = None  # this kind's lambda (None: the recipe's); see Recipe.lam_of
+    # hidden only: centre a pre-LayerNorm residual stream and swap its LayerNorms for RMS norms first
+    # (exact; dgating_surgery.centering), so that its channels can be gated
+    center_layernorm: bool = False
 
     def matches(self, kind: str, module_names: list[str], module_types: list[str]) -> bool:
         """True when a group set of ``kind`` produced by these modules is selected by this spec."""
@@ -81,6 +84,8 @@ class Recipe:
                     entry[key] = list(getattr(g, key))
             if g.lam is not None:
                 entry["lam"] = g.lam
+            if g.center_layernorm:
+                entry["center_layernorm"] = True
             groups.append(entry)
         out: dict[str, Any] = {"D": self.D, "lam": self.lam, "init": self.init,
                                "threshold": self.threshold, "round_to": self.round_to, "groups": groups}
@@ -147,7 +152,7 @@ def _number(value):
 
 
 _TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "round_to", "name", "description"}
-_GROUP_FIELDS = {"kind", "modules", "names", "exclude", "lam"}
+_GROUP_FIELDS = {"kind", "modules", "names", "exclude", "lam", "center_layernorm"}
 
 
 def recipe_dir() -> Path:
@@ -289,7 +294,11 @@ def _from_dict(data: dict, source: str, lines: dict[str, int] | None = None) -> 
         if lam is not None and earlier is not None and earlier != lam:
             fail(f"{where}.lam", f"{kind} already has lam {earlier:g} in an earlier entry: one lambda per kind "
                                  "(the optimizer has one param group per kind)")
-        specs.append(GroupSpec(kind=kind, **lists, lam=lam))
+        center = entry.get("center_layernorm", False)
+        if not isinstance(center, bool) or (center and kind != "hidden"):
+            fail(f"{where}.center_layernorm", "true or false, and only in a {kind: hidden} entry (it centres the "
+                                              "residual stream so that its LayerNorms become RMS norms)")
+        specs.append(GroupSpec(kind=kind, **lists, lam=lam, center_layernorm=center))
     kwargs["groups"] = tuple(specs)
     return Recipe(**kwargs)
 

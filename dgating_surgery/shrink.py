@@ -19,6 +19,7 @@ from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, primary, require_gated
 from .kinds import ATTRIBUTE_ROLES, Role
 from .recipe import check_threshold
+from .rules.normalization import rms_norm_of
 from .tensors import get_tensor, owner, replace_tensor, tied_holders
 from .tracing import check_not_meta
 from .wrappers import accepts_wrapped, memory_format, warn_user
@@ -248,19 +249,22 @@ def set_cut_attributes(model: nn.Module, values: dict) -> None:
 
 def _rescale_rms_norm(model: nn.Module, fqn: str, width: int, kept: int) -> float:
     """An RMS norm whose mean of squares now runs over ``kept`` of ``width`` entries (the removed ones
-    were exactly zero): with epsilon and the weight rescaled it computes what it did,
-    w * x / sqrt(S/width + eps) == (w * sqrt(width/kept)) * x / sqrt(S/kept + eps * width/kept).
-    (A norm without a weight is never cut: ``rules.normalization.rms_statistics``.) Returns the new
-    epsilon."""
+    were exactly zero): its weight and epsilon rescaled by its formula (``rules.normalization.RMS_FORMULAS``;
+    w * x / sqrt(S/width + eps) == (w * sqrt(width/kept)) * x / sqrt(S/kept + eps * width/kept)), it
+    computes what it did. (A norm without a weight is never cut.) Returns the new epsilon."""
     module, attr = owner(model, fqn)
+    found = rms_norm_of(module)
+    if isinstance(found, str):  # the rule found it an RMS norm on the same module: only a changed module gets here
+        raise ShrinkError(f"layer '{fqn.rpartition('.')[0]}' is no longer an RMS norm a cut can rescale: {found}")
+    formula = found[1]
     weight = module.weight.detach()
     eps = getattr(module, attr)
     if eps is None:  # torch's RMSNorm default: the dtype's machine epsilon
         eps = torch.finfo(weight.dtype).eps
     if kept == width:
         return eps
-    replace_tensor(module, "weight", weight * (width / kept) ** 0.5)
-    return eps * width / kept
+    replace_tensor(module, "weight", formula.weight(weight.double(), width / kept).to(weight.dtype))
+    return formula.eps(eps, width / kept)
 
 
 def _collapse(model: nn.Module, removed: dict) -> set[str]:

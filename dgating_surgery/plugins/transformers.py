@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
+from ..centering import SWAPPED_ATTR, register_writer, replay
 from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
 from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
 from ..kinds import ATTRIBUTE_ROLES
-from ..rules import register_rms_norm
 from ..shrink import set_cut_attributes
 from ..errors import CheckpointError
 from ..gates import GATES_ATTR
@@ -58,6 +58,11 @@ def _gpt2(m) -> None:
     m.split_size = m.num_heads * m.head_dim
 
 
+def _gpt2_model(m) -> None:
+    """GPT-2 views its hidden states with their own width; the stream's width after a hidden cut."""
+    m.embed_dim = m.wte.weight.shape[1]
+
+
 def _t5(m) -> None:
     m.n_heads = _rows(m.q) // m.key_value_proj_dim
     m.inner_dim = m.n_heads * m.key_value_proj_dim
@@ -72,6 +77,7 @@ ATTRIBUTE_FIXERS = {
     ("transformers.models.bert.modeling_bert", "BertSelfAttention"): _bert,
     ("transformers.models.vit.modeling_vit", "ViTAttention"): _vit,
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"): _gpt2,
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2Model"): _gpt2_model,
     ("transformers.models.t5.modeling_t5", "T5Attention"): _t5,
     **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}Attention"): _grouped_query
        for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
@@ -80,16 +86,9 @@ ATTRIBUTE_FIXERS = {
 }
 
 
-RMS_NORMS = {(f"transformers.models.{name}.modeling_{name}", f"{prefix}RMSNorm"): "variance_epsilon"
-             for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))}
-
-
 def refresh() -> None:
-    """Register the fixers (and RMS norms) of the model classes whose modules are imported by now."""
-    for (module, name), eps in RMS_NORMS.items():
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None:
-            register_rms_norm(cls, eps)
+    """Register the fixers of the model classes whose modules are imported by now. (Their RMS norms
+    need no row: ``rules.normalization.rms_norm_of`` finds each one's formula from its behaviour.)"""
     if "transformers.modeling_utils" in sys.modules:
         _register_model_fixer()
         install_loader()
@@ -100,6 +99,7 @@ def refresh() -> None:
 
 
 register_module_fixer(Conv1D, _conv1d)
+register_writer(Conv1D, 1)  # stored (in, out): its outputs along dim 1
 
 
 # -- save_pretrained / from_pretrained of a slim model ----------------------------------------------
@@ -254,8 +254,9 @@ def _record_widths(model) -> None:
         config.allow_global_per_layer_attribute_access = True  # the global values stay the layers' largest
     if per_layer or getattr(config, "is_heterogeneous", False):
         config.per_layer_config = per_layer or None
-    if differ or unstated:
-        setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated})
+    swapped = getattr(model, SWAPPED_ATTR, [])
+    if differ or unstated or swapped:
+        setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated, SWAPPED_ATTR: swapped})
     elif hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 
@@ -298,6 +299,8 @@ def restore_widths(model) -> None:
     spec = getattr(model.config, CONFIG_KEY, None)
     if not spec:
         return
+    swapped = (_own_name(model, f"{saved}.weight") for saved in spec.get(SWAPPED_ATTR, []))
+    replay(model, [name.rpartition(".")[0] for name in swapped if name is not None])  # centred LayerNorms
     tied = tied_holders(model)
     for saved, shape in spec.get("shapes", {}).items():
         name = _own_name(model, saved)

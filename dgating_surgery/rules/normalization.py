@@ -3,8 +3,14 @@ normalizations whose statistics run over a grouped dim (LayerNorm, GroupNorm, RM
 where removing one entry changes the others."""
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
 from torch import nn
 
+from ..fixers import fix_module
 from ..kinds import Role
 from ..labels import Labels
 from .context import RuleContext
@@ -124,19 +130,124 @@ def softmax_module(ctx: RuleContext, node):
     return normalization(ctx, node, node.args[0], [ctx.module(node).dim], "Softmax")
 
 
-# RMS norms whose epsilon a cut may rescale: class -> the attribute holding epsilon (plugins add theirs)
-RMS_NORMS: dict[type, str] = {nn.RMSNorm: "eps"}
+@dataclass(frozen=True)
+class RmsFormula:
+    """How an RMS norm's output depends on its weight and epsilon, and the rescale that keeps it when
+    its mean of squares runs over ``kept`` of ``width`` entries, the removed ones exactly zero:
+    with ``ratio = width / kept``, mean(x^2) over the width is mean over the kept entries / ratio."""
+
+    text: str
+    weight: Callable[[torch.Tensor, float], torch.Tensor]  # (weight, ratio) -> the slim weight
+    eps: Callable[[float, float], float]  # (epsilon, ratio) -> the slim epsilon
 
 
-def register_rms_norm(cls: type, eps_attr: str) -> None:
-    """An RMS norm class of a library (its forward: w * x / sqrt(mean(x^2) + eps))."""
-    RMS_NORMS[cls] = eps_attr
+# The formulas a cut can rescale (the first that fits a norm's behaviour is its own): the weight takes
+# the factor sqrt(ratio) the smaller mean gives the normalized entries, epsilon the one the mean takes
+RMS_FORMULAS = (
+    RmsFormula("w * x / sqrt(mean(x^2) + eps)", lambda w, r: w * r ** 0.5, lambda e, r: e * r),
+    RmsFormula("(1 + w) * x / sqrt(mean(x^2) + eps)", lambda w, r: (1 + w) * r ** 0.5 - 1, lambda e, r: e * r),
+    RmsFormula("w * x / (sqrt(mean(x^2)) + eps)", lambda w, r: w * r ** 0.5, lambda e, r: e * r ** 0.5),
+    RmsFormula("(1 + w) * x / (sqrt(mean(x^2)) + eps)", lambda w, r: (1 + w) * r ** 0.5 - 1,
+               lambda e, r: e * r ** 0.5),
+)
+LLAMA = RMS_FORMULAS[0]
+
+# RMS norms whose formula is known without probing: class -> (the attribute holding epsilon, formula)
+RMS_NORMS: dict[type, tuple[str, RmsFormula]] = {nn.RMSNorm: ("eps", LLAMA)}
 
 
-def rms_scope(ctx: RuleContext, node) -> tuple[str, str] | None:
-    """(path, epsilon attribute) of the registered RMS norm whose forward ``node`` belongs to, if any."""
+def register_rms_norm(cls: type, eps_attr: str, formula: RmsFormula = LLAMA) -> None:
+    """An RMS norm class of a library whose behaviour ``rms_norm_of`` cannot probe (its forward takes
+    more than the tensor it normalizes), with its epsilon attribute and formula."""
+    RMS_NORMS[cls] = (eps_attr, formula)
+
+
+_PROBED: dict[tuple, tuple[str, RmsFormula] | str] = {}
+
+
+def rms_norm_of(module: nn.Module) -> tuple[str, RmsFormula] | str:
+    """(epsilon attribute, formula) of a module that is an RMS norm over its last dim, or why it is
+    not taken for one. Found from behaviour, not from a list of classes: the module is called on
+    random inputs with some channels zero, and a copy with those channels removed and the formula's
+    rescale applied must give the same output (for every scalar attribute that is the epsilon the
+    output depends on). A module the probe cannot run, or whose output no formula rescales, is no
+    RMS norm the cut can keep exact."""
+    if type(module) in RMS_NORMS:
+        return RMS_NORMS[type(module)]
+    attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+    key = (type(module), tuple(sorted(attrs.items())))
+    if key not in _PROBED:
+        _PROBED[key] = _probe_rms_norm(module, [k for k, v in attrs.items() if type(v) is float])
+    return _PROBED[key]
+
+
+def _probe_rms_norm(module: nn.Module, floats: list[str]) -> tuple[str, RmsFormula] | str:
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    tensors = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 1:
+        return (f"{name} has no 1-D weight parameter, which an RMS norm needs to take the factor sqrt(width/kept) a "
+                "smaller width gives its output")
+    if tensors not in (["weight"], ["weight", "bias"]) or getattr(module, "bias", weight).shape != weight.shape:
+        return f"{name} holds tensors besides its weight and bias ({', '.join(t for t in tensors if t != 'weight')})"
+    generator = torch.Generator().manual_seed(0)
+    width = 12  # the probe's own width: the module's may be 1 after a cut
+    kept = torch.randperm(width, generator=generator)[:8].sort().values
+    x = torch.randn(2, 3, width, generator=generator)
+    x[..., [i for i in range(width) if i not in set(kept.tolist())]] = 0
+    w = torch.rand(width, generator=generator) + 0.5  # neither ones nor zeros: w and 1 + w differ
+    b = torch.randn(width, generator=generator) if "bias" in tensors else None  # not rescaled: added after the norm
+    try:
+        reference = _run_norm(module, (w, b), {}, x)
+    except Exception as exc:  # noqa: BLE001 - a module that cannot run alone on one tensor
+        return f"{name} cannot be run alone on the tensor it normalizes ({type(exc).__name__})"
+    eps = [attr for attr in floats if _depends_on(module, (w, b), attr, x, reference)]
+    if len(eps) != 1 or reference.shape != x.shape:
+        return f"{name} has no single epsilon attribute its output depends on"
+    (eps,) = eps
+    ratio = width / kept.numel()
+    full = _run_norm(module, (w, b), {eps: 1.0}, x)[..., kept]
+    for formula in RMS_FORMULAS:
+        try:
+            slim = _run_norm(module, (formula.weight(w[kept], ratio), None if b is None else b[kept]),
+                             {eps: formula.eps(1.0, ratio)}, x[..., kept])
+        except Exception as exc:  # noqa: BLE001 - a module whose forward reads a width no fixer updates
+            return f"{name} does not run at a smaller width ({type(exc).__name__})"
+        if torch.allclose(slim, full, rtol=1e-5, atol=1e-6 * float(full.abs().max())):
+            return eps, formula
+    return (f"{name}'s output follows none of the RMS norm formulas a cut can rescale "
+            f"({'; '.join(f.text for f in RMS_FORMULAS)})")
+
+
+def _depends_on(module: nn.Module, tensors: tuple, attr: str, x: torch.Tensor, reference) -> bool:
+    """Whether the output changes when ``attr`` (a float attribute) does: 1.0 against 4.0, which move
+    an epsilon next to a mean of squares near 1 far beyond rounding."""
+    try:
+        one, four = (_run_norm(module, tensors, {attr: v}, x) for v in (1.0, 4.0))
+    except Exception:  # noqa: BLE001 - an attribute the forward cannot take such values for
+        return False
+    return one.shape == four.shape == reference.shape and not torch.allclose(one, four, rtol=1e-3, atol=1e-4)
+
+
+def _run_norm(module: nn.Module, tensors: tuple, values: dict, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward on ``x`` with these (weight, bias) and attribute values (on a shallow
+    copy; the module itself is not touched)."""
+    probe = copy.copy(module)
+    params = {k: nn.Parameter(t.clone()) for k, t in zip(("weight", "bias"), tensors) if t is not None}
+    probe.__dict__ = {**module.__dict__, **values, "_parameters": params, "_forward_hooks": {}, "_forward_pre_hooks": {}}
+    fix_module(probe)
+    with torch.no_grad():
+        return probe(x).float()
+
+
+def rms_scope(ctx: RuleContext, node) -> tuple[str, str] | str | None:
+    """(path, epsilon attribute) of the RMS norm whose forward ``node`` belongs to, or why the module
+    it belongs to is none (None when it belongs to no module)."""
     path, module = ctx.owner_module(node)
-    return next(((path, attr) for cls, attr in RMS_NORMS.items() if type(module) is cls), None)
+    if module is None:
+        return None
+    found = rms_norm_of(module)
+    return found if isinstance(found, str) else (path, found[0])
 
 
 def rms_statistics(ctx: RuleContext, node, x, dim: int, scope: tuple[str, str]) -> None:

@@ -40,11 +40,12 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
         return None
     if any(d in varying for d in dims):
         scope = rms_scope(ctx, node) if kind == "mean" and len(dims) == 1 else None
-        if scope is not None:  # the mean of squares inside an RMS norm
+        if isinstance(scope, tuple):  # the mean of squares inside an RMS norm
             rms_statistics(ctx, node, x, dims[0], scope)
             return None
         if kind not in ("sum", "norm"):
-            ctx.taint(lab.ids, f"{ctx.where(node)} takes the {kind} over a grouped dim")
+            why = f" (not an RMS norm a cut can rescale: {scope})" if isinstance(scope, str) else ""
+            ctx.taint(lab.ids, f"{ctx.where(node)} takes the {kind} over a grouped dim{why}")
             return None
         ctx.visit(lab, node)
         shape = ctx.shape(x)
