@@ -121,10 +121,11 @@ class LambdaScheduler:
         self.last_step = 0
         self.scale = dict.fromkeys([*self.targets, ALL], 1.0)  # controller key -> what it multiplied lambda by
         self.reference: dict[str, float] | None = None  # gate key -> its largest norm when the penalty started
+        self.chosen_count: dict[str, int] = {}  # key -> how many groups the last measurement chose
         self.previous: dict[str, tuple[int, float]] = {}  # key -> (step, target quantile's score) last measured
         self.held: dict[str, dict[str, torch.Tensor]] = {}  # controller key -> gate key -> bool per group held
         self._hold: Hold | None = None
-        self.measured: list[tuple] = []  # (step, key, removed fraction if the collapsed were cut, quantile score, lam)
+        self.measured: list[tuple] = []  # (step, key, fraction the chosen groups' cut removes, their largest score, lam)
         if not any(g.get(SCHEDULED_KEY) for g in (dgating_groups(optimizer) if optimizer is not None else [])):
             self._apply()  # a resumed optimizer keeps what its schedule wrote, for resume() to read
 
@@ -325,10 +326,10 @@ class LambdaScheduler:
 
     def choose(self, key: str) -> tuple[list, float]:
         """The weakest groups whose cut removes the fraction closest to ``key``'s target (the fewest
-        such when two are equally close), and that fraction. A bisection on the ranking: the
-        removed fraction grows with every group added."""
+        such when two are equally close), and that fraction. The removed fraction grows with every
+        group added, so a search on the ranking: galloping out from the count chosen last time
+        (it moves little between measurements), then bisecting; each probe is one cut plan."""
         ranking, target = self._ranking(key), self.targets[key]
-        lo, hi = 0, len(ranking)  # removed(first lo) < target <= removed(first hi), unless none reaches it
         cache: dict[int, float] = {}
 
         def f(k: int) -> float:
@@ -336,8 +337,21 @@ class LambdaScheduler:
                 cache[k] = self.removed(key, self._masks(ranking[:k]))
             return cache[k]
 
-        if f(hi) < target:
-            return ranking, f(hi)
+        n = len(ranking)
+        guess = min(max(self.chosen_count.get(key, n // 2), 1), n)
+        step = 1
+        if f(guess) >= target:  # find lo below the target: removed(first lo) < target <= removed(first hi)
+            hi, lo = guess, max(guess - step, 0)
+            while lo > 0 and f(lo) >= target:
+                hi, step = lo, step * 2
+                lo = max(lo - step, 0)
+        else:
+            lo, hi = guess, min(guess + step, n)
+            while hi < n and f(hi) < target:
+                lo, step = hi, step * 2
+                hi = min(hi + step, n)
+            if f(hi) < target:
+                return ranking, f(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if f(mid) >= target:
@@ -345,6 +359,7 @@ class LambdaScheduler:
             else:
                 lo = mid
         k = hi if f(hi) - target <= target - f(lo) else lo
+        self.chosen_count[key] = k
         return ranking[:k], f(k)
 
     def strength(self, key: str) -> float:
@@ -391,12 +406,10 @@ class LambdaScheduler:
         observed since the last measurement responds to lambda roughly in proportion (the decay
         that kills a group is lam times the learning rate), so lambda is multiplied by wanted /
         observed pace, at most by ``factor`` either way (by ``factor`` when it did not fall)."""
-        chosen, _ = self.choose(key)
+        chosen, removed = self.choose(key)
         quantile = max(chosen[-1][0] if chosen else 0.0, 1e-30)
-        collapsed = [c for c in self._ranking(key) if c[0] < self.relative]
-        removed = self.removed(key, self._masks(collapsed))
         previous = self.previous.get(key)
-        if removed >= self.targets[key] or (self.last_step >= self.by_step and previous is not None):
+        if quantile < self.relative or (self.last_step >= self.by_step and previous is not None):
             self._hold_groups(key, self._masks(chosen))
         elif previous is not None and self.last_step > previous[0]:
             observed = (math.log(previous[1]) - math.log(quantile)) / (self.last_step - previous[0])
