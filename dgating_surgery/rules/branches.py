@@ -28,6 +28,7 @@ import torch.fx
 from torch import nn
 
 from ..branches import Branch
+from ..execution import fresh
 from ..kinds import Role
 from ..tracing import TensorInfo
 from .context import RuleContext
@@ -431,7 +432,8 @@ def _probe(graph: _Graph, found: list[_Candidate]) -> None:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(*capture.args, **capture.kwargs)
+            args, kwargs = fresh((capture.args, capture.kwargs))  # the forward may write into its inputs
+            model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - no probe, no replacement: every plan is refused below
         pass
     finally:
