@@ -2,7 +2,8 @@
 digits: D-Gating with ``LambdaScheduler.for_run`` (dense, penalty, recovery with the chosen
 neurons held at zero) against magnitude pruning + fine-tune at equal optimizer steps.
 
-Protocol (every method, every seed): 64-300-100-10 MLP, SGD momentum 0.9, lr 0.05 (x0.1 for the
+Protocol (every method, every seed): 64-300-100-10 MLP (or, ``--task cnn``, paper_cnn_digits.py's
+CNN with its 80 conv channels as the groups and MACs as the size), SGD momentum 0.9, lr 0.05 (x0.1 for the
 last quarter of the steps), batch 64, L2 5e-4 on the weights no method regularizes by group,
 STEPS optimizer steps in total; the hidden neurons are the groups; sizes are fractions of the
 network's parameters KEPT (50/25/10/5%); every method reaches its size within 3 points with its
@@ -12,13 +13,14 @@ slimmed model on the fixed 30% test split.
 - D-Gating target: ``LambdaScheduler.for_run(opt, model, target=1 - kept, total_steps=STEPS)``
   from lam 1e-3 (the controller sets lambda), D = 3.
 - magnitude uniform: dense until the step D-Gating holds (5/8 of the run), then the same fraction
-  of neurons in each hidden layer with the smallest L2 norm (incoming row and outgoing column) is
-  held at zero (the fraction bisected to the size), and the rest of the steps fine-tune.
+  of neurons (filters) in each layer with the smallest L2 norm of their incoming weights (the
+  filter) is held at zero (the fraction bisected to the size), and the rest of the steps fine-tune.
 - magnitude, D-Gating's layers: the same, with the per-layer neuron counts the D-Gating run of
   that seed kept.
 - scratch: the slim architecture D-Gating found, trained from a fresh init for all STEPS.
 
-    python benchmarks/paper_target.py                # the table (5 seeds, about 15 minutes on one core)
+    python benchmarks/paper_target.py                # the table (5 seeds, about 20 minutes on one core)
+    python benchmarks/paper_target.py --task cnn     # the digits CNN, MACs kept (filter-norm magnitude)
     python benchmarks/paper_target.py --splits       # the measurement behind the default split
 """
 from __future__ import annotations
@@ -27,21 +29,64 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import dgating_surgery as dg
 from dgating_surgery.deadness import Hold, zeroed
+from dgating_surgery.tensors import get_tensor
 from dgating_surgery.demo import accuracy
 from dgating_surgery.schedule import LambdaScheduler
 
 from paper_common import MLP, REST_WD, digits, setup
 
-STEPS, LR, BATCH = 1500, 0.05, 64
+LR, BATCH = 0.05, 64
 KEPT = (0.5, 0.25, 0.1, 0.05)
 SEEDS = (0, 1, 2, 3, 4)
-GROUPS = [{"kind": "neurons", "names": ["hidden.*"]}]
+
+
+class CNN(nn.Module):
+    """paper_cnn_digits.py's CNN with settable widths: conv-BN-ReLU x2, maxpool, conv-BN-ReLU, mean, linear."""
+
+    def __init__(self, widths=(16, 32, 32)):
+        super().__init__()
+        a, b, c = widths
+        block = lambda cin, cout: nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),  # noqa: E731
+                                                nn.BatchNorm2d(cout), nn.ReLU())
+        self.features = nn.Sequential(block(1, a), block(a, b), nn.MaxPool2d(2), block(b, c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@dataclass(frozen=True)
+class Task:
+    """What differs between the benchmarks: the network (from per-layer widths), its groups, the
+    size measure, the steps, and how to read the per-layer widths off a slim network."""
+
+    name: str
+    make: Callable
+    groups: list
+    metric: str
+    steps: int
+    images: bool
+
+    def widths(self, net) -> list[int]:
+        layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]  # the classifier stays
+        return [getattr(m, "out_channels", None) or m.out_features for m in layers]
+
+
+TASKS = {
+    "mlp": Task("LeNet-300-100", lambda widths=(300, 100): MLP(hidden=tuple(widths)),
+                [{"kind": "neurons", "names": ["hidden.*"]}], "params", 1500, False),
+    "cnn": Task("digits CNN", CNN, [{"kind": "channels"}], "macs", 600, True),
+}
+TASK = TASKS["mlp"]
 
 
 def train(model, opt, X, y, steps, seed, after=None):
@@ -61,22 +106,26 @@ def train(model, opt, X, y, steps, seed, after=None):
             after(step + 1)
 
 
+def size(model, example) -> float:
+    """The task's size measure of a network: parameters, or MACs of one forward pass."""
+    return dg.model_params(model) if TASK.metric == "params" else dg.macs(model, example[:1])
+
+
 def slim_result(model, X_eval, y_eval, example):
-    """Cut (exact: held groups are zero) and measure: accuracy, parameters kept, neurons per layer."""
-    params = dg.model_params(model)
+    """Cut (exact: held groups are zero) and measure: accuracy, size kept, width per layer."""
+    before = size(TASK.make(), example)
     slim = dg.shrink(model, example_inputs=example)
-    widths = [layer.out_features for layer in slim.hidden]
-    return {"acc": accuracy(slim, X_eval, y_eval), "kept": dg.model_params(slim) / params, "widths": widths}
+    return {"acc": accuracy(slim, X_eval, y_eval), "kept": size(slim, example) / before, "widths": TASK.widths(slim)}
 
 
 def dgating(data, kept, seed, dense=None, penalty_end=None, lam=1e-3):
     Xtr, ytr, Xev, yev = data
     torch.manual_seed(seed)
-    model = dg.gate_model(MLP(), {"D": 3, "groups": GROUPS}, Xtr[:2])
+    model = dg.gate_model(TASK.make(), {"D": 3, "groups": TASK.groups}, Xtr[:2])
     opt = torch.optim.SGD(dg.param_groups(model, lam, weight_decay=REST_WD), lr=LR, momentum=0.9)
     split = {k: v for k, v in (("dense", dense), ("penalty_end", penalty_end)) if v is not None}
-    sched = LambdaScheduler.for_run(opt, model, 1 - kept, STEPS, "params", **split)
-    train(model, opt, Xtr, ytr, STEPS, seed, lambda step: sched.step())
+    sched = LambdaScheduler.for_run(opt, model, 1 - kept, TASK.steps, TASK.metric, **split)
+    train(model, opt, Xtr, ytr, TASK.steps, seed, lambda step: sched.step())
     return slim_result(model, Xev, yev, Xtr[:8])
 
 
@@ -85,7 +134,7 @@ def magnitude(data, kept, seed, widths=None):
     fraction per layer, or ``widths`` per layer), fine-tuning after."""
     Xtr, ytr, Xev, yev = data
     torch.manual_seed(seed)
-    model = dg.gate_model(MLP(), {"D": 2, "init": "ones", "groups": GROUPS}, Xtr[:2])
+    model = dg.gate_model(TASK.make(), {"D": 2, "init": "ones", "groups": TASK.groups}, Xtr[:2])
     for gate in dg.gates(model):
         gate.factors.requires_grad_(False)
     thetas, _ = dg.training.gated_parameters(model)
@@ -93,21 +142,35 @@ def magnitude(data, kept, seed, widths=None):
     rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     opt = torch.optim.SGD([{"params": thetas, "weight_decay": REST_WD}, {"params": rest, "weight_decay": REST_WD}],
                           lr=LR, momentum=0.9)
-    prune_at = int(0.625 * STEPS)
+    prune_at = int(0.625 * TASK.steps)
     held = []
 
     def after(step):
         if step == prune_at:
-            held.append(Hold(model, smallest(model, kept, widths), opt))
+            held.append(Hold(model, smallest(model, kept, Xtr[:1], widths), opt))
 
-    train(model, opt, Xtr, ytr, STEPS, seed, after)
+    train(model, opt, Xtr, ytr, TASK.steps, seed, after)
     return slim_result(model, Xev, yev, Xtr[:8])
 
 
-def smallest(model, kept, widths=None):
-    """Per gate, the neurons with the smallest norm: ``widths`` kept per layer, or one fraction for
-    every layer, bisected so that the parameters kept come to ``kept``."""
-    norms = {k: v.detach() for k, v in dg.group_norms(model).items()}
+def filter_norms(model) -> dict[str, torch.Tensor]:
+    """Per gate, the L2 norm of each group's slice of its producing layer's weight (a neuron's
+    incoming row, a conv filter): the classic magnitude criterion."""
+    out = {}
+    for key, gate in model.dgates.items():
+        cut = next(c for c in gate.cuts if c.fqn.endswith("weight") and isinstance(
+            model.get_submodule(c.fqn.rpartition(".")[0]), (nn.Linear, nn.Conv2d)) and c.index.numel() > 1)
+        weight = get_tensor(model, cut.fqn).detach()
+        per_position = weight.pow(2).sum([d for d in range(weight.ndim) if d != cut.dim])
+        index = cut.index.expand(weight.shape[cut.dim])
+        out[key] = torch.zeros(gate.num_groups).index_add(0, index[index >= 0], per_position[index >= 0]).sqrt()
+    return out
+
+
+def smallest(model, kept, example, widths=None):
+    """Per gate, the groups with the smallest filter norm: ``widths`` kept per layer, or one fraction
+    for every layer, bisected so that the size kept comes to ``kept``."""
+    norms = filter_norms(model)
 
     def masks(keep_counts):
         out = {}
@@ -124,7 +187,7 @@ def smallest(model, kept, widths=None):
         mid = (lo + hi) / 2
         chosen = masks([round(mid * len(n)) for n in norms.values()])
         with zeroed(model, chosen):
-            removed = dg.removed_fraction(model, "params")
+            removed = dg.removed_fraction(model, TASK.metric, example_inputs=example)
         lo, hi = (mid, hi) if removed > 1 - kept else (lo, mid)
     return masks([round(hi * len(n)) for n in norms.values()])
 
@@ -132,11 +195,11 @@ def smallest(model, kept, widths=None):
 def scratch(data, widths, seed):
     Xtr, ytr, Xev, yev = data
     torch.manual_seed(seed + 100)
-    model = MLP(hidden=tuple(widths))
-    params = dg.model_params(MLP())
+    model = TASK.make(widths)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=REST_WD)
-    train(model, opt, Xtr, ytr, STEPS, seed)
-    return {"acc": accuracy(model, Xev, yev), "kept": dg.model_params(model) / params, "widths": list(widths)}
+    train(model, opt, Xtr, ytr, TASK.steps, seed)
+    return {"acc": accuracy(model, Xev, yev), "kept": size(model, Xtr[:1]) / size(TASK.make(), Xtr[:1]),
+            "widths": list(widths)}
 
 
 def mean_std(values):
@@ -145,7 +208,7 @@ def mean_std(values):
 
 def splits(seeds=(0, 1, 2)):
     """Validation accuracy (20% of the training split) per (dense, penalty_end) split."""
-    Xtr, ytr, _, _ = digits()
+    Xtr, ytr, _, _ = digits(TASK.images)
     n = int(0.8 * len(Xtr))
     data = (Xtr[:n], ytr[:n], Xtr[n:], ytr[n:])
     print("| kept | dense until | penalty until | val acc % (mean ± std) | params kept % |")
@@ -158,9 +221,11 @@ def splits(seeds=(0, 1, 2)):
 
 
 def table(seeds=SEEDS):
-    data = digits()
+    data = digits(TASK.images)
     started = time.time()
-    print("| params kept | D-Gating target | magnitude uniform | magnitude, D-Gating's layers | scratch, D-Gating's "
+    print(f"{TASK.name}, {TASK.steps} SGD steps per method, {TASK.metric} kept, test accuracy % (mean ± std over "
+          f"{len(seeds)} seeds)\n")
+    print(f"| {TASK.metric} kept | D-Gating target | magnitude uniform | magnitude, D-Gating's layers | scratch, D-Gating's "
           "layers | D-Gating - magnitude uniform (paired) | wins / seeds |")
     print("|---|---|---|---|---|---|---|")
     for kept in KEPT:
@@ -189,7 +254,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", action="store_true", help="measure the dense/penalty/recovery split")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, or 3 for --splits)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="mlp")
     args = parser.parse_args(argv)
+    global TASK
+    TASK = TASKS[args.task]
     setup()
     if args.splits:
         splits(tuple(range(args.seeds or 3)))
