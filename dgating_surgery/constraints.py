@@ -172,6 +172,37 @@ def apply_constraints(ctx: WidthContext, dead: dict[str, torch.Tensor], constrai
     return dead
 
 
+def experts(ctx: WidthContext, dead: dict) -> dict:
+    """Fused expert tensors (one matrix per expert: ``(E, out, in)``, more than 2 dims) need rows of
+    whole 16 bytes: grouped matrix multiplication (``torch.nn.functional.grouped_mm``, which
+    transformers' experts call) refuses other strides. A gate that cuts the last
+    dim of such a tensor cuts expert matrices (a conv weight's last dim is its kernel, never cut); it
+    keeps its strongest dead groups until every matrix width it cuts is a multiple of 16 bytes (a
+    width whose full size is not one is left alone: the model runs without aligned rows there).
+    Every expert keeps the same width by construction: a neuron is the same row of every expert's
+    matrix (``rules.structural.linear``)."""
+    for key, mask in dead.items():
+        slots = list(dict.fromkeys((c.fqn, c.dim) for c in ctx.gates[key].cuts if c.role not in ATTRIBUTE_ROLES))
+        tensors = {fqn: _primary(ctx, fqn) for fqn, _ in slots}
+        if not bool(mask.any()) or not any(tensors[fqn].ndim > 2 and dim == tensors[fqn].ndim - 1 for fqn, dim in slots):
+            continue
+        fused = [(fqn, dim, 16 // tensors[fqn].element_size()) for fqn, dim in slots
+                 if tensors[fqn].ndim > 2 and dim >= tensors[fqn].ndim - 2]
+        fused = [(fqn, dim, m) for fqn, dim, m in fused if ctx.size(fqn, dim) % m == 0]
+        aligned = revive(ctx.norms[key], mask, lambda m: all(
+            ctx.width(fqn, dim, {**dead, key: m}) % multiple == 0 for fqn, dim, multiple in fused))
+        dead[key] = mask if aligned is None else aligned
+    return dead
+
+
+def _primary(ctx: WidthContext, fqn: str) -> torch.Tensor:
+    from .gates import primary
+    return primary(ctx.model, fqn)
+
+
+register_constraint(experts)
+
+
 def round_to(multiple: int) -> Constraint:
     """Each gate's layer width a multiple of ``multiple`` (hardware-friendly widths), by keeping its
     strongest dead groups; a layer where no multiple can be reached (it is narrower than the next

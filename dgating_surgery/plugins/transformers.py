@@ -72,6 +72,12 @@ def _gated_mlp(m) -> None:
     m.intermediate_size = _rows(m.gate_proj)
 
 
+def _experts(m) -> None:
+    """Fused experts (transformers' ``use_experts_implementation``): every expert's width, read off
+    ``down_proj`` (``(E, hidden, width)``, or ``(E, width, hidden)`` stored transposed)."""
+    m.intermediate_dim = m.down_proj.shape[-2 if m.is_transposed else -1]
+
+
 # (modeling module, class) -> fixer
 ATTRIBUTE_FIXERS = {
     ("transformers.models.bert.modeling_bert", "BertSelfAttention"): _bert,
@@ -82,7 +88,11 @@ ATTRIBUTE_FIXERS = {
     **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}Attention"): _grouped_query
        for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
     **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}MLP"): _gated_mlp
-       for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
+       for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"),
+                            ("qwen2_moe", "Qwen2Moe"), ("qwen3_moe", "Qwen3Moe"), ("olmoe", "Olmoe"))},
+    **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}Experts"): _experts
+       for name, prefix in (("mixtral", "Mixtral"), ("qwen2_moe", "Qwen2Moe"), ("qwen3_moe", "Qwen3Moe"),
+                            ("olmoe", "Olmoe"))},
 }
 
 
@@ -117,7 +127,8 @@ CONFIG_KEY = "dgating_surgery"
 # when the config class refuses them together), and those that state the epsilon of norms over the
 # hidden size. Which tensors each field sizes is measured, not listed (``_probe``).
 WIDTH_FIELDS = ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", "n_heads", "intermediate_size",
-                "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "hidden_size", "n_embd", "d_model")
+                "moe_intermediate_size", "shared_expert_intermediate_size", "n_inner", "d_ff", "ffn_dim",
+                "encoder_ffn_dim", "decoder_ffn_dim", "hidden_size", "n_embd", "d_model")
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 PER_LAYER_KEY = "per_layer_config"  # transformers' own per-layer overrides (configuration_utils)
 _LAYER = re.compile(r"\.(\d+)\.")  # the index of the repeated layer a tensor sits in

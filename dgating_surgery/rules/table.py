@@ -96,6 +96,8 @@ NAME_RULES = {
     "conv_transpose3d": partial(conv_call, transposed=True),
     "linear": linear_call, "addmm": addmm, "baddbmm": addmm, "einsum": einsum,
     **{name: partial(weight_matmul, otherwise=matmul) for name in ("mm", "matmul", "bmm")},
+    # x @ W[e] for each row's expert e (the rows sorted by expert, ``offs`` their ends): a linear per expert
+    **{name: partial(weight_matmul, otherwise=unknown) for name in ("_grouped_mm", "grouped_mm_fallback")},
     "scaled_dot_product_attention": sdpa, "embedding": embedding,
     "batch_norm": batch_norm_call, "_native_batch_norm_legit_no_training": batch_norm_call,
     "instance_norm": batch_norm_call, "F.batch_norm": batch_norm_functional,
