@@ -259,7 +259,8 @@ def precision_problems(model: nn.Module, optimizer=None, where: dict | None = No
 class SparsityMonitor:
     """Follows sparsity during training from any loop (``dg.track(model, optimizer)``): call
     ``step(epoch)`` once per epoch (it reads the weights; no forward pass). Each step appends to
-    ``history`` a dict with dead/total groups per kind, the removable parameter fraction and the
+    ``history`` a dict with dead/total groups per kind, collapsed groups per kind (``deadness``:
+    what Adam leaves near zero, shown when more than the dead), the removable parameter fraction and the
     factor ``imbalance``. With an ``optimizer``, the first step also runs ``check_optimizer`` on it
     (without one, it still warns about bfloat16/float16 gated weights). Takes the model inside
     DDP/compile wrappers; under FSDP2 ``step`` is a collective (every rank calls it)."""
@@ -288,6 +289,7 @@ class SparsityMonitor:
         entry = {
             "epoch": len(self.history) if epoch is None else epoch,
             "dead": {k: v["dead"] for k, v in kinds.items()},
+            "collapsed": {k: v["collapsed"] for k, v in kinds.items()},
             "groups": {k: v["groups"] for k, v in kinds.items()},
             "dead_fraction": report.dead / max(report.groups, 1),
             "params_removable": report.params_removable,
@@ -301,7 +303,10 @@ class SparsityMonitor:
 
     @staticmethod
     def format(entry: dict) -> str:
-        kinds = " ".join(f"{k} {entry['dead'][k]}/{entry['groups'][k]} dead" for k in entry["groups"])
+        collapsed = entry.get("collapsed", {})
+        kinds = " ".join(f"{k} {entry['dead'][k]}/{entry['groups'][k]} dead"
+                         + (f" ({collapsed[k]} collapsed)" if collapsed.get(k, 0) > entry["dead"][k] else "")
+                         for k in entry["groups"])
         return (f"epoch {entry['epoch']}: {kinds}; params removable {entry['params_removable_fraction']:.1%}; "
                 f"imbalance {entry['imbalance']:.3f}")
 

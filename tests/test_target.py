@@ -176,6 +176,10 @@ def test_adam_collapses_groups_that_hold_turns_into_an_exact_cut():
     assert report.dead < report.collapsed  # the absolute threshold misses what has collapsed
     collapsed = dg.collapsed_groups(model)
     assert sum(int(m.sum()) for m in collapsed.values()) == report.collapsed > 0
+    entry = dg.track(model).step()
+    assert entry["collapsed"] == {"neurons": report.collapsed}
+    assert f"({report.collapsed} collapsed)" in dg.SparsityMonitor.format(entry)
+    assert "dg.hold(model, optimizer=opt)" in str(report)
     held = dg.hold(model, optimizer=opt)
     train(model, opt, dg.LambdaScheduler(opt, 0.0), batches, 20, classify)  # recovery: Adam's moments cannot move them
     for key, mask in collapsed.items():
