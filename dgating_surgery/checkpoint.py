@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from . import centering
+from .branches import replace_layers, replaced_layers
 from .errors import CheckpointError, DGatingError, ModelSpecError, UntrustedCodeError, one_line
 from .fixers import fix_attributes
 from .gates import gate_model, gate_set, require_gated
@@ -121,7 +122,8 @@ def save_slim(model: nn.Module, path, reference=None, example_inputs=None, examp
                 "inputs": origin.inputs.to_dict() if origin.inputs is not None else None, "kept_groups": kept,
                 "kept_input_features": {k: v.tolist() for k, v in getattr(model, "kept_input_features", {}).items()},
                 "cut_attributes": getattr(model, "cut_attributes", {}),
-                "centered_layernorms": getattr(model, centering.SWAPPED_ATTR, [])}
+                "centered_layernorms": getattr(model, centering.SWAPPED_ATTR, []),
+                "removed_branches": replaced_layers(model)}
     return _write(path, state, manifest, replace)
 
 
@@ -147,6 +149,7 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         ref = as_reference(reference) if chosen else _manifest_ref(manifest, path)
         model, label = _build(ref, path, state, allow_pickle, trust_code or chosen), ref
     _replay_centering(model, manifest["centered_layernorms"], path)
+    _replay_branches(model, manifest["removed_branches"], path)
     _resize(model, state, path, label)
     _set_cut_attributes(model, manifest["cut_attributes"], path)
     fix_attributes(model)
@@ -225,6 +228,7 @@ def _check_rebuilds(ref: ModelRef, state: dict, model: nn.Module, derived: bool)
         except ModelSpecError as exc:
             raise ModelSpecError(f"save_slim: {type(model).__name__} could not be rebuilt from {how} ({exc}); "
                                  f"{fix}") from None
+    replace_layers(fresh, replaced_layers(model))  # the layers of removed residual branches, as load_slim does
     own = fresh.state_dict()
     problem = _mismatch_keys(own, state)
     if problem is None:
@@ -393,6 +397,14 @@ def _resize(model: nn.Module, state: dict, path, ref) -> None:
         if tuple(old.shape) == tuple(saved.shape) and old.dtype == saved.dtype:
             continue  # a tied weight, resized already under its first name
         replace_tensor(module, attr, torch.empty(saved.shape, dtype=saved.dtype), tied=tied.get(id(old), ()))
+
+
+def _replay_branches(model: nn.Module, record: dict, path) -> None:
+    """The layers of the residual branches the saved model had removed (``branches``)."""
+    try:
+        replace_layers(model, record)
+    except (AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: manifest field 'removed_branches': {one_line(exc)}") from None
 
 
 def _replay_centering(model: nn.Module, names: list, path) -> None:

@@ -61,8 +61,8 @@ class DGate(nn.Module):
         self.positions = positions  # kinds that record their input: the input features each group owns
         self.width = width  # kinds that record their input: how many features the input has
         self.per_group = per_group  # entries of the first layer per group (query heads per kv group)
-
         self.branches = branches  # kind blocks: per group, the layers removing it replaces (``branches.Branch``)
+
     @property
     def D(self) -> int:
         return self.factors.shape[0] + 1
@@ -360,9 +360,12 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
         used.add(key)
         records = KINDS[gset.kind].records_input
         positions = [p for p, ok in zip(gset.positions, gset.removable) if ok] if records else None
-        built[key] = DGate(gset.name, gset.kind, gset.modules, gset.module_types, int(gset.removable.sum()), D,
-                           cuts[k], positions, gset.width, gset.per_group,
-                           [b for b, ok in zip(gset.branches, gset.removable) if ok] if gset.branches else None)
+        modules, types, branches = gset.modules, gset.module_types, gset.branches
+        if branches:  # a set named group by group (residual branches): the gated groups' names
+            modules, types, branches = ([v for v, ok in zip(column, gset.removable) if ok]
+                                        for column in (modules, types, branches))
+        built[key] = DGate(gset.name, gset.kind, modules, types, int(gset.removable.sum()), D, cuts[k], positions,
+                           gset.width, gset.per_group, branches)
     return built
 
 

@@ -174,6 +174,24 @@ def _cut_attributes(value, field, manifest, state):
             raise FieldError(f"{field}.{name}", f"must be a finite number >= 0 (a count or an epsilon), not {_show(v)}")
 
 
+def _removed_branches(value, field, manifest, state):
+    for name, spec in _object(value, field).items():
+        if not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
+            raise FieldError(f"{field}.{name}", "must be a layer's dotted name")
+        spec = _object(spec, f"{field}.{name}", ("as", "returns"))
+        if spec.get("as") not in ("bypass", "zeros"):
+            raise FieldError(f"{field}.{name}.as", f"must be 'bypass' or 'zeros', not {_show(spec.get('as'))}")
+        _count(spec.get("returns"), f"{field}.{name}.returns", 0, 64)
+
+
+def _centered_layernorms(value, field, manifest, state):
+    if not isinstance(value, list):
+        raise FieldError(field, f"must be a list of layer names, not {_show(value)}")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
+            raise FieldError(f"{field}[{i}]", f"must be a LayerNorm's dotted name, not {_show(name)}")
+
+
 def _format(value, field, manifest, state):
     if value not in FORMATS:
         raise FieldError(field, f"must be one of {', '.join(FORMATS)}, not {_show(value)}")
@@ -203,7 +221,8 @@ FIELDS = {
     "gated": {**COMMON, "recipe": (_recipe, False), "inputs": (_inputs, False)},
     "slim": {**COMMON, "recipe": (_recipe, True), "inputs": (_inputs, True), "kept_groups": (_kept_groups, True),
              "kept_input_features": (_kept_input_features, False), "cut_attributes": (_cut_attributes, False),
-             "centered_layernorms": (_centered_layernorms, False)},  # LayerNorms swapped for CenteredLayerNorm
+             "centered_layernorms": (_centered_layernorms, False),  # LayerNorms swapped for CenteredLayerNorm
+             "removed_branches": (_removed_branches, False)},  # layers of removed residual branches (``branches``)
 }
 # checked before the checksum (which depends on them), in this order
 HEADER = ("format", "version", "sha256")

@@ -7,6 +7,7 @@ tensors, one row per class. A class is registered once its modeling module has b
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -17,6 +18,8 @@ import torch
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
+from ..branches import (ZeroBranch, register_layer_dropper, register_zero_branch, replace_layers,
+                        replaced_layers)
 from ..centering import SWAPPED_ATTR, register_writer, replay
 from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
 from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
@@ -266,8 +269,10 @@ def _record_widths(model) -> None:
     if per_layer or getattr(config, "is_heterogeneous", False):
         config.per_layer_config = per_layer or None
     swapped = getattr(model, SWAPPED_ATTR, [])
-    if differ or unstated or swapped:
-        setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated, SWAPPED_ATTR: swapped})
+    branches = replaced_layers(model)  # the layers of removed residual branches
+    if differ or unstated or swapped or branches:
+        setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated, SWAPPED_ATTR: swapped,
+                                     "branches": branches})
     elif hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 
@@ -310,6 +315,7 @@ def restore_widths(model) -> None:
     spec = getattr(model.config, CONFIG_KEY, None)
     if not spec:
         return
+    replace_layers(model, {_own_name(model, saved): how for saved, how in spec.get("branches", {}).items()})
     swapped = (_own_name(model, f"{saved}.weight") for saved in spec.get(SWAPPED_ATTR, []))
     replay(model, [name.rpartition(".")[0] for name in swapped if name is not None])  # centred LayerNorms
     tied = tied_holders(model)
@@ -386,3 +392,91 @@ def _register_model_fixer() -> None:
         register_model_fixer(PreTrainedModel, _record_widths)
     if PreTrainedModel not in WIDTH_SET_FINDERS:
         register_width_sets(PreTrainedModel, _width_sets)
+    register_zero_branch(_zero_attention)
+    register_layer_dropper(_drop_layers)
+
+
+# -- residual branches (the blocks kind) -----------------------------------------------------------------
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")  # what the attention classes call their KV cache
+
+
+class ZeroAttention(ZeroBranch):
+    """A removed attention of a decoder layer that keeps the rest of the layer: zeros, and in its
+    KV-cache layer one placeholder entry per token (B, 1, T, 1), so that the cache's length, from
+    which generation reads positions and mask sizes, is what the attention would have left."""
+
+    def __init__(self, returns: int, layer_idx: int):
+        super().__init__(returns)
+        self.layer_idx = layer_idx
+
+    def forward(self, *args, **kwargs):
+        cache = next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)
+            x = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+            placeholder = x.new_zeros(x.shape[0], 1, x.shape[-2], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        return super().forward(*args, **kwargs)
+
+
+def _zero_attention(layer, returns: int):
+    """The zero layer of a transformers attention (it has a KV-cache index), else None."""
+    if type(layer).__module__.startswith("transformers.") and "Attention" in type(layer).__name__ \
+            and isinstance(getattr(layer, "layer_idx", None), int):
+        return ZeroAttention(returns, layer.layer_idx)
+    return None
+
+
+def _drop_layers(model, paths: list[str]) -> list[str]:
+    """Take removed decoder layers out of the model's layer list (the list as long as the config's
+    ``num_hidden_layers``; a model with two such lists keeps them, bypassed): the config states the new
+    depth, its per-layer lists (``layer_types``, any list field named for layers) and per-layer
+    overrides lose the removed layers' entries, and every layer after one removed is renumbered (its
+    modules' ``layer_idx``, the KV-cache index, and the cut attributes recorded under its name). The
+    config is replaced by a changed copy, so a shrink that fails and is undone restores the old one."""
+    from transformers.modeling_utils import PreTrainedModel
+    if not isinstance(model, PreTrainedModel):
+        return []
+    old = model.config
+    depth = getattr(old, "num_hidden_layers", None)
+    lists: dict[str, set[int]] = {}
+    for path in paths:
+        parent, _, index = path.rpartition(".")
+        if index.isdigit() and isinstance(model.get_submodule(parent), torch.nn.ModuleList) \
+                and len(model.get_submodule(parent)) == depth:
+            lists.setdefault(parent, set()).add(int(index))
+    if len(lists) != 1:
+        return []
+    ((parent, gone),) = lists.items()
+    keep = [i for i in range(depth) if i not in gone]
+    layers = model.get_submodule(parent)
+    holder, _, attr = parent.rpartition(".")
+    setattr(model.get_submodule(holder), attr, torch.nn.ModuleList([layers[i] for i in keep]))
+    new_index = {old_i: new_i for new_i, old_i in enumerate(keep)}
+    for new_i, layer in enumerate(model.get_submodule(parent)):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_i
+    config = copy.deepcopy(old)
+    for name, value in list(vars(config).items()):
+        if "layer" in name and isinstance(value, list) and len(value) == depth:
+            setattr(config, name, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+    per_layer = getattr(config, PER_LAYER_KEY, None)
+    if isinstance(per_layer, dict):
+        setattr(config, PER_LAYER_KEY, {new_index[int(i)]: v for i, v in per_layer.items() if int(i) in new_index}
+                or None)
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = config
+    prefix = re.compile(rf"^{re.escape(parent)}\.(\d+)\.")
+    if getattr(model, "cut_attributes", None):
+        renamed = {}
+        for name, value in model.cut_attributes.items():
+            found = prefix.match(name)
+            if found is None:
+                renamed[name] = value
+            elif int(found.group(1)) in new_index:
+                renamed[prefix.sub(f"{parent}.{new_index[int(found.group(1))]}.", name)] = value
+        model.cut_attributes = renamed
+    return [f"{parent}.{i}" for i in sorted(gone)]
