@@ -57,29 +57,69 @@ def _rows():
     return sorted(ATTRIBUTE_FIXERS)
 
 
+def _assert_only_adds(model, args, kwargs, remove) -> None:
+    """Every group removable once ``remove(registered fixers)`` has taken some fixers away was
+    removable with them."""
+    from dgating_surgery import fixers
+    with_fixers = _removable(model, args, kwargs)
+    remove(fixers.MODULE_FIXERS)
+    without = _removable(model, args, kwargs)
+    for kind in {kind for kind, _ in with_fixers}:
+        count = lambda plan: sum(sum(r) for (k, _), r in plan.items() if k == kind)  # noqa: E731
+        assert count(with_fixers) >= count(without), (kind, with_fixers, without)
+    for key in with_fixers.keys() & without.keys():
+        assert all(w or not wo for w, wo in zip(with_fixers[key], without[key])), (key, with_fixers[key], without[key])
+    assert any(any(r) for r in with_fixers.values())
+
+
 @pytest.mark.parametrize("row", _rows(), ids=lambda row: row[1])
 def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
     """Each attribute-fixer row of the transformers plugin, both ways: every group removable without
     it is removable with it (a row may only add: GPT-2's lets its views follow the head count).
     Qwen3's attention row took its heads: a fixer lets a view's literal head_dim follow a cut, and
     the head split behind the per-head q_norm was not found, so the groups went on head_dim."""
-    from dgating_surgery import fixers
     from dgating_surgery.plugins import transformers as plugin
     module_name, class_name = row
-    model, role = tiny(module_name.rsplit(".modeling_", 1)[1])
+    family = module_name.rsplit(".modeling_", 1)[1]
+    model, role = tiny(family)
+    cls = next((c for c in map(type, model.modules()) if c.__name__ == class_name), None)
+    if cls is None:
+        pytest.skip(f"the tiny {family} model has no {class_name} layer")
+
+    def remove(registered):
+        monkeypatch.delitem(plugin.ATTRIBUTE_FIXERS, row)
+        monkeypatch.delitem(registered, cls)
+    _assert_only_adds(model, *example(role), remove)
+
+
+ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo"]  # attention classes no row names
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "bert", "t5", *ROW_LESS])
+def test_the_attention_count_rule_never_makes_a_model_less_cuttable(family, monkeypatch):
+    """The one attention fixer (head counts from the projections' widths), registered for every
+    ``*Attention`` class, both ways on families with and without their own row."""
+    from dgating_surgery.plugins import transformers as plugin
+    model, role = tiny(family)
+
+    def remove(registered):
+        monkeypatch.setattr(plugin, "_attention_classes", list)
+        for cls in [c for c, fix in registered.items() if fix is plugin._attention_counts]:
+            monkeypatch.delitem(registered, cls)
+    _assert_only_adds(model, *example(role), remove)
+
+
+@pytest.mark.parametrize("family", ROW_LESS)
+def test_heads_of_attention_classes_without_a_row_cut_exactly(family):
+    """OPT, StableLM (partial rotary), BART, DistilBERT, GPT-J and OLMo view their projections with the
+    layer's own head count (``self.num_heads``): a literal of the code unless a fixer keeps it up to
+    date. The attention count rule does, for every attention class: all their heads are removable."""
+    model, role = tiny(family)
     args, kwargs = example(role)
-    with_row = _removable(model, args, kwargs)
-    cls = next(c for c in map(type, model.modules()) if c.__name__ == class_name)
-    assert cls in fixers.MODULE_FIXERS
-    monkeypatch.delitem(plugin.ATTRIBUTE_FIXERS, row)
-    monkeypatch.delitem(fixers.MODULE_FIXERS, cls)
-    without = _removable(model, args, kwargs)
-    for kind in {kind for kind, _ in with_row}:
-        count = lambda plan: sum(sum(r) for (k, _), r in plan.items() if k == kind)  # noqa: E731
-        assert count(with_row) >= count(without), (kind, with_row, without)
-    for key in with_row.keys() & without.keys():
-        assert all(w or not wo for w, wo in zip(with_row[key], without[key])), (key, with_row[key], without[key])
-    assert any(any(r) for (kind, _), r in with_row.items() if kind == ("neurons" if "MLP" in class_name else "heads"))
+    heads = [s for s in dg.analyze(model, args, kwargs).sets if s.kind == "heads"]
+    assert heads and all(s.removable.all() for s in heads), [(s.name, set(s.reasons)) for s in heads]
+    check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
+    assert check.groups_cut >= len(heads)
 
 
 @pytest.mark.parametrize("family", ["qwen3"])

@@ -40,18 +40,32 @@ def _rows(layer) -> int:
     return layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.weight.shape[0]
 
 
-def _bert(m) -> None:
-    m.num_attention_heads = _rows(m.query) // m.attention_head_size
-    m.all_head_size = m.num_attention_heads * m.attention_head_size
+# An attention layer's head counts, by what they mean (the names transformers' attention classes use);
+# each is re-derived from the projections' widths after a cut. A name the layer lacks is skipped.
+HEAD_SIZE = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+QUERY, KEY = ("q_proj", "query", "q", "q_lin"), ("k_proj", "key", "k", "k_lin")
+HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
+HEADS_WIDTH = ("all_head_size", "inner_dim")  # heads x head size
 
 
-def _vit(m) -> None:
-    m.num_attention_heads = _rows(m.q_proj) // m.head_dim
-
-
-def _grouped_query(m) -> None:
-    """Llama-style attention: key/value heads serve ``num_key_value_groups`` query heads each."""
-    m.num_key_value_groups = _rows(m.q_proj) // _rows(m.k_proj)
+def _attention_counts(m) -> None:
+    """Any attention layer with separate query/key projections and an int head size: its head and
+    key/value head counts, the query heads per key/value head and the heads' width from the
+    projections (one rule for the families, not a row per class). A layer without them (a fused
+    qkv projection, a wrapper) is left as it is."""
+    size = next((v for v in (getattr(m, n, None) for n in HEAD_SIZE) if type(v) is int), None)
+    query, key = (next((c for c in (getattr(m, n, None) for n in names) if hasattr(c, "weight")), None)
+                  for names in (QUERY, KEY))
+    if size is None or query is None:
+        return
+    heads = _rows(query) // size
+    kv_heads = _rows(key) // size if key is not None else heads
+    values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(KV_HEAD_COUNT, kv_heads),
+              **dict.fromkeys(HEADS_WIDTH, heads * size), "num_key_value_groups": heads // max(kv_heads, 1)}
+    for name, value in values.items():
+        if type(getattr(m, name, None)) is int:
+            setattr(m, name, value)
 
 
 def _gpt2(m) -> None:
@@ -66,11 +80,6 @@ def _gpt2_model(m) -> None:
     m.embed_dim = m.wte.weight.shape[1]
 
 
-def _t5(m) -> None:
-    m.n_heads = _rows(m.q) // m.key_value_proj_dim
-    m.inner_dim = m.n_heads * m.key_value_proj_dim
-
-
 def _gated_mlp(m) -> None:
     m.intermediate_size = _rows(m.gate_proj)
 
@@ -83,13 +92,8 @@ def _experts(m) -> None:
 
 # (modeling module, class) -> fixer
 ATTRIBUTE_FIXERS = {
-    ("transformers.models.bert.modeling_bert", "BertSelfAttention"): _bert,
-    ("transformers.models.vit.modeling_vit", "ViTAttention"): _vit,
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"): _gpt2,
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Model"): _gpt2_model,
-    ("transformers.models.t5.modeling_t5", "T5Attention"): _t5,
-    **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}Attention"): _grouped_query
-       for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"))},
     **{(f"transformers.models.{name}.modeling_{name}", f"{prefix}MLP"): _gated_mlp
        for name, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("qwen3", "Qwen3"),
                             ("qwen2_moe", "Qwen2Moe"), ("qwen3_moe", "Qwen3Moe"), ("olmoe", "Olmoe"))},
@@ -109,6 +113,24 @@ def refresh() -> None:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and cls not in MODULE_FIXERS:
             register_module_fixer(cls, fix)
+    for cls in _attention_classes():
+        if cls not in MODULE_FIXERS:
+            register_module_fixer(cls, _attention_counts)
+
+
+_SCANNED: set[str] = set()  # modeling modules whose attention classes are registered
+
+
+def _attention_classes() -> list[type]:
+    """The attention layers (``*Attention`` modules) of the transformers modeling modules imported
+    since the last call."""
+    found = []
+    for name in [n for n in sys.modules if n.startswith("transformers.models.") and ".modeling_" in n]:
+        if name not in _SCANNED:
+            _SCANNED.add(name)
+            found += [c for c in vars(sys.modules[name]).values() if isinstance(c, type)
+                      and issubclass(c, torch.nn.Module) and c.__name__.endswith("Attention")]
+    return found
 
 
 register_module_fixer(Conv1D, _conv1d)
@@ -388,12 +410,12 @@ def install_loader() -> None:
 
 def _register_model_fixer() -> None:
     from transformers.modeling_utils import PreTrainedModel
+    register_zero_branch(_zero_attention)
+    register_layer_dropper(_drop_layers)
     if PreTrainedModel not in MODEL_FIXERS:
         register_model_fixer(PreTrainedModel, _record_widths)
     if PreTrainedModel not in WIDTH_SET_FINDERS:
         register_width_sets(PreTrainedModel, _width_sets)
-    register_zero_branch(_zero_attention)
-    register_layer_dropper(_drop_layers)
 
 
 # -- residual branches (the blocks kind) -----------------------------------------------------------------
