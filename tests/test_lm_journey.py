@@ -111,6 +111,23 @@ def test_gating_that_would_change_the_output_is_refused_and_the_model_restored(m
     assert_exact_cut(model, TOKENS, {"D": 3, "groups": [{"kind": "neurons"}, {"kind": "hidden", "exclude": ["norm"]}]})
 
 
+class Sampling(nn.Module):
+    """A forward that samples: no two runs agree, so the guard cannot judge it and lets it be."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x + torch.rand_like(x))))
+
+
+def test_the_guard_lets_a_sampling_forward_be(monkeypatch):
+    monkeypatch.setattr(gates_module, "tied_holders", lambda m: {})  # nothing is tied here anyway
+    gated = dg.gate_model(Sampling(), "mlp", torch.randn(3, 4))
+    assert [g.num_groups for g in dg.gates(gated)] == [8]
+
+
 def test_a_balanced_init_that_changes_the_output_is_undone(monkeypatch):
     model = TiedLM().eval()
     reference = model(TOKENS)
