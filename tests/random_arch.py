@@ -268,6 +268,58 @@ def b_linear(ctx, shape, layout):
     return Block(f"addmm({c}->{co})", fn, params=params), layout
 
 
+# a linear written by hand with its weight stored (out, in), as some model families write theirs
+HAND_LINEARS = {
+    "h@w.T": lambda m, h: h @ m.w.T, "matmul(h,w.t())": lambda m, h: torch.matmul(h, m.w.t()),
+    "h@w.transpose(0,1)": lambda m, h: h @ m.w.transpose(0, 1), "h@w.mT": lambda m, h: h @ m.w.mT,
+    "h@w.permute(1,0)": lambda m, h: h @ m.w.permute(1, 0),
+    "einsum(...i,oi)": lambda m, h: torch.einsum("...i,oi->...o", h, m.w),
+    "addmm(b,h,w.t())": lambda m, h: torch.addmm(m.b, h.reshape(-1, h.size(-1)), m.w.t()).view(*h.shape[:-1], -1),
+    "baddbmm(b,h,w.t().expand)": lambda m, h: torch.baddbmm(m.b, h.reshape(-1, 1, h.size(-1)),
+                                                             m.w.t().expand(h.numel() // h.size(-1), -1, -1)
+                                                             ).view(*h.shape[:-1], -1),
+}
+
+
+@block("tok", "vec", weight=2, first=True)
+def b_handlinear(ctx, shape, layout):
+    c, co = shape[-1], ctx.width()
+    form = ctx.choice(HAND_LINEARS)
+    mm = HAND_LINEARS[form]
+    bias = form.startswith(("addmm", "baddbmm")) or ctx.p(0.6)
+    params = {"w": torch.ones(co, c), **({"b": torch.ones(co)} if bias else {})}
+    fn = (lambda m, h, x: mm(m, h) + m.b) if bias and "b," not in form else (lambda m, h, x: mm(m, h))
+    return Block(f"{form}({c}->{co}){'+b' if bias and 'b,' not in form else ''}", fn, params=params), layout
+
+
+@block("tok", "vec", weight=1.5)
+def b_moe(ctx, shape, layout):
+    """A mixture of experts with fused (E, out, in) expert weights: every token through every
+    expert (batched matmul), weighted by a softmax router, optionally top-k (the others weigh 0)."""
+    c, mid, experts = shape[-1], ctx.width(2, 8), ctx.choice([2, 3, 4])
+    top = ctx.choice([None, 1, 2])
+    gated_up = ctx.p(0.5)  # gate and up in one (E, 2*mid, c) tensor, chunked (Mixtral's gate_up_proj)
+    params = {"up": torch.ones(experts, (2 if gated_up else 1) * mid, c), "down": torch.ones(experts, c, mid)}
+
+    def fn(m, h, x):
+        flat = h.reshape(-1, h.size(-1))
+        weights = F.softmax(m.router(flat), dim=-1)
+        if top is not None and top < experts:
+            best = torch.topk(weights, top, dim=-1)
+            weights = torch.zeros_like(weights).scatter(-1, best.indices, best.values)
+        per_expert = flat.unsqueeze(0).expand(m.up.shape[0], -1, -1)
+        inner = torch.bmm(per_expert, m.up.transpose(1, 2))
+        if gated_up:
+            gate, up = inner.chunk(2, dim=-1)
+            inner = F.silu(gate) * up
+        else:
+            inner = F.gelu(inner)
+        out = torch.bmm(inner, m.down.transpose(1, 2))
+        return (out * weights.t().unsqueeze(-1)).sum(0).view(h.shape)
+    desc = f"moe(E={experts},mid={mid},top={top}{',gate_up' if gated_up else ''})"
+    return Block(desc, fn, {"router": nn.Linear(c, experts, bias=ctx.p(0.5))}, params=params), layout
+
+
 @block("img", "seq", "vol", "tok", "vec", weight=3, first=True)
 def b_bn(ctx, shape, layout):
     c = csize(shape, layout)
