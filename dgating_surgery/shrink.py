@@ -154,8 +154,8 @@ def _cut(model: nn.Module, plan: CutPlan) -> None:
         kept = int((~gone).sum())
         values[fqn] = kept if role == Role.COUNT else _rescale_rms_norm(model, fqn, gone.numel(), kept)
     set_cut_attributes(model, values)
-    fix_attributes(model)  # after the attributes: a model-level fixer records them (a Hugging Face config)
     remove_branches(model, dead_branches)  # their tensors were cut to nothing: the layers go
+    fix_attributes(model)  # after the attributes: a model-level fixer records them (a Hugging Face config)
     if plan.kept_inputs:
         model.kept_input_features = {name: torch.tensor(kept) for name, kept in plan.kept_inputs.items()}
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import dgating_surgery as dg
 from dgating_surgery import constraints
+from dgating_surgery.gates import analyze
 from dgating_surgery.shrink import plan_cut
 
 from conftest import assert_exact_cut
@@ -144,3 +145,24 @@ def test_expert_mlps_in_a_module_list_are_gated_per_expert_and_the_router_stays(
     assert check.groups_gated == 48  # 4 experts x 12 neurons, each expert its own gate
     assert all(e[0].out_features < 12 for e in model.experts)
     assert model.router.weight.shape == (4, 8)
+
+
+class RankedRouter(nn.Module):
+    """Mixtral's original routing: top-k of the router's logits, then a softmax over the chosen."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.expert = nn.Linear(8, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        values, chosen = torch.topk(self.router(x), 2, dim=-1)
+        weights = torch.zeros_like(self.router.weight[:, 0]).expand(x.shape[0], -1)
+        weights = weights.scatter(-1, chosen, F.softmax(values, dim=-1))
+        return self.expert(x) * weights[:, :1]
+
+
+def test_a_router_ranked_by_topk_is_refused_with_the_routing_reason():
+    plan = analyze(RankedRouter(), torch.randn(5, 8))
+    (router,) = [s for s in plan.sets if s.modules == ["router"]]
+    assert {r.split(" (")[0] for r in router.reasons} == {"is ranked at function 'topk' at node 'topk'"}
+    assert all("changes which others are picked" in r for r in router.reasons)

@@ -58,6 +58,15 @@ def reduction(ctx: RuleContext, node, kind: str, dim_pos: int = 1):
     return out
 
 
+def top_k(ctx: RuleContext, node):
+    """``topk``: which entries win depends on all of them (a router choosing a token's experts):
+    removing one changes what the others are picked for, so nothing reaching it is removable; its
+    values and indices carry no group."""
+    ctx.taint_inputs(node, f"is ranked at {ctx.where(node)} (top-k selection, e.g. a router choosing experts): "
+                           "removing one entry changes which others are picked, so none is exactly removable")
+    return [None, None]
+
+
 def output(ctx: RuleContext, node):
     """The model's outputs: a group that reaches them is part of what the model computes."""
     for lab in ctx.all_labels(node.args):

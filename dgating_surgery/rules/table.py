@@ -22,7 +22,7 @@ from .names import op_name
 from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm_call,
                             group_norm_module, layer_norm_call, layer_norm_module, register_rms_norm,
                             rms_norm_module, softmax, softmax_module, vector_normalize)
-from .pooling import reduction, spatial
+from .pooling import reduction, spatial, top_k
 from .shapes import numel, shape_only, size
 from .branches import residual_branches
 from .attention import head_splits, matmul, multihead_attention, sdpa
@@ -135,7 +135,7 @@ NAME_RULES = {
        for name in ("t", "numpy_T", "mT", "transpose", "swapaxes", "swapdims", "permute", "unsqueeze", "expand")},
     "getattr": partial(param_view, otherwise=size),
     "sum": partial(reduction, kind="sum"), "mean": partial(reduction, kind="mean"),
-    "amax": partial(reduction, kind="max"), "amin": partial(reduction, kind="min"),
+    "amax": partial(reduction, kind="max"), "amin": partial(reduction, kind="min"), "topk": top_k,
     "std": partial(reduction, kind="std"), "var": partial(reduction, kind="var"),
     "norm": partial(reduction, kind="norm", dim_pos=2), "linalg_vector_norm": partial(reduction, kind="norm",
                                                                                          dim_pos=2),
