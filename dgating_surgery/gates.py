@@ -445,13 +445,15 @@ def _register_scales(model: nn.Module, dgates) -> None:
     """One ``GateScale`` per gated parameter and dim, combining every gate that scales part of it
     (a DenseNet BatchNorm reads channels made by many layers; a first linear layer can have its
     input features and its neurons gated at once, one dim each)."""
-    per_param: dict[tuple[str, int], list[tuple[DGate, Cut]]] = {}
+    # a residual branch's gate scales its last layer's tensors whole: a parametrization of its own, composed
+    # with those of the groups inside them (the channels of a ResNet block's last BatchNorm)
+    per_param: dict[tuple[str, int, bool], list[tuple[DGate, Cut]]] = {}
     for dgate in dgates:
         for cut in dgate.cuts:
             if (cut.scale >= 0).any():
-                per_param.setdefault((cut.fqn, cut.dim), []).append((dgate, cut))
+                per_param.setdefault((cut.fqn, cut.dim, cut.role == Role.BRANCH_OUTPUT), []).append((dgate, cut))
     holders = tied_holders(model)  # taken before any parametrization moves a tensor
-    for (fqn, dim), entries in per_param.items():
+    for (fqn, dim, _), entries in per_param.items():
         module, attr = owner(model, fqn)
         shape = getattr(module, attr).shape
         tied = holders.get(id(primary(model, fqn)), [(module, attr)])

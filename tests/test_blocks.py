@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import dgating_surgery as dg
+from conftest import assert_exact_cut
 from dgating_surgery.branches import Bypass, ZeroBranch
 from dgating_surgery.errors import CheckpointError, GatingError
 from dgating_surgery.gates import analyze
@@ -286,3 +287,20 @@ def test_decoder_layers_dropped_and_branches_removed(name, tmp_path):
 
 def _numel(shape) -> int:
     return int(torch.Size(shape).numel())
+
+
+def test_blocks_with_the_other_kinds():
+    """A branch's gate scales its last layer whole, composed with the gates of the groups inside it (a
+    ResNet block's last BatchNorm carries the residual stream's channels; a Llama's o_proj the heads'
+    columns and the hidden size's rows): every kind at once, still exact."""
+    torchvision = pytest.importorskip("torchvision")
+    T = pytest.importorskip("transformers")
+    check = assert_exact_cut(torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),),
+                             {"D": 3, "groups": [{"kind": "channels"}, {"kind": "blocks"}]}, fraction=0.4, seed=1)
+    assert check.groups_gated > 5
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=48))
+    kinds = [{"kind": k} for k in ("heads", "neurons", "hidden", "blocks")]
+    assert_exact_cut(llama, (torch.randint(0, 100, (2, 8)),), {"D": 3, "groups": kinds}, fraction=0.5,
+                     example_kwargs={"use_cache": False})
+    assert llama.config.num_hidden_layers == len(llama.model.layers) < 4
