@@ -14,12 +14,16 @@ the centre): the swap is recorded in ``model.centered_layernorms`` and replayed 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from .errors import GatingError
 from .execution import as_tuple, output_diff, run, tolerance
+from .rules import register_module_rule, register_rms_norm
 from .rules.names import op_name
+from .rules.normalization import rms_norm_module
 from .rules.table import SHAPE_ONLY_FN
 from .tensors import tied_holders
 from .tracing import capture, describe_node
@@ -29,17 +33,21 @@ SWAPPED_ATTR = "centered_layernorms"  # on the root: the names of the LayerNorms
 
 class CenteredLayerNorm(nn.LayerNorm):
     """A LayerNorm whose input is centred, computed as the RMS norm it then equals:
-    w * x / sqrt(mean(x^2) + eps) + b (in float32, like LayerNorm under autocast). Its tensors and
+    w * x / sqrt(mean(x^2) + eps) + b (half precisions computed in float32, as LayerNorm does). Its tensors and
     attributes are the LayerNorm's, so a state_dict loads into either class."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x if x.dtype in (torch.float32, torch.float64) else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            h = h * self.weight.float()
+            h = h * self.weight.to(h.dtype)
         if self.bias is not None:
-            h = h + self.bias.float()
+            h = h + self.bias.to(h.dtype)
         return h.to(x.dtype)
+
+
+register_rms_norm(CenteredLayerNorm, "eps")  # the formula w * x / sqrt(mean(x^2) + eps), then its bias
+register_module_rule(CenteredLayerNorm, rms_norm_module)  # symbolic tracing keeps it whole
 
 
 # a writer of the stream -> the dim of its weight that indexes its outputs (the hidden channels);
@@ -95,45 +103,72 @@ def _scalar_scale(node) -> bool:
     return op_name(node) in ("mul", "truediv", "div") and len(node.args) == 2 and isinstance(node.args[1], (int, float))
 
 
-def find_stream(cap) -> tuple[list[str], dict[str, nn.Module], list[str]]:
-    """(the LayerNorms reading the residual stream, the writers to centre by name, the tensors added
-    to it directly), or a GatingError naming the reader or writer that prevents centring."""
+@dataclass
+class Stream:
+    """One residual stream: the LayerNorms reading it, its nodes, the writers to centre (by name),
+    the tensors added to it directly, and why it cannot be centred (None: it can)."""
+
+    norms: set[str] = field(default_factory=set)
+    nodes: set = field(default_factory=set)
+    writers: dict[str, nn.Module] = field(default_factory=dict)
+    params: set[str] = field(default_factory=set)
+    problem: str | None = None
+
+    def merge(self, other: "Stream") -> "Stream":
+        return Stream(self.norms | other.norms, self.nodes | other.nodes, {**self.writers, **other.writers},
+                      self.params | other.params, self.problem or other.problem)
+
+
+def find_streams(cap) -> list[Stream]:
+    """The residual streams the LayerNorms of a captured model read (streams that share a node are one)."""
     model, gm = cap.model, cap.gm
     norms = {node: name for node in gm.graph.nodes if (name := _layer_norm_of(model, node)) is not None}
-    if not norms:
-        raise GatingError(f"{type(model).__name__} has no LayerNorm over its last dim: no stream to centre")
-    stream, todo, writers, params = set(), [n.args[0] for n in norms], {}, []
+    streams: list[Stream] = []
+    for node, name in norms.items():
+        stream = Stream({name})
+        stream.problem = _walk(cap, node.args[0], stream)
+        for other in [o for o in streams if o.nodes & stream.nodes]:
+            streams.remove(other)
+            stream = stream.merge(other)
+        streams.append(stream)
+    for stream in streams:
+        readers = {user for node in stream.nodes for user in node.users
+                   if user not in stream.nodes and user not in norms and op_name(user) not in SHAPE_READERS}
+        if readers and stream.problem is None:
+            stream.problem = (f"the residual stream is read by {describe_node(gm, min(readers, key=str))}, not a "
+                              "LayerNorm: centring the stream would change what it reads")
+    return streams
+
+
+def _walk(cap, start, stream: Stream) -> str | None:
+    """Collect the stream from a LayerNorm's input back to its writers; why it cannot be centred, or None."""
+    model, gm = cap.model, cap.gm
+    todo = [start]
     while todo:
         node = todo.pop()
-        if node in stream:
+        if node in stream.nodes:
             continue
-        stream.add(node)
+        stream.nodes.add(node)
         writer = _writer_of(model, node)
         name = op_name(node) if node.op in ("call_function", "call_method") else None
         if _layer_norm_of(model, node) is not None:
-            raise GatingError(f"the residual stream is the output of the LayerNorm {describe_node(gm, node)}: a "
-                              "post-LayerNorm model (each block normalizes after its residual add, as BERT does) has no "
-                              "centred stream; only pre-LayerNorm streams (GPT-2, ViT) convert")
+            return (f"the residual stream is the output of the LayerNorm {describe_node(gm, node)}: a post-LayerNorm "
+                    "model (each block normalizes after its residual add, as BERT does) has no centred stream; only "
+                    "pre-LayerNorm streams (GPT-2, ViT) convert")
         if node.op == "get_attr":
-            params.append(node.target)
+            stream.params.add(node.target)
         elif writer is not None and (node.op == "call_module" or name not in PASS):
-            writers[writer[0]] = writer[1]
+            stream.writers[writer[0]] = writer[1]
         elif name in ADDS and not all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
-            raise GatingError(f"the residual stream gets a constant added at {describe_node(gm, node)}, which cannot be "
-                              "centred")
+            return f"the residual stream gets a constant added at {describe_node(gm, node)}, which cannot be centred"
         elif name in PASS or _scalar_scale(node):
             if name in ("cat", "concat") and _cat_dim(node) % len(cap.values[node].shape) == len(cap.values[node].shape) - 1:
-                raise GatingError(f"the residual stream is concatenated along the hidden dim at {describe_node(gm, node)}")
+                return f"the residual stream is concatenated along the hidden dim at {describe_node(gm, node)}"
             todo.extend(_tensor_args(node.args if name in ADDS | {"cat", "concat"} else node.args[:1]))
         else:
-            raise GatingError(f"the residual stream is written by {describe_node(gm, node)}, which cannot be centred "
-                              "(embeddings, linear and conv layers and tensors added to the stream can)")
-    for node in stream:
-        for user in node.users:
-            if user not in stream and user not in norms and op_name(user) not in SHAPE_READERS:
-                raise GatingError(f"the residual stream is read by {describe_node(gm, user)}, not a LayerNorm: "
-                                  "centring the stream would change what it reads")
-    return sorted(set(norms.values())), writers, params
+            return (f"the residual stream is written by {describe_node(gm, node)}, which cannot be centred (embeddings, "
+                    "linear and conv layers and tensors added to the stream can)")
+    return None
 
 
 def _cat_dim(node) -> int:
@@ -151,27 +186,25 @@ def _tensor_args(args) -> list:
 
 
 def center_layernorms(model: nn.Module, example_inputs, example_kwargs=None) -> list[str]:
-    """Centre every writer of the residual stream and swap its LayerNorms for ``CenteredLayerNorm``
-    (in place; the function is unchanged, checked on the example inputs). Returns the swapped
-    LayerNorms' names. A model whose stream is read by anything but a LayerNorm (a post-LN model
-    such as BERT, whose residual sum is normalized after the add and also read by the next block),
-    or written by something that cannot be centred, or whose writer shares its weight with another
-    layer (a tied output layer), is refused with the reason, and left as it was."""
+    """Centre every writer of the residual streams the model's LayerNorms read, and swap the LayerNorms
+    for ``CenteredLayerNorm`` (in place; the function is unchanged, checked on the example inputs).
+    Returns the swapped LayerNorms' names. When a stream is read by anything but a LayerNorm (a post-LN
+    model such as BERT normalizes after the residual add), written by something that cannot be
+    centred, or written by a weight another layer shares (a tied output layer), GatingError says
+    which, and the model is left as it was."""
     args, kwargs = as_tuple(example_inputs), dict(example_kwargs or {})
-    cap = capture(model, args, kwargs)
-    names, writers, params = find_stream(cap)
-    width = model.get_submodule(names[0]).normalized_shape[0]
-    tensors = [row for name, m in writers.items() for row in _output_tensors(name, m)]
-    tensors += [(name, _get(model, name), -1) for name in params]
+    streams = find_streams(capture(model, args, kwargs))
+    if not streams:
+        raise GatingError(f"{type(model).__name__} has no LayerNorm over its last dim: no residual stream to centre")
     tied = tied_holders(model)
-    for name, tensor, dim in tensors:
-        if getattr(writers.get(name.rpartition(".")[0]), "groups", 1) != 1:
-            raise GatingError(f"'{name}' is a grouped conv writing into the residual stream: its outputs cannot be centred")
-        if tensor.shape[dim] != width:
-            raise GatingError(f"'{name}' writes {tensor.shape[dim]} channels into a residual stream of {width}")
-        if len(tied.get(id(tensor), ())) > 1:
-            raise GatingError(f"'{name}' writes into the residual stream and is also used elsewhere (a tied weight): "
-                              "centring it would change that use; untie it first")
+    for stream in streams:
+        if stream.problem is None:
+            stream.problem = _unfit_writer(model, stream, tied)
+    problem = next((s.problem for s in streams if s.problem is not None), None)
+    if problem is not None:  # a stream left under LayerNorm ties its channels to the centred ones: none could go
+        raise GatingError(problem)
+    tensors = [t for s in streams for t in _tensors(model, s)]
+    names = sorted(n for s in streams for n in s.norms)
     reference = run(model, args, kwargs)
     saved = [(tensor, tensor.detach().clone()) for _, tensor, _ in tensors]
     with torch.no_grad():
@@ -186,9 +219,30 @@ def center_layernorms(model: nn.Module, example_inputs, example_kwargs=None) -> 
         for name in names:
             model.get_submodule(name).__class__ = nn.LayerNorm
         setattr(model, SWAPPED_ATTR, [n for n in getattr(model, SWAPPED_ATTR) if n not in names])
-        raise GatingError(f"centring the residual stream of {type(model).__name__} changed its output by {diff:.3g} of its "
-                          "largest value: something besides its LayerNorms reads the stream. The model was left as it was")
+        raise GatingError(f"centring the residual stream of {type(model).__name__} changed its output by {diff:.3g} of "
+                          "its largest value: something besides its LayerNorms reads it. The model was left as it was")
     return names
+
+
+def _tensors(model: nn.Module, stream: Stream) -> list[tuple[str, torch.Tensor, int]]:
+    """Every tensor a stream's writers add to it, as (name, tensor, the dim of the hidden channels)."""
+    rows = [row for name, m in stream.writers.items() for row in _output_tensors(name, m)]
+    return rows + [(name, _get(model, name), -1) for name in sorted(stream.params)]
+
+
+def _unfit_writer(model: nn.Module, stream: Stream, tied: dict) -> str | None:
+    """Why a stream's writers cannot be centred (a grouped conv, a width that is not the stream's,
+    a weight shared with another layer), or None."""
+    width = model.get_submodule(min(stream.norms)).normalized_shape[0]
+    for name, tensor, dim in _tensors(model, stream):
+        if getattr(stream.writers.get(name.rpartition(".")[0]), "groups", 1) != 1:
+            return f"'{name}' is a grouped conv writing into the residual stream: its outputs cannot be centred"
+        if tensor.ndim == 0 or tensor.shape[dim] != width:
+            return f"'{name}' writes {tuple(tensor.shape)} into a residual stream of width {width}"
+        if len(tied.get(id(tensor), ())) > 1:
+            return (f"'{name}' writes into the residual stream and is also used elsewhere (a tied weight): centring "
+                    "it would change that use; untie it first")
+    return None
 
 
 def _output_tensors(name: str, module: nn.Module) -> list[tuple[str, torch.Tensor, int]]:

@@ -387,6 +387,40 @@ def b_ln(ctx, shape, layout):
     return Block(f"LayerNorm(last dim {w})", lambda m, h, x: m.n(h), {"n": nn.LayerNorm(w, elementwise_affine=affine)}), layout
 
 
+@block("tok", "vec", weight=2)
+def b_prenorm(ctx, shape, layout):
+    """A pre-LayerNorm residual stream (GPT-2's shape): a linear writes it (plus, maybe, a position
+    vector, maybe scaled), one or two residual MLPs read it through LayerNorms and write it back,
+    and a last LayerNorm and linear read it out. Gated with {kind: hidden, center_layernorm: true}."""
+    c, d, mid, n = csize(shape, layout), ctx.width(3, MAX_C), ctx.width(), ctx.rng.randint(1, 2)
+    pos, scale = ctx.p(0.5), ctx.choice([None, 2.0])
+    mods = {"inp": nn.Linear(c, d, bias=ctx.p(0.6)), "lnf": nn.LayerNorm(d, bias=ctx.p(0.7)),
+            "out": nn.Linear(d, ctx.width(), bias=ctx.p(0.6))}
+    for i in range(n):
+        mods.update({f"ln{i}": nn.LayerNorm(d, bias=ctx.p(0.7)), f"up{i}": nn.Linear(d, mid),
+                     f"down{i}": nn.Linear(mid, d, bias=ctx.p(0.6))})
+
+    def fn(m, h, x):
+        s = m.inp(h) + m.pos if pos else m.inp(h)
+        s = s * scale if scale else s
+        for i in range(n):
+            s = s + getattr(m, f"down{i}")(F.gelu(getattr(m, f"up{i}")(getattr(m, f"ln{i}")(s))))
+        return m.out(m.lnf(s))
+    desc = f"prenorm(d={d},mid={mid},n={n}{',pos' if pos else ''}{',x2' if scale else ''})"
+    return Block(desc, fn, mods, params={"pos": torch.ones(d)} if pos else None), layout
+
+
+def recipe_for(model) -> dict:
+    """RECIPE, and the residual stream centred and gated when the model has a pre-LayerNorm block
+    and no LayerNorm outside one (centring refuses a stream it cannot centre)."""
+    prenorm = [n for n, m in model.named_modules() if isinstance(m, Block) and m.desc.startswith("prenorm(")]
+    others = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+              and not any(n.startswith(f"{p}.") for p in prenorm)]
+    if not prenorm or others:
+        return RECIPE
+    return {**RECIPE, "groups": RECIPE["groups"] + [{"kind": "hidden", "center_layernorm": True}]}
+
+
 @block("img", "seq", "vol", weight=2, first=True)
 def b_gn(ctx, shape, layout):
     c = shape[1]
@@ -1627,7 +1661,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gated = dg.gate_model(model, RECIPE, inputs)
+            gated = dg.gate_model(model, recipe_for(model), inputs)
     except GatingError as exc:
         if "matched nothing" in str(exc):
             return Outcome("nothing gated")

@@ -269,8 +269,9 @@ def rms_statistics(ctx: RuleContext, node, x, dim: int, scope: tuple[str, str]) 
 
 
 def rms_norm_module(ctx: RuleContext, node):
-    """nn.RMSNorm over the last dim(s): its statistics (see ``rms_statistics``) and its per-channel
-    weight, which a gate may scale like BatchNorm's."""
+    """nn.RMSNorm over the last dim(s) (and a registered RMS norm layer with a bias added after it,
+    ``centering.CenteredLayerNorm``): its statistics (see ``rms_statistics``) and its per-channel
+    weight and bias, which a gate may scale like BatchNorm's."""
     m = ctx.module(node)
     x = node.args[0]
     lab = ctx.labels(x)
@@ -279,10 +280,9 @@ def rms_norm_module(ctx: RuleContext, node):
     nd = lab.ids.ndim
     dims = list(range(nd - len(m.normalized_shape), nd))
     if len(dims) != 1 or not any(d in lab.varying_dims() for d in dims):
-        return normalization(ctx, node, x, dims, "RMSNorm")
-    rms_statistics(ctx, node, x, dims[0], (node.target, "eps"))
-    weight = ctx.fqn_of(node, "weight")
-    if weight is None:
-        return lab
-    ctx.attach(weight, Role.AFFINE, ctx.per_dim(x, dims[0], node).ids.reshape(-1), 0)
-    return Labels.fresh(lab.ids, zaff=True, zall=True)
+        return normalization(ctx, node, x, dims, type(m).__name__)
+    rms_statistics(ctx, node, x, dims[0], (node.target, RMS_NORMS.get(type(m), ("eps",))[0]))
+    affine = [fqn for fqn in (ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias")) if fqn is not None]
+    for fqn in affine:
+        ctx.attach(fqn, Role.AFFINE, ctx.per_dim(x, dims[0], node).ids.reshape(-1), 0)
+    return Labels.fresh(lab.ids, zaff=True, zall=True) if affine else lab
