@@ -1,32 +1,23 @@
-"""The README as a new user reads it (issue 11): the install section says how to get PyTorch's CPU
-build and which extra each use needs, a missing library names its extra, and every code block of
-the journey (up to "Lambda within a run") runs as written in a fresh directory, the shell lines
-through the installed console script. The sections after it (schedules, distributed training, the
-Trainer and Lightning callbacks, precision, PEFT) show fragments of a larger program; their own
-tests run them (test_schedule.py, test_distributed.py, test_hf.py, test_lightning.py,
-test_precision.py, test_peft.py)."""
+"""The README as a new user reads it (issues 11 and 21): the two commands for a fresh machine come
+first, the install section says how to get PyTorch's CPU build and which extra each use needs, a
+missing library names its extra, the page stays a front page (under 200 lines), and every code block
+is one of the two commands, an install line or a step of a journey that tests/test_docs.py walks as
+written (README's quick start, then the pages of docs/)."""
 import re
-import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
-import dgating_surgery as dg
 from dgating_surgery.cli import main
 
-from test_cli import shell
+from docblocks import CODE, blocks, journey
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-JOURNEY = README.split("## Lambda within a run")[0]
-
-
-def blocks():
-    """(language, code) of every fenced block of the journey, in order."""
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", JOURNEY, re.S | re.M)]
+TWO_COMMANDS = "pip install . && dgate demo\npip install -e '.[test]' && python -m pytest\n"
 
 
 def extras() -> dict:
@@ -45,16 +36,43 @@ def test_install_section_names_the_cpu_build_and_the_extras():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     top = {re.match(r"[\w-]+", dep).group(0): re.search(r"<=([\d.]+)", dep).group(1)
            for dep in project["dependencies"] + extras()["vision"] if "<=" in dep}
-    # the CPU build, within the versions the package allows (else pip would fetch the CUDA build again)
+    # the CPU build, within the versions the package allows (else pip would fetch the CUDA build again),
+    # from an index the reader sets first: pasted unset, the shell stops with the instruction
     assert (f"pip install 'torch<={top['torch']}' 'torchvision<={top['torchvision']}' "
-            '--index-url "$PYTORCH_CPU_INDEX"') in install and "CPU" in install
+            '--index-url "${PYTORCH_CPU_INDEX:?') in install and "CPU" in install
+    assert "Get Started" in install and "export PYTORCH_CPU_INDEX=" in install
+    done = subprocess.run(["bash", "-c", 'unset PYTORCH_CPU_INDEX; echo --index-url "${PYTORCH_CPU_INDEX:?set it first: see Install}"'],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "set it first" in done.stderr
+    assert not re.search(r"https?://|\.org\b|\.com\b", README), "no registry host or URL in the repository"
     named = set(re.findall(r"\.\[(\w+)\]", README))
-    assert {"vision", "timm", "transformers", "onnx", "test", "bench"} <= named <= set(extras())
-    for library, extra in (("torchvision", "vision"), ("timm", "timm"), ("transformers", "transformers")):
+    assert named == set(extras()), "every extra is in the install table, and nothing else"
+    for library, extra in (("torchvision", "vision"), ("timm", "timm"), ("transformers", "transformers"),
+                           ("Trainer", "hf"), ("Lightning", "lightning"), ("onnx", "onnx")):
         assert any(library in row and f".[{extra}]" in row for row in install.splitlines()), library
-        assert any(library in dep for dep in extras()[extra])
-    cli_section = README.split("## The command line")[1].split("\n## ")[0]
-    assert "These examples use torchvision's models: `pip install '.[vision]'`" in cli_section
+    for library, extra in (("torchvision", "vision"), ("timm", "timm"), ("transformers", "transformers"),
+                           ("transformers", "hf"), ("lightning", "lightning"), ("onnx", "onnx")):
+        assert any(library in dep for dep in extras()[extra]), extra
+
+
+def test_the_front_page():
+    """Short, the two commands at the very top (CI runs the second), the suite's time said, one demo
+    time, and links into docs/ (tests/test_docs.py checks they resolve)."""
+    assert len(README.splitlines()) < 200
+    first = blocks(ROOT / "README.md")[0]
+    assert first.code == TWO_COMMANDS and README.index("```bash") < README.index("\n## ")
+    assert "7 minutes on a quiet 2-core machine" in README
+    demo = README.split("## The demo")[1].split("\n## ")[0]
+    assert len(re.findall(r"\b\d+(?:\.\d+)? s\b", demo)) == 1 and "`time dgate demo`" in demo  # one time, measured
+    assert "(docs/index.md)" in README
+
+
+def test_every_readme_block_is_a_command_or_a_journey_step():
+    code = [b for b in blocks(ROOT / "README.md") if b.lang in CODE]
+    assert [b.kind for b in code] == ["install", "install", "journey", "journey"]
+    assert [b.arg for b in code[2:]] == ["cnn", "lm"]
+    for b in code[2:]:
+        assert journey(b.arg)[0] == b  # the journey starts with README's quick start (tests/test_docs.py)
 
 
 def test_a_missing_library_names_its_extra(monkeypatch, tmp_path):
@@ -65,31 +83,3 @@ def test_a_missing_library_names_its_extra(monkeypatch, tmp_path):
     assert "install torchvision (pip install torchvision, or this package's 'vision' extra: pip install '.[vision]')" \
         in result.stderr
     assert list(tmp_path.iterdir()) == []
-
-
-def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("torchvision")
-    pytest.importorskip("onnx")
-    monkeypatch.chdir(tmp_path)
-    kinds = []
-    for lang, code in blocks():
-        if lang == "python":
-            exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
-        elif lang == "yaml":
-            assert dg.load_recipe(yaml.safe_load(code)).groups
-        elif lang == "bash":
-            for line in code.splitlines():
-                words = shlex.split(line, comments=True)
-                commands = [[]]
-                for word in words:
-                    commands.append([]) if word == "&&" else commands[-1].append(word)
-                for command in commands:
-                    if not command or command[:2] == ["pip", "install"] or command[:3] == ["python", "-m", "pytest"]:
-                        continue
-                    assert command[0] == "dgate", line
-                    done = shell(*command[1:], cwd=tmp_path)
-                    assert done.returncode == 0, f"{line}\n{done.stderr}"
-        kinds.append(lang)
-    assert kinds.count("python") >= 4 and kinds.count("bash") >= 4 and "yaml" in kinds
-    for name in ("gated.safetensors", "slim.safetensors", "slim.onnx"):
-        assert (tmp_path / name).is_file(), name
