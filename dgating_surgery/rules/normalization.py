@@ -174,10 +174,16 @@ def rms_norm_of(module: nn.Module) -> tuple[str, RmsFormula] | str:
     RMS norm the cut can keep exact."""
     if type(module) in RMS_NORMS:
         return RMS_NORMS[type(module)]
-    attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-    key = (type(module), tuple(sorted(attrs.items())))
+    attrs = {k: v for k, v in vars(module).items()
+             if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, torch.dtype, type(None)))}
+    floats = [k for k, v in attrs.items() if type(v) is float]
+    key = (type(module), tuple(sorted(attrs.items(), key=lambda kv: kv[0])))
+    try:
+        hash(key)
+    except TypeError:  # an attribute that cannot be a key (a tuple holding a list): probe every time
+        return _probe_rms_norm(module, floats)
     if key not in _PROBED:
-        _PROBED[key] = _probe_rms_norm(module, [k for k, v in attrs.items() if type(v) is float])
+        _PROBED[key] = _probe_rms_norm(module, floats)
     return _PROBED[key]
 
 
