@@ -267,7 +267,8 @@ class _Unchanged:
     def _varies(self) -> bool:
         """Whether two runs of the model as it is now differ (a forward that samples): asked only
         after a check failed, since such a model fails every check."""
-        return output_diff(run(self.model, self.args, self.kwargs), run(self.model, self.args, self.kwargs)) > self.rtol
+        first, second = (run(self.model, self.args, self.kwargs) for _ in range(2))
+        return output_diff(first, second) > self.rtol
 
     def check_every_use_is_gated(self) -> None:
         if not self.checkable:
@@ -283,12 +284,14 @@ class _Unchanged:
                 if self._diff() > self.rtol:
                     culprits.append(dgate)
         _ungate(self.model)
-        names = ", ".join(f"'{g.name}' ({g.kind})" for g in culprits) or "of several sets together"
+        names = ", ".join(f"'{g.name}' ({g.kind})" for g in culprits)
         modules = ", ".join(f'"{g.modules[0]}"' for g in culprits)
+        advice = (f"a weight of the group set(s) {names} is also used where its gate does not reach. The model was "
+                  f"left ungated; exclude them in the recipe (exclude: [{modules}])" if culprits else
+                  "a weight is used where its gate does not reach (no one set alone shows it). The model was left "
+                  "ungated")
         raise GatingError(f"gating {type(self.model).__name__} would change its output (by {diff:.3g} of its largest "
-                          f"value on the example inputs): a weight of the group set(s) {names} is also used where "
-                          f"its gate does not reach. The model was left ungated; exclude them in the recipe "
-                          f"(exclude: [{modules}]) and please report the model.")
+                          f"value on the example inputs): {advice}; please report the model.")
 
     def check_balanced(self, scales: list[torch.Tensor]) -> None:
         """After the balanced init, which scaled each gate's weights by ``scales``."""

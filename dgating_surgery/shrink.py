@@ -189,7 +189,8 @@ def _run_slim(model: nn.Module, example_inputs, kwargs, cut_by: dict[str, list[s
     except Exception as exc:
         where = where_it_fails(model, args, kwargs, cut_by)
         raise ShrinkError(f"the slim model does not run on the example inputs: {where} ({one_line(exc)}). The model "
-                          "was left gated; exclude those sets from the recipe (`dgate inspect` lists every set).") from exc
+                          "was left gated; exclude those sets from the recipe (`dgate inspect` lists every "
+                          "set).") from exc
 
 
 def sets_by_layer(model: nn.Module) -> dict[str, list[str]]:
@@ -200,9 +201,10 @@ def sets_by_layer(model: nn.Module) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for dgate in dgates:
         for cut in dgate.cuts:
-            layer = cut.fqn.rpartition(".")[0]
-            tensor = primary(model, cut.fqn) if cut.role not in ATTRIBUTE_ROLES else None
-            for name in layers_of.get(id(tensor), [layer]):  # a tied weight: every layer using it
+            layers = [cut.fqn.rpartition(".")[0]]
+            if cut.role not in ATTRIBUTE_ROLES:  # a tied weight: every layer using it
+                layers = layers_of.get(id(primary(model, cut.fqn)), layers)
+            for name in layers:
                 names = found.setdefault(name, [])
                 if f"'{dgate.name}' ({dgate.kind})" not in names:
                     names.append(f"'{dgate.name}' ({dgate.kind})")

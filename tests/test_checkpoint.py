@@ -48,7 +48,7 @@ def test_slim_roundtrip_is_identical(tmp_path, make, shape):
     manifest = dg.read_manifest(path)
     assert manifest["format"] == "slim" and manifest["model"] == {"kind": "factory",
                                                                    "spec": f"models:{make.__name__}"}
-    assert manifest["recipe"]["groups"] == [{"kind": "channels"}, {"kind": "neurons"}]
+    assert manifest["recipe"]["groups"] == [{"kind": "channels"}, {"kind": "neurons"}, {"kind": "heads"}]
     assert all(len(g["kept"]) <= g["groups"] for g in manifest["kept_groups"].values())
 
 
