@@ -185,13 +185,34 @@ def _tensor_args(args) -> list:
     return found
 
 
-def center_layernorms(model: nn.Module, example_inputs, example_kwargs=None) -> list[str]:
+@dataclass
+class Centring:
+    """What ``center_layernorms`` changed, so that it can be undone (a gate_model that fails after it
+    leaves the model as it was): the swapped LayerNorms and each centred tensor's old value."""
+
+    model: nn.Module
+    names: list[str]
+    saved: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self.saved:
+                tensor.copy_(value)
+        for name in self.names:
+            self.model.get_submodule(name).__class__ = nn.LayerNorm
+        left = [n for n in getattr(self.model, SWAPPED_ATTR) if n not in self.names]
+        if left:
+            setattr(self.model, SWAPPED_ATTR, left)
+        else:
+            delattr(self.model, SWAPPED_ATTR)
+
+
+def center_layernorms(model: nn.Module, example_inputs, example_kwargs=None) -> Centring:
     """Centre every writer of the residual streams the model's LayerNorms read, and swap the LayerNorms
     for ``CenteredLayerNorm`` (in place; the function is unchanged, checked on the example inputs).
-    Returns the swapped LayerNorms' names. When a stream is read by anything but a LayerNorm (a post-LN
-    model such as BERT normalizes after the residual add), written by something that cannot be
-    centred, or written by a weight another layer shares (a tied output layer), GatingError says
-    which, and the model is left as it was."""
+    When a stream is read by anything but a LayerNorm (a post-LN model such as BERT normalizes after
+    the residual add), written by something that cannot be centred, or written by a weight another
+    layer shares (a tied output layer), GatingError says which, and the model is left as it was."""
     args, kwargs = as_tuple(example_inputs), dict(example_kwargs or {})
     streams = find_streams(capture(model, args, kwargs))
     if not streams:
@@ -204,24 +225,19 @@ def center_layernorms(model: nn.Module, example_inputs, example_kwargs=None) -> 
     if problem is not None:  # a stream left under LayerNorm ties its channels to the centred ones: none could go
         raise GatingError(problem)
     tensors = [t for s in streams for t in _tensors(model, s)]
-    names = sorted(n for s in streams for n in s.norms)
     reference = run(model, args, kwargs)
-    saved = [(tensor, tensor.detach().clone()) for _, tensor, _ in tensors]
+    done = Centring(model, sorted(n for s in streams for n in s.norms),
+                    [(tensor, tensor.detach().clone()) for _, tensor, _ in tensors])
     with torch.no_grad():
         for _, tensor, dim in tensors:
             tensor.sub_(tensor.mean(dim, keepdim=True))
-    replay(model, names)
+    replay(model, done.names)
     diff = output_diff(reference, run(model, args, kwargs))
     if not diff <= tolerance(reference):
-        with torch.no_grad():
-            for tensor, value in saved:
-                tensor.copy_(value)
-        for name in names:
-            model.get_submodule(name).__class__ = nn.LayerNorm
-        setattr(model, SWAPPED_ATTR, [n for n in getattr(model, SWAPPED_ATTR) if n not in names])
+        done.undo()
         raise GatingError(f"centring the residual stream of {type(model).__name__} changed its output by {diff:.3g} of "
                           "its largest value: something besides its LayerNorms reads it. The model was left as it was")
-    return names
+    return done
 
 
 def _tensors(model: nn.Module, stream: Stream) -> list[tuple[str, torch.Tensor, int]]:

@@ -209,6 +209,16 @@ def test_post_layernorm_bert_is_refused_with_the_reason_and_left_as_it_was():
     assert not any(type(m) is CenteredLayerNorm for m in model.modules())
 
 
+def test_a_gate_model_that_fails_after_centring_undoes_it():
+    model = dg.expose_weights(gpt2())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dg.GatingError, match=r"groups\[0\] \{kind: hidden, names: \['nothing\*'\]\} matched nothing"):
+        dg.gate_model(model, {"D": 3, "groups": [{"kind": "hidden", "center_layernorm": True, "names": ["nothing*"]}]},
+                      (IDS,), NO_CACHE)
+    assert all(type(m) is nn.LayerNorm for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) and not hasattr(model, "centered_layernorms")
+
+
 def test_a_tied_embedding_is_refused_with_the_reason():
     with pytest.raises(dg.GatingError, match=r"'transformer.wte.weight' writes into the residual stream and is also "
                                              r"used elsewhere \(a tied weight\).*untie it first"):
