@@ -206,11 +206,17 @@ def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=Non
     recipe = load_recipe(recipe)
     _refuse_gated(model)
     check_gateable(model)  # wrappers, PEFT adapters, existing parametrizations: refused with the order to use
+    centring = None
     if any(g.center_layernorm for g in recipe.groups):  # opt-in: a pre-LayerNorm stream made RMS-normed, exactly
-        center_layernorms(model, example_inputs, example_kwargs)
-    plan = analyze(model, example_inputs, example_kwargs)
-    examples = (as_tuple(example_inputs), dict(example_kwargs or {}))
-    _apply(model, plan, recipe, _Unchanged(model, *examples))
+        centring = center_layernorms(model, example_inputs, example_kwargs)
+    try:
+        plan = analyze(model, example_inputs, example_kwargs)
+        examples = (as_tuple(example_inputs), dict(example_kwargs or {}))
+        _apply(model, plan, recipe, _Unchanged(model, *examples))
+    except BaseException:
+        if centring is not None:
+            centring.undo()  # a refusal leaves the model as it was
+        raise
     gate_set(model).examples = detached(examples)
     return model
 
