@@ -220,14 +220,14 @@ def refuse_live_wrapper(model: nn.Module, action: str) -> None:
             "the full state (a collective): state = torch.distributed.checkpoint.state_dict.get_model_state_dict("
             "model, options=StateDictOptions(full_state_dict=True)); load it into a plain gated copy: plain = "
             "dg.gate_model(make_model(), recipe, example_inputs); plain.load_state_dict(state); then "
-            f"dg.{action}(plain, ...). See README, 'Distributed training'.")
+            f"dg.{action}(plain, ...). See docs/training.md, 'Distributed training'.")
     if action.startswith("save"):
         return  # saving reads the module; only the FSDP2 shards are a problem
     raise error(
         f"dg.{action} got a live {wrapper} wrapper: cutting its module in place replaces the sliced parameters, and "
         f"the wrapper keeps syncing the old ones, so the replicas silently diverge. On every rank: slim = "
         f"dg.{action}(model.module, ...); then drop the wrapper and wrap again (model = DistributedDataParallel(slim, "
-        "...)), and build a new optimizer for the new parameters. See README, 'Distributed training'.")
+        "...)), and build a new optimizer for the new parameters. See docs/training.md, 'Distributed training'.")
 
 
 # -- SyncBatchNorm -------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def test_every_dg_name_the_benchmarks_docs_and_tests_use_exists():
     spell must resolve."""
     root = Path(__file__).resolve().parents[1]
     files = [*(root / "benchmarks").glob("*.py"), *(root / "tests").glob("*.py"), root / "README.md",
-             root / "dgating_surgery" / "demo.py"]
+             *(root / "docs").glob("*.md"), root / "dgating_surgery" / "demo.py"]
     used = {(name, f.name) for f in files for name in re.findall(r"\bdg\.([A-Za-z_]\w*)", f.read_text())}
     missing = sorted((f, name) for name, f in used if not hasattr(dg, name))
     assert len(used) > 100 and not missing, missing
