@@ -299,11 +299,20 @@ def b_moe(ctx, shape, layout):
     c, mid, experts = shape[-1], ctx.width(2, 8), ctx.choice([2, 3, 4])
     top = ctx.choice([None, 1, 2])
     gated_up = ctx.p(0.5)  # gate and up in one (E, 2*mid, c) tensor, chunked (Mixtral's gate_up_proj)
+    gathered = ctx.p(0.3)  # each token's top expert matrices gathered, W[ids] @ x (transformers' batched_mm)
     params = {"up": torch.ones(experts, (2 if gated_up else 1) * mid, c), "down": torch.ones(experts, c, mid)}
 
     def fn(m, h, x):
         flat = h.reshape(-1, h.size(-1))
         weights = F.softmax(m.router(flat), dim=-1)
+        if gathered:
+            ids = weights.argmax(-1)
+            inner = torch.bmm(m.up[ids], flat.unsqueeze(-1)).squeeze(-1)
+            if gated_up:
+                gate, up = inner.chunk(2, dim=-1)
+                inner = F.silu(gate) * up
+            out = torch.bmm(m.down[ids], F.gelu(inner).unsqueeze(-1)).squeeze(-1)
+            return (out * weights.gather(-1, ids.unsqueeze(-1))).view(h.shape)
         if top is not None and top < experts:
             best = torch.topk(weights, top, dim=-1)
             weights = torch.zeros_like(weights).scatter(-1, best.indices, best.values)
@@ -316,7 +325,7 @@ def b_moe(ctx, shape, layout):
             inner = F.gelu(inner)
         out = torch.bmm(inner, m.down.transpose(1, 2))
         return (out * weights.t().unsqueeze(-1)).sum(0).view(h.shape)
-    desc = f"moe(E={experts},mid={mid},top={top}{',gate_up' if gated_up else ''})"
+    desc = f"moe(E={experts},mid={mid},{'gathered' if gathered else f'top={top}'}{',gate_up' if gated_up else ''})"
     return Block(desc, fn, {"router": nn.Linear(c, experts, bias=ctx.p(0.5))}, params=params), layout
 
 

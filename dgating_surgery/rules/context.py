@@ -37,11 +37,13 @@ class ParamRef:
     """A parameter or buffer read by the graph (``get_attr``) that has not been used element-wise
     yet, or a view of one that a hand-written linear multiplies by (``W.T``, ``W.t().expand(B, -1,
     -1)``): ``transposed``, its last two dims swapped; ``lead``, leading dims added in front of it
-    (a batch it is broadcast over)."""
+    (a batch it is broadcast over); ``gathered``, its dim 0 indexed by a tensor (``W[expert_ids]``:
+    each row's expert matrix), so that an entry's position along it is data."""
 
     fqn: str
     transposed: bool = False
     lead: int = 0
+    gathered: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,19 +179,23 @@ class RuleContext:
         state = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
         if isinstance(state, ParamRef):
             lab = self._param_labels_of(state.fqn)
+            if state.gathered:  # which matrix a row reads is data: its entries are one with every matrix's
+                for k in range(1, lab.ids.shape[0]):
+                    self.union(lab.ids[0].numpy(), lab.ids[k].numpy())
+                lab = lab.map(lambda t: t[:1])
             if state.transposed:
                 lab = lab.map(lambda t: t.transpose(-1, -2))
             return lab.map(lambda t: t.reshape((1,) * state.lead + tuple(t.shape)))
         return state if isinstance(state, Labels) else None
 
-    def all_labels(self, structure) -> list[Labels]:
-        """Every label set among the nodes of an argument structure (tuple outputs included)."""
-        return self._states(structure, Labels)
     def weight(self, arg) -> ParamRef | None:
         """The parameter or buffer (or a view of one, see ``ParamRef``) an argument is, or None."""
         state = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
         return state if isinstance(state, ParamRef) else None
 
+    def all_labels(self, structure) -> list[Labels]:
+        """Every label set among the nodes of an argument structure (tuple outputs included)."""
+        return self._states(structure, Labels)
 
     def literal_sizes(self, node, sizes, ndim: int) -> list[bool]:
         """Which output dims of a view the forward code fixes (see ``fixed_by_code``)."""

@@ -78,24 +78,26 @@ def convolution_call(ctx: RuleContext, node):  # aten.convolution(x, w, b, strid
                 transposed=node.args[6])
 
 
-def linear(ctx: RuleContext, node, x, weight, bias, transposed=False):
+def linear(ctx: RuleContext, node, x, weight, bias, transposed=False, features=-1):
     """Linear over the last dim: consumes input features, produces fresh neurons. ``transposed``:
     the weight is stored (in, out), as in ``x @ W`` or Hugging Face's GPT-2 ``Conv1D``. A weight
     of more than 2 dims holds one matrix per expert (``(E, out, in)``): a neuron is the same row
-    of every expert's matrix, so the fused tensor stays rectangular."""
+    of every expert's matrix, so the fused tensor stays rectangular. ``features``: the dim of the
+    input and of the output that carries them (-2 for ``W @ x``)."""
     if weight is None:
         return unknown_weights(ctx, node)
     out_shape = ctx.shape(node)
     nd = len(out_shape)
+    features %= nd
     wndim = len(ctx.param_shape(weight))
     w_in, w_out = (wndim - 2, wndim - 1) if transposed else (wndim - 1, wndim - 2)
-    ctx.consume(weight, w_in, wndim, ctx.per_dim(x, nd - 1, node), node)
-    out = ctx.new_space(out_shape[-1], "neurons", weight, node)
+    ctx.consume(weight, w_in, wndim, ctx.per_dim(x, features - nd + len(ctx.shape(x)), node), node)
+    out = ctx.new_space(out_shape[features], "neurons", weight, node)
     ctx.attach(weight, Role.PRODUCER, along(out, w_out, wndim), w_out)
     if bias is not None:
         bndim = len(ctx.param_shape(bias))
         ctx.attach(bias, Role.PRODUCER, along(out, bndim - 1, bndim), bndim - 1)
-    return Labels.fresh(along(out, nd - 1, nd), zaff=False, zall=True)
+    return Labels.fresh(along(out, features, nd), zaff=False, zall=True)
 
 
 def linear_module(ctx: RuleContext, node):
@@ -137,11 +139,28 @@ def addmm(ctx: RuleContext, node):
 
 def weight_matmul(ctx: RuleContext, node, otherwise):
     """``x @ W``, ``x @ W.T``, ``torch.matmul(x, W.t())``, ``torch.bmm(x, W.expand(B, -1, -1))``:
-    an activation times a parameter is a linear layer; a product of two activations is
-    ``otherwise``'s (attention)."""
+    an activation times a parameter is a linear layer; so is ``torch.bmm(W[expert_ids], x)`` (the
+    weight on the left, stored (out, in): each row's expert matrix times its column). A product of
+    two activations is ``otherwise``'s (attention)."""
     a, b = node.args[0], node.args[1]
     if ctx.weight(b) is not None and ctx.weight(a) is None and ctx.is_tensor(a):
         return _times_weight(ctx, node, a, b)
+    ref = ctx.weight(a)
+    if ref is not None and ctx.weight(b) is None and ctx.is_tensor(b) and len(ctx.shape(b)) >= 2 \
+            and len(ctx.param_shape(ref.fqn)) >= 2:
+        return linear(ctx, node, b, ref.fqn, None, transposed=ref.transposed, features=-2)
+    return otherwise(ctx, node)
+
+
+def gather(ctx: RuleContext, node, otherwise):
+    """``W[expert_ids]`` of a stack of matrices (more than 2 dims): each row's expert matrix, still
+    the weight (``ParamRef.gathered``) for the product that reads it; anything else is
+    ``otherwise``'s."""
+    ref, index = ctx.weight(node.args[0]), node.args[1]
+    indices = index if isinstance(index, (list, tuple)) else [index]
+    if ref is not None and ref == ParamRef(ref.fqn) and len(ctx.param_shape(ref.fqn)) > 2 and len(indices) == 1 \
+            and ctx.is_tensor(indices[0]) and ctx.labels(indices[0]) is None:
+        return ParamRef(ref.fqn, gathered=True)
     return otherwise(ctx, node)
 
 

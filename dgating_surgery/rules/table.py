@@ -26,8 +26,8 @@ from .pooling import reduction, spatial, top_k
 from .shapes import numel, shape_only, size
 from .branches import residual_branches
 from .attention import head_splits, matmul, multihead_attention, sdpa
-from .structural import (addmm, conv_call, conv_module, convolution_call, einsum, embedding, linear_call, linear_module,
-                         param_view, weight_matmul)
+from .structural import (addmm, conv_call, conv_module, convolution_call, einsum, embedding, gather, linear_call,
+                         linear_module, param_view, weight_matmul)
 
 ZERO_KEEPING = [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.Mish, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -128,12 +128,12 @@ NAME_RULES = {
     **{name: partial(movement, check=check_index) for name in ("slice", "narrow", "select")},
     "roll": partial(movement, check=check_roll),
     **{name: partial(movement, check=check_cat) for name in ("cat", "concat", "stack")},
-    "getitem": getitem,
-    **{name: spatial for name in SPATIAL_FN},
+    "getitem": partial(gather, otherwise=getitem), "index": partial(gather, otherwise=unknown),
     # a weight transposed or broadcast for a hand-written linear stays that weight (``structural.param_view``)
     **{name: partial(param_view, otherwise=movement)
        for name in ("t", "numpy_T", "mT", "transpose", "swapaxes", "swapdims", "permute", "unsqueeze", "expand")},
     "getattr": partial(param_view, otherwise=size),
+    **{name: spatial for name in SPATIAL_FN},
     "sum": partial(reduction, kind="sum"), "mean": partial(reduction, kind="mean"),
     "amax": partial(reduction, kind="max"), "amin": partial(reduction, kind="min"), "topk": top_k,
     "std": partial(reduction, kind="std"), "var": partial(reduction, kind="var"),
@@ -146,10 +146,10 @@ NAME_RULES = {
 # passes over the whole graph before the walk; each returns split directions (node name -> the output
 # dim that carries the groups) for reshapes whose carrier a later rule knows (the attention heads)
 PREPASSES = [head_splits]
-
-
 # passes over the whole graph after the walk, for groups that no single op makes: residual branches
 GRAPH_PASSES = [residual_branches]
+
+
 def register_module_rule(cls: type, rule) -> None:
     """A rule for a library's own layer class (called by plugins, see ``plugins``); symbolic
     tracing then keeps the layer as one node instead of tracing its forward."""
