@@ -35,7 +35,7 @@ from torch import nn
 
 from dgating_surgery.execution import fresh
 
-RECIPE = {"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}, {"kind": "features"}]}
+RECIPE = {"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}, {"kind": "features"}, {"kind": "blocks"}]}
 CHF = ("img", "seq", "vol")  # channels at dim 1, spatial dims after
 MAX_C = 12
 MAX_SP = 8
@@ -713,6 +713,65 @@ def b_residual(ctx, shape, layout):
           "torch.add": lambda m, h, x: torch.add(h, branch(m, h)), "relu(h+f(h))": lambda m, h, x: F.relu(h + branch(m, h)),
           "h-f(h)": lambda m, h, x: h - branch(m, h)}[form]
     return Block(f"residual[{form},mid={mid}]", fn, mods), layout
+
+
+class _Branch(nn.Module):
+    """A residual branch as a layer of its own: norm, layer, activation, layer (an MLP, a bottleneck)."""
+
+    def __init__(self, ctx, shape, layout):
+        super().__init__()
+        c, mid = csize(shape, layout), ctx.width()
+        inner = shape[:1] + (mid,) + shape[2:] if layout in CHF else shape[:-1] + (mid,)
+        self.norm = (_bn_cls(len(shape))(c) if layout in CHF else nn.LayerNorm(c)) if ctx.p(0.7) else nn.Identity()
+        self.up, self.down = _layer(ctx, shape, layout, mid), _layer(ctx, inner, layout, c)
+        self.act = ctx.choice([nn.GELU, nn.ReLU, nn.SiLU])()
+
+    def forward(self, h):
+        return self.down(self.act(self.up(self.norm(h))))
+
+
+@block("img", "seq", "vol", "tok", "vec", weight=3)
+def b_blocks(ctx, shape, layout):
+    """Residual branches ``h + f(h)`` gated as blocks (``{kind: blocks}``): one or two branches that are
+    layers of their own, added in the ways code adds them (``+``, ``torch.add``, in place), through a
+    layer scale, dropout or a tuple, after a ReLU'd input (a ResNet block's ``relu(h + f(h))``), or with
+    the branch's hidden activation also read after the add (refused: removing it would change that)."""
+    n = ctx.rng.randint(1, 2)
+    mods = {f"f{i}": _Branch(ctx, shape, layout) for i in range(n)}
+    form = ctx.choice(["h+f", "f+h", "torch.add", "h+=f", "scale", "dropout", "tuple", "relu", "leak"])
+    gamma = _per_channel_shape(shape, layout)
+
+    def branch(m, i, h):
+        out = getattr(m, f"f{i}")(h)
+        if form == "scale":
+            out = m.gamma * out
+        elif form == "dropout":
+            out = F.dropout(out, 0.0, m.training)
+        elif form == "tuple":
+            out = (out, None)[0]
+        return out
+
+    def fn(m, h, x):
+        if form == "relu":
+            h = F.relu(h)
+        for i in range(n):
+            if form == "f+h":
+                h = branch(m, i, h) + h
+            elif form == "torch.add":
+                h = torch.add(h, branch(m, i, h))
+            elif form == "h+=f":
+                h = h.clone() if i == 0 else h  # never into the block's input
+                h += branch(m, i, h)
+            elif form == "leak":
+                hidden = m.f0.up(h) if i == 0 else None
+                h = h + branch(m, i, h)
+                if hidden is not None:
+                    h = h * hidden.sum().sigmoid()
+            else:
+                h = h + branch(m, i, h)
+        return F.relu(h) if form == "relu" else h
+    params = {"gamma": torch.ones(gamma)} if form == "scale" else None
+    return Block(f"blocks[{form},n={n}]", fn, mods, params=params), layout
 
 
 @block("img", "seq", "vol", "tok", weight=2)

@@ -279,17 +279,17 @@ def _last_layer(graph: _Graph, cand: _Candidate) -> tuple[list[str], str | None]
                 params = [ctx.fqn_of(n, name) for name in ("weight", "bias") if ctx.fqn_of(n, name) is not None]
                 if ctx.fqn_of(n, "weight") is None:
                     return [], f"the branch ends in {ctx.where(n)}, which has no weight to scale its output"
-                return _read_once(graph, params, n)
+                return _read_once(graph, cand, params, n)
         name = op_name(n)
         if name in LAST_LAYER_CALLS:
             params = [ctx.fqn(n.args[i]) if i is not None and len(n.args) > i else None for i in LAST_LAYER_CALLS[name]]
             if params[0] is None:
                 return [], f"the branch ends in {ctx.where(n)}, whose weight is not a parameter"
-            return _read_once(graph, [p for p in params if p is not None], n)
+            return _read_once(graph, cand, [p for p in params if p is not None], n)
         if name in ("mul", "mul_", "imul"):
             scale = next((ctx.fqn(a) for a in n.args if ctx.fqn(a) is not None and ctx.is_parameter(ctx.fqn(a))), None)
             if scale is not None:  # a layer scale
-                return _read_once(graph, [scale], n)
+                return _read_once(graph, cand, [scale], n)
         before = _homogeneous_input(graph, cand, n)
         if before is None:
             return [], f"the branch ends in {ctx.where(n)}, whose output no parameter scales"
@@ -311,8 +311,11 @@ def _homogeneous_input(graph: _Graph, cand: _Candidate, n):
     return inputs[0]
 
 
-def _read_once(graph: _Graph, params: list[str], n) -> tuple[list[str], str | None]:
+def _read_once(graph: _Graph, cand: _Candidate, params: list[str], n) -> tuple[list[str], str | None]:
+    """The last layer's parameters, when the gate can scale them: the branch's own, read once, not scalars."""
     for fqn in params:
+        if fqn not in cand.params:
+            return [], f"parameter '{fqn}' of the branch's last layer is also read outside the branch"
         if len(graph.readers.get(fqn, [])) != 1:
             return [], f"parameter '{fqn}' of the branch's last layer is read more than once"
         if len(graph.ctx.param_shape(fqn)) == 0:
