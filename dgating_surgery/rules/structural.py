@@ -2,6 +2,8 @@
 groups on their output (conv, linear, a matmul with a weight)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -207,13 +209,13 @@ def param_view(ctx: RuleContext, node, otherwise):
         order = [d % nd for d in (node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:])]
         swap_last = order == [*range(nd - 2), nd - 1, nd - 2]
     if swap_last:
-        return ParamRef(ref.fqn, not ref.transposed, ref.lead)
+        return replace(ref, transposed=not ref.transposed)
     own = list(ctx.param_shape(ref.fqn))
     if ref.transposed:
         own[-2:] = own[:-3:-1]
     if name in ("unsqueeze", "expand") and nd >= len(own) and list(shape[nd - len(own):]) == own \
             and (name == "expand" or node.args[1] % nd < nd - len(own)):
-        return ParamRef(ref.fqn, ref.transposed, nd - len(own))
+        return replace(ref, lead=nd - len(own))
     return otherwise(ctx, node)
 
 
