@@ -21,12 +21,19 @@ from .slim_layers import SlimMultiheadAttention
 Fixer = Callable[[nn.Module], None]
 MODULE_FIXERS: dict[type, Fixer] = {}
 MODEL_FIXERS: dict[type, Fixer] = {}
+KEPT: dict[type, tuple[str, ...]] = {}  # class -> the attributes its fixer keeps (absent: every int attribute)
 
 
-def register_module_fixer(cls: type, fix: Fixer) -> None:
+def register_module_fixer(cls: type, fix: Fixer, keeps: tuple[str, ...] | None = None) -> None:
     """``fix(module)`` re-derives the shape attributes that layers of class ``cls`` add to those of
-    their base classes (whose fixers run first) from their tensors."""
+    their base classes (whose fixers run first) from their tensors. ``keeps``: the attributes it
+    re-derives, when not all of the layer's int attributes (an attention layer's head counts, not
+    its head size): only those may follow a cut where the forward uses them as sizes."""
     MODULE_FIXERS[cls] = fix
+    if keeps is None:
+        KEPT.pop(cls, None)
+    else:
+        KEPT[cls] = tuple(keeps)
 
 
 def register_model_fixer(cls: type, fix: Fixer) -> None:
@@ -34,9 +41,14 @@ def register_model_fixer(cls: type, fix: Fixer) -> None:
     MODEL_FIXERS[cls] = fix
 
 
-def has_fixer(module: nn.Module) -> bool:
-    """Whether some module fixer keeps this layer's attributes up to date after a cut."""
-    return any(cls in MODULE_FIXERS for cls in type(module).__mro__)
+def kept_sizes(module: nn.Module) -> set[int]:
+    """The values of the int attributes that the layer's fixers keep up to date after a cut."""
+    sizes = set()
+    for cls in type(module).__mro__:
+        if cls in MODULE_FIXERS:
+            names = KEPT.get(cls, vars(module))
+            sizes |= {v for v in (getattr(module, n, None) for n in names) if type(v) is int}
+    return sizes
 
 
 def _apply(registry: dict[type, Fixer], obj: nn.Module) -> None:

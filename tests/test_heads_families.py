@@ -19,6 +19,7 @@ TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_h
             moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
             num_experts_per_tok=2, image_size=32, patch_size=8, rotary_dim=8, embedding_size=64,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+FAMILY = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]}}  # what a family's own validation asks
 IDS = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -29,7 +30,9 @@ def tiny(family: str, **overrides):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     config_class = CONFIG_MAPPING[family]
     default = config_class()
-    config = config_class(**{**{k: v for k, v in TINY.items() if hasattr(default, k)}, **overrides})
+    settable = {k: v for k, v in TINY.items() if hasattr(default, k)
+                and getattr(getattr(config_class, k, None), "fset", True) is not None}  # not a derived property
+    config = config_class(**{**settable, **FAMILY.get(family, {}), **overrides})
     for role, mapping in (("causal", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
                           ("seq2seq", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
                           ("base", auto.MODEL_MAPPING_NAMES)):
@@ -92,10 +95,11 @@ def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
     _assert_only_adds(model, *example(role), remove)
 
 
-ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo"]  # attention classes no row names
+# attention classes no row names; Persimmon's fused qkv is viewed (B, T, H, 3, Dh) and selected
+ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo", "persimmon"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "bert", "t5", *ROW_LESS])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "bert", "t5", "falcon", *ROW_LESS])
 def test_the_attention_count_rule_never_makes_a_model_less_cuttable(family, monkeypatch):
     """The one attention fixer (head counts from the projections' widths), registered for every
     ``*Attention`` class, both ways on families with and without their own row."""
@@ -132,3 +136,14 @@ def test_heads_behind_a_per_head_norm_cut_exactly(family):
     assert [s.removable.tolist() for s in heads] == [[True, True]] * 2
     check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
     assert check.groups_cut == 2  # one of each layer's two
+
+
+def test_the_attention_count_rule_keeps_what_it_cannot_derive():
+    """Falcon (multi-query, one fused projection): the rule derives the head count from the output
+    projection and leaves the key/value head count and head size alone, so the views that use them
+    stay fixed and the neurons cut exactly (a fixer that claimed them broke the slim forward)."""
+    model, role = tiny("falcon")
+    args, kwargs = example(role)
+    check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "neurons"}]}, example_kwargs=kwargs)
+    assert check.groups_cut > 0
+    assert model.transformer.h[0].self_attention.num_kv_heads == 1

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
@@ -44,25 +45,27 @@ def _rows(layer) -> int:
 # each is re-derived from the projections' widths after a cut. A name the layer lacks is skipped.
 HEAD_SIZE = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 QUERY, KEY = ("q_proj", "query", "q", "q_lin"), ("k_proj", "key", "k", "k_lin")
+OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin")  # reads the heads as its input columns
 HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEADS_WIDTH = ("all_head_size", "inner_dim")  # heads x head size
 
 
 def _attention_counts(m) -> None:
-    """Any attention layer with separate query/key projections and an int head size: its head and
-    key/value head counts, the query heads per key/value head and the heads' width from the
-    projections (one rule for the families, not a row per class). A layer without them (a fused
-    qkv projection, a wrapper) is left as it is."""
+    """Any attention layer with an int head size: its head and key/value head counts, the query
+    heads per key/value head and the heads' width from the projections' widths (the query's rows,
+    else, for a fused qkv projection, the output projection's columns; one rule for the families,
+    not a row per class). A layer with neither (a wrapper) is left as it is."""
     size = next((v for v in (getattr(m, n, None) for n in HEAD_SIZE) if type(v) is int), None)
-    query, key = (next((c for c in (getattr(m, n, None) for n in names) if hasattr(c, "weight")), None)
-                  for names in (QUERY, KEY))
-    if size is None or query is None:
+    query, key, out = (next((c for c in (getattr(m, n, None) for n in names) if isinstance(c, (nn.Linear, Conv1D))),
+                            None) for names in (QUERY, KEY, OUTPUT))
+    if size is None or query is None and out is None:
         return
-    heads = _rows(query) // size
-    kv_heads = _rows(key) // size if key is not None else heads
-    values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(KV_HEAD_COUNT, kv_heads),
-              **dict.fromkeys(HEADS_WIDTH, heads * size), "num_key_value_groups": heads // max(kv_heads, 1)}
+    heads = _rows(query) // size if query is not None else out.weight.shape[0 if isinstance(out, Conv1D) else 1] // size
+    values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(HEADS_WIDTH, heads * size)}
+    if key is not None:  # (a fused projection's key/value heads are not counted here)
+        kv_heads = _rows(key) // size
+        values.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads), num_key_value_groups=heads // max(kv_heads, 1))
     for name, value in values.items():
         if type(getattr(m, name, None)) is int:
             setattr(m, name, value)
@@ -115,7 +118,8 @@ def refresh() -> None:
             register_module_fixer(cls, fix)
     for cls in _attention_classes():
         if cls not in MODULE_FIXERS:
-            register_module_fixer(cls, _attention_counts)
+            register_module_fixer(cls, _attention_counts, keeps=HEAD_COUNT + KV_HEAD_COUNT + HEADS_WIDTH
+                                  + ("num_key_value_groups",))
 
 
 _SCANNED: set[str] = set()  # modeling modules whose attention classes are registered
@@ -166,7 +170,8 @@ def _config_data(model) -> dict:
     which the attention reads first, so that cutting heads or the hidden size leaves it as it is."""
     data = {k: v for k, v in model.config.to_dict().items()
             if k not in (CONFIG_KEY, PER_LAYER_KEY, "allow_global_per_layer_attribute_access")}
-    if data.get("head_dim") is None:
+    if data.get("head_dim") is None and getattr(getattr(type(model.config), "head_dim", None), "fset", True) is not None:
+        # (a config whose head_dim is a read-only property, Falcon's, derives it and refuses it)
         head_dim = next((m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)), None)
         if head_dim is not None:
             data["head_dim"] = head_dim

@@ -86,6 +86,10 @@ def _trace_head_dim(node, dim, values):
             if dim == u:
                 return None
             dim = dim - 1 if dim > u else dim
+        elif name == "select":  # one part of a fused projection (BLOOM-style ``view(B, T, H, 3, Dh)[..., 0, :]``)
+            s = args[1] % len(values[args[0]].shape)
+            node, dim = args[0], dim if dim < s else dim + 1
+            continue
         elif name == "getitem" and isinstance(args[1], int) and isinstance(args[0], torch.fx.Node) \
                 and op_name(args[0]) == "unbind":
             unbind = args[0]

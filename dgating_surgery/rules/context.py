@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
-from ..fixers import has_fixer
+from ..fixers import kept_sizes
 from ..kinds import PARAM_SPACE, Role
 from ..labels import NONE, Labels, UnionFind
 from ..tensors import along
@@ -208,14 +208,13 @@ class RuleContext:
         grouped dim in the forward is a ``SizeRef`` (free); -1 is free. An int is a literal of the
         code, a size computed from dims that carry no group, or (torch.export writes every size as
         an int) one computed from a grouped dim: it is taken as free only when it is an int
-        attribute of the layer the node comes from and a fixer keeps that layer's attributes up to
-        date (GPT-2's Conv1D views its output with ``self.nf``, timm's Attention reshapes with
-        ``self.num_heads``)."""
+        attribute of the layer the node comes from that a fixer keeps up to date (GPT-2's Conv1D
+        views its output with ``self.nf``, timm's Attention reshapes with ``self.num_heads``;
+        ``fixers.kept_sizes``: not a head size no fixer changes)."""
         if not isinstance(value, int) or isinstance(value, bool) or value == -1:
             return False
         path, module = self.owner_module(node)
-        return not (module is not None and has_fixer(module) and any(
-            v == value for v in vars(module).values() if isinstance(v, int) and not isinstance(v, bool)))
+        return not (module is not None and value in kept_sizes(module))
 
     def owner_module(self, node) -> tuple[str, torch.nn.Module | None]:
         """The innermost module whose forward ``node`` belongs to (``nn_module_stack``: symbolic
