@@ -77,6 +77,10 @@ def test_fused_expert_neurons_are_cut_exactly_and_the_slim_model_round_trips(fam
         assert getattr(slim.config, field) == widths[0]
     else:
         assert slim.config.per_layer_config == {i: {field: w} for i, w in enumerate(widths) if w != max(widths)}
+    if family == "qwen2_moe":  # its shared expert, an ordinary gated MLP beside the experts
+        shared = [layer.mlp.shared_expert.intermediate_size for layer in slim.model.layers]
+        assert all(w < 40 for w in shared) and (len(set(shared)) > 1 or slim.config.shared_expert_intermediate_size
+                                                == shared[0]), shared
     loaded = type(slim).from_pretrained(tmp_path).eval()  # its experts' implementation: the default one
     assert dg.max_rel_diff(slim(fresh, attention_mask=mask, use_cache=False).logits,
                            loaded(fresh, attention_mask=mask, use_cache=False).logits) < 1e-6
