@@ -407,3 +407,22 @@ def test_a_cli_slim_checkpoint_becomes_a_hugging_face_directory(tmp_path):
         assert torch.equal(again(IDS, **NO_CACHE).logits, slim.eval()(IDS, **NO_CACHE).logits)
     assert again.lm_head.weight is again.model.embed_tokens.weight
     assert dg.model_params(again) == dg.model_params(slim) < dg.model_params(tied())
+
+
+def test_dgate_report_names_the_layer_a_cut_breaks(tmp_path):
+    """`dgate report` on a cut the slim model cannot run (a size torch.export wrote as a number) says
+    where it fails and which gated set's cut did it (it said "the layers named there", naming none)."""
+    from test_cli import dgate
+    (tmp_path / "features.yaml").write_text("D: 3\ngroups:\n  - kind: features\n")
+    gated_path = tmp_path / "gated.safetensors"
+    dgate("convert", "test_errors:SizeAsLiteral", "--input-shape", "2,3,5", "-r", tmp_path / "features.yaml",
+          "-o", gated_path)
+    gated = dg.load_gated(gated_path, trust_code=True)
+    with torch.no_grad():
+        dg.gates(gated)[0].factors[0, 1] = 0
+    dg.save_gated(gated, gated_path)
+    result = dgate("report", gated_path, "--trust-code", ok=False)
+    assert result.exit_code == 1
+    assert ("Error: a cut at threshold 1e-05 gives a model that does not run on the example inputs: the forward of "
+            "SizeAsLiteral itself fails: a size its forward uses did not follow the cut of 'x' (features) "
+            "(RuntimeError: shape '[2, 2, 1]' is invalid for input of size 6)") in " ".join(result.output.split())
