@@ -25,7 +25,7 @@ from ..tensors import along
 from .context import RuleContext, unknown
 from .movement import reshape_groups
 from .names import op_name
-from .structural import arg, linear
+from .structural import arg
 
 ATTENTION = {"scaled_dot_product_attention"}
 _SAME_DIMS = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "dropout", "alias", "detach",
@@ -190,14 +190,12 @@ def sdpa(ctx: RuleContext, node):
 
 
 def matmul(ctx: RuleContext, node):
-    """x @ W with W a 2-D parameter is a linear layer stored (in, out). A product of two
-    activations A @ B: a group may run along the batch dims (both operands meet there entry by
-    entry: attention heads), along A's rows, or along B's columns, and along the contracted dim
-    (mixed: it must arrive as zeros, from either side); two of these at once would put an entry in
-    two groups, and is blocked. A parameter on either side otherwise has no rule."""
+    """A product of two activations A @ B (an activation times a parameter is a linear layer:
+    ``structural.weight_matmul``, which the table asks first): a group may run along the batch dims
+    (both operands meet there entry by entry: attention heads), along A's rows, or along B's
+    columns, and along the contracted dim (mixed: it must arrive as zeros, from either side); two of
+    these at once would put an entry in two groups, and is blocked. A parameter here has no rule."""
     a, b = node.args[0], node.args[1]
-    if ctx.fqn(b) is not None and len(ctx.param_shape(ctx.fqn(b))) == 2 and ctx.fqn(a) is None:
-        return linear(ctx, node, a, ctx.fqn(b), None, transposed=True)
     if ctx.fqn(a) is not None or ctx.fqn(b) is not None or not (ctx.is_tensor(a) and ctx.is_tensor(b)):
         return unknown(ctx, node)
     if ctx.labels(a) is None and ctx.labels(b) is None:
