@@ -236,8 +236,10 @@ def _layer_shortcut(graph: _Graph, add, operands) -> _Candidate | None:
         return None
     y, s = (a, b) if graph.index[a] < graph.index[b] else (b, a)
     cand = _Candidate(add, source, y, [], _branch_nodes(graph, source, y, set()))
-    cand.reason = (f"the residual add at {graph.ctx.where(add)} adds {graph.ctx.where(s)}, not the block's input: its "
-                   "shortcut is not the identity, so removing the branch would not leave the input")
+    block = (graph.layers_of.get(add) or [""])[-1]
+    where = f"block '{block}'" if block else f"the residual add at {graph.ctx.where(add)}"
+    cand.reason = (f"{where} adds {graph.ctx.where(s)} to its branch, not its input: the shortcut is not the "
+                   "identity, so removing the branch would not leave the input")
     return cand
 
 
