@@ -147,3 +147,18 @@ def test_the_attention_count_rule_keeps_what_it_cannot_derive():
     check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "neurons"}]}, example_kwargs=kwargs)
     assert check.groups_cut > 0
     assert model.transformer.h[0].self_attention.num_kv_heads == 1
+
+
+def test_t5_cross_attention_heads_cut_exactly():
+    """T5's cross-attention has no position table: its first layer adds ``zeros((1, self.n_heads, T, S))``,
+    which every later layer reuses. A tensor built with a kept head count shrinks with the heads it meets,
+    so the cross-attention heads are removable (tied across the decoder's layers by the shared tensor)."""
+    model, role = tiny("t5")
+    args, kwargs = example(role)
+    heads = [s for s in dg.analyze(model, args, kwargs).sets if s.kind == "heads"]
+    cross = [s for s in heads if any("EncDecAttention" in m for m in s.modules)]
+    assert len(heads) == 3 and len(cross) == 1 and cross[0].removable.tolist() == [True] * 4
+    check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
+    assert check.groups_cut == 6
+    layers = model.decoder.block
+    assert [b.layer[1].EncDecAttention.n_heads for b in layers] == [2, 2]

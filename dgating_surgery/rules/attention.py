@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from ..kinds import Role
+from ..kinds import PARAM_SPACE, Role
 from ..labels import NONE, Labels
 from ..tensors import along
 from .context import RuleContext, unknown
+from .elementwise import _is_zero
 from .movement import reshape_groups
 from .names import op_name
 from .structural import arg
@@ -305,3 +306,21 @@ def multihead_attention(ctx: RuleContext, node):
     if out_bias is not None:
         ctx.attach(out_bias, Role.PRODUCER, out, 0)
     return [Labels.fresh(along(out, feature_dim, nd), zaff=False, zall=True), None]
+
+
+def created(ctx: RuleContext, node, fill=None):
+    """torch.zeros / ones / full of a size that follows a cut: a dim sized by an attribute a fixer keeps
+    (T5's zero position bias, ``zeros((1, self.n_heads, T, S))`` in a layer without its own table) gets
+    entries of its own, which shrink with whatever they meet (the heads they are added to); nothing is
+    cut, the forward builds the tensor with the new count. Sizes the code fixes keep no group."""
+    size = arg(node, 0, "size")
+    if not isinstance(size, (list, tuple)):
+        return None
+    free = [d for d, n in enumerate(size) if type(n) is int and n > 1 and not ctx.fixed_by_code(node, n)]
+    if len(free) != 1:
+        return None
+    path = ctx.owner_module(node)[0]
+    ids = ctx.new_space(size[free[0]], PARAM_SPACE, f"{path}.{node.name}", node, module_type="constant")
+    zero = _is_zero(fill if fill is not None else arg(node, 1, "fill_value"))
+    flags = torch.full((size[free[0]],), zero, dtype=torch.bool)
+    return Labels(*(along(t, free[0], len(size)) for t in (ids, flags, flags)))

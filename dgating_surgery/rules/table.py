@@ -25,7 +25,7 @@ from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_m
 from .pooling import reduction, spatial, top_k
 from .shapes import numel, shape_only, size
 from .branches import residual_branches
-from .attention import head_splits, matmul, multihead_attention, sdpa
+from .attention import created, head_splits, matmul, multihead_attention, sdpa
 from .structural import (addmm, conv_call, conv_module, convolution_call, einsum, embedding, gather, linear_call,
                          linear_module, param_view, weight_matmul)
 
@@ -113,6 +113,7 @@ NAME_RULES = {
     "clamp_min": partial(clamp_min_max, bound="min"), "clamp_min_": partial(clamp_min_max, bound="min"),
     "clamp_max": partial(clamp_min_max, bound="max"), "clamp_max_": partial(clamp_min_max, bound="max"),
     "pow": power, "pow_": power, "prelu": prelu, "_prelu_kernel": prelu, "glu": glu,
+    "zeros": partial(created, fill=0), "ones": partial(created, fill=1), "full": created,
     "zeros_like": partial(like, value=0), "ones_like": partial(like, value=1), "full_like": partial(like, value_pos=1),
     "size": size, "sym_size": size, "numel": numel,
     **{name: partial(unary, keeps_zero=True) for name in ZERO_KEEPING_FN},
