@@ -47,6 +47,15 @@ def test_every_code_block_says_what_it_is():
                 assert scripts and all((ROOT / s).is_file() for s in scripts), f"{block}: {scripts}"
 
 
+def test_every_result_names_the_command_that_produced_it():
+    """Every section of results.md that shows figures carries the command that reproduces them."""
+    sections = (DOCS / "results.md").read_text().split("\n## ")[1:]
+    assert len(sections) >= 10
+    for section in sections:
+        figures = re.search(r"^\|.*\d.*\|$|^```text", section, re.M)
+        assert not figures or "<!-- test: benchmark -->" in section, section.splitlines()[0]
+
+
 def test_readme_links_into_docs_resolve():
     readme = (ROOT / "README.md").read_text()
     targets = re.findall(r"\]\((docs/[^)#]+)(?:#[^)]*)?\)", readme)
