@@ -30,15 +30,17 @@ class Branch:
     """What removing one residual branch replaces. ``block``: the layer made of this branch and
     ``siblings - 1`` others (None: none), bypassed once all of them are dead; ``zero``: the layer
     whose output is the branch's output, replaced by zeros when the branch dies alone (None: the
-    branch is removed only with its block); ``bypass``: the layers before it in the branch.
-    Layers are (path, returns): ``returns`` 0 for a layer returning a tensor, n for one returning an
-    n-tuple whose first entry is that tensor (the others are read by nobody)."""
+    branch is removed only with its block); ``bypass``: the other layers of the branch, bypassed, or
+    replaced by zeros where they change the width. Layers are (path, returns, width): ``returns`` 0 for
+    a layer returning a tensor, n for one returning an n-tuple whose first entry is that tensor (the
+    others are read by nobody); ``width``: None for a layer that keeps its input's shape, else the
+    size of the last dim of its output (a linear that widens or narrows)."""
 
     name: str
-    block: tuple[str, int] | None
+    block: tuple[str, int, None] | None
     siblings: int
-    zero: tuple[str, int] | None
-    bypass: tuple[tuple[str, int], ...] = ()
+    zero: tuple[str, int, int | None] | None
+    bypass: tuple[tuple[str, int, int | None], ...] = ()
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -68,20 +70,28 @@ class Bypass(nn.Module):
 
 
 class ZeroBranch(Bypass):
-    """The last layer of a removed residual branch: zeros of its first input's shape."""
+    """A layer of a removed residual branch: zeros of its first input's shape, or with ``width``
+    entries along the last dim (the output of a linear that changed the width)."""
+
+    def __init__(self, returns: int = 0, width: int | None = None):
+        super().__init__(returns)
+        self.width = width
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
+        return x.new_zeros(*x.shape[:-1], self.width) if self.width is not None else torch.zeros_like(x)
+
+    def extra_repr(self) -> str:
+        return ", ".join(([super().extra_repr()] if self.returns else []) + ([f"width={self.width}"] if self.width else []))
 
 
-# factories of library-specific zero layers: (layer, returns) -> a ZeroBranch, or None when not theirs
-ZERO_BRANCHES: list[Callable[[nn.Module, int], ZeroBranch | None]] = []
+# factories of library-specific zero layers: (layer, returns, width) -> a ZeroBranch, or None when not theirs
+ZERO_BRANCHES: list[Callable[[nn.Module, int, int | None], ZeroBranch | None]] = []
 # (model, paths of layers to remove whole) -> the paths it removed (taken out of a layer list)
 LAYER_DROPPERS: list[Callable[[nn.Module, list[str]], list[str]]] = []
 REPLACEMENTS = {"bypass": Bypass, "zeros": ZeroBranch}
 
 
-def register_zero_branch(factory: Callable[[nn.Module, int], ZeroBranch | None]) -> None:
+def register_zero_branch(factory: Callable[[nn.Module, int, int | None], ZeroBranch | None]) -> None:
     if factory not in ZERO_BRANCHES:
         ZERO_BRANCHES.append(factory)
 
@@ -91,24 +101,25 @@ def register_layer_dropper(dropper: Callable[[nn.Module, list[str]], list[str]])
         LAYER_DROPPERS.append(dropper)
 
 
-def _replacement(layer: nn.Module, how: str, returns: int) -> nn.Module:
-    if how == "zeros":
-        for factory in ZERO_BRANCHES:
-            made = factory(layer, returns)
-            if made is not None:
-                return made
-    return REPLACEMENTS[how](returns)
+def _replacement(layer: nn.Module, how: str, returns: int, width: int | None) -> nn.Module:
+    if how == "bypass":
+        return Bypass(returns)
+    for factory in ZERO_BRANCHES:
+        made = factory(layer, returns, width)
+        if made is not None:
+            return made
+    return ZeroBranch(returns, width)
 
 
-def _replace(model: nn.Module, targets: list[tuple[str, str, int]]) -> None:
-    """Replace layers (path, "bypass" or "zeros", returns); every path is resolved first, so that
-    no replacement moves another's."""
+def _replace(model: nn.Module, targets: list[tuple[str, str, int, int | None]]) -> None:
+    """Replace layers (path, "bypass" or "zeros", returns, width); every path is resolved first, so
+    that no replacement moves another's."""
     resolved = []
-    for path, how, returns in targets:
+    for path, how, returns, width in targets:
         parent_path, _, attr = path.rpartition(".")
-        resolved.append((model.get_submodule(parent_path), attr, model.get_submodule(path), how, returns))
-    for parent, attr, layer, how, returns in resolved:
-        setattr(parent, attr, _replacement(layer, how, returns))
+        resolved.append((model.get_submodule(parent_path), attr, model.get_submodule(path), how, returns, width))
+    for parent, attr, layer, how, returns, width in resolved:
+        setattr(parent, attr, _replacement(layer, how, returns, width))
 
 
 def remove_branches(model: nn.Module, dead: list[Branch]) -> None:
@@ -128,14 +139,15 @@ def remove_branches(model: nn.Module, dead: list[Branch]) -> None:
             continue
         if branch.zero is None:  # the rule gates such a branch only when it is its block's only one
             raise ShrinkError(f"residual branch '{branch.name}' can only be removed with the rest of its block")
-        targets += [(path, "bypass", returns) for path, returns in branch.bypass]
-        targets.append((branch.zero[0], "zeros", branch.zero[1]))
+        targets += [(path, "bypass" if width is None else "zeros", returns, width)
+                    for path, returns, width in branch.bypass]
+        targets.append((branch.zero[0], "zeros", *branch.zero[1:]))
     _replace(model, targets)
-    paths = sorted(path for path, _ in whole)
+    paths = sorted(path for path, _, _ in whole)
     for dropper in LAYER_DROPPERS:
         done = dropper(model, paths)
         paths = [p for p in paths if p not in done]
-    _replace(model, [(path, "bypass", returns) for path, returns in whole if path in paths])
+    _replace(model, [(path, "bypass", returns, None) for path, returns, _ in whole if path in paths])
     _forget_attributes(model)
 
 
@@ -157,8 +169,9 @@ def _forget_attributes(model: nn.Module) -> None:
 
 def replaced_layers(model: nn.Module) -> dict[str, dict]:
     """Every layer a removed branch left in ``model``: path -> {"as": "bypass" or "zeros",
-    "returns": n}, what ``replace_layers`` rebuilds it from."""
-    return {name: {"as": "zeros" if isinstance(m, ZeroBranch) else "bypass", "returns": m.returns}
+    "returns": n} (and "width": n for zeros of another width), what ``replace_layers`` rebuilds it from."""
+    return {name: {"as": "zeros" if isinstance(m, ZeroBranch) else "bypass", "returns": m.returns,
+                   **({"width": m.width} if getattr(m, "width", None) is not None else {})}
             for name, m in model.named_modules() if isinstance(m, Bypass)}
 
 
@@ -166,10 +179,11 @@ def replace_layers(model: nn.Module, record: dict[str, dict]) -> None:
     """Replay ``replaced_layers`` of a slim model on a fresh model of its architecture."""
     targets = []
     for path, spec in record.items():
-        how, returns = spec.get("as"), spec.get("returns")
-        if how not in REPLACEMENTS or type(returns) is not int or returns < 0:
-            raise ValueError(f"removed branch '{path}': 'as' must be one of {', '.join(REPLACEMENTS)} and "
-                             f"'returns' a count >= 0, got {spec!r}")
+        how, returns, width = spec.get("as"), spec.get("returns"), spec.get("width")
+        if how not in REPLACEMENTS or type(returns) is not int or returns < 0 or not (
+                width is None or type(width) is int and width > 0 and how == "zeros"):
+            raise ValueError(f"removed branch '{path}': 'as' must be one of {', '.join(REPLACEMENTS)}, 'returns' a "
+                             f"count >= 0 and 'width' (zeros only) a count > 0, got {spec!r}")
         model.get_submodule(path)  # an AttributeError names a layer the model does not have
-        targets.append((path, how, returns))
+        targets.append((path, how, returns, width))
     _replace(model, targets)

@@ -178,10 +178,12 @@ def _removed_branches(value, field, manifest, state):
     for name, spec in _object(value, field).items():
         if not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
             raise FieldError(f"{field}.{name}", "must be a layer's dotted name")
-        spec = _object(spec, f"{field}.{name}", ("as", "returns"))
+        spec = _object(spec, f"{field}.{name}", ("as", "returns", "width"))
         if spec.get("as") not in ("bypass", "zeros"):
             raise FieldError(f"{field}.{name}.as", f"must be 'bypass' or 'zeros', not {_show(spec.get('as'))}")
         _count(spec.get("returns"), f"{field}.{name}.returns", 0, 64)
+        if "width" in spec:
+            _count(spec["width"], f"{field}.{name}.width", 1, 1 << 24)
 
 
 def _centered_layernorms(value, field, manifest, state):

@@ -446,9 +446,9 @@ class ZeroAttention(ZeroBranch):
         return super().forward(*args, **kwargs)
 
 
-def _zero_attention(layer, returns: int):
+def _zero_attention(layer, returns: int, width: int | None):
     """The zero layer of a transformers attention (it has a KV-cache index), else None."""
-    if type(layer).__module__.startswith("transformers.") and "Attention" in type(layer).__name__ \
+    if width is None and type(layer).__module__.startswith("transformers.") and "Attention" in type(layer).__name__ \
             and isinstance(getattr(layer, "layer_idx", None), int):
         return ZeroAttention(returns, layer.layer_idx)
     return None

@@ -213,7 +213,7 @@ def _branch_nodes(graph: _Graph, x, y, shortcut: set) -> set:
         for n in list(nodes):
             for p in n.all_input_nodes:
                 if p not in nodes and p is not x and p not in shortcut and p.op != "placeholder" \
-                        and all(u in nodes for u in p.users):
+                        and all(u in nodes or _is_check(u) for u in p.users):
                     nodes.add(p)
                     changed = True
     return nodes
@@ -453,15 +453,16 @@ def _probe(graph: _Graph, found: list[_Candidate]) -> None:
             problem = next((verdict[p] for p in [cand.zero, *cand.bypass] if isinstance(verdict[p], str)), None)
             if problem is not None:
                 cand.zero, cand.bypass, cand.own_reason = None, [], problem
-        if cand.block is not None and isinstance(verdict[cand.block], str):
-            cand.block = None
+        if cand.block is not None and (isinstance(verdict[cand.block], str) or verdict[cand.block][1] is not None):
+            cand.block = None  # a block that changes the shape cannot be bypassed
         for p in [cand.zero, *cand.bypass, cand.block]:
             if p is not None:
                 cand.returns[p] = verdict[p]
 
 
-def _returns(path: str, calls: list) -> int | str:
-    """How a replacement of this layer must return (0: a tensor, n: an n-tuple), or why it cannot."""
+def _returns(path: str, calls: list) -> tuple[int, int | None] | str:
+    """How a replacement of this layer must return: (0 for a tensor or n for an n-tuple, the width of
+    its output's last dim where only that differs from its input's, else None); or why it cannot."""
     if len(calls) != 1:
         return f"layer '{path}' runs {len(calls)} times in the forward, so it cannot be replaced"
     x, output = calls[0]
@@ -470,10 +471,12 @@ def _returns(path: str, calls: list) -> int | str:
         returns, output = len(output), output[0]
     if not isinstance(output, torch.Tensor) or x is None:
         return f"layer '{path}' does not return a tensor computed from a tensor input, so it cannot be replaced"
-    if output.shape != x.shape or output.dtype != x.dtype:
-        return (f"layer '{path}' changes the shape of its input ({tuple(x.shape)} -> {tuple(output.shape)}), so "
-                "zeros or its input cannot stand in for it")
-    return returns
+    if output.shape == x.shape and output.dtype == x.dtype:
+        return returns, None
+    if output.shape[:-1] == x.shape[:-1] and output.ndim == x.ndim and output.dtype == x.dtype:
+        return returns, output.shape[-1]  # a linear that changes the width: zeros of its output's width
+    return (f"layer '{path}' changes the shape of its input ({tuple(x.shape)} -> {tuple(output.shape)}) other than in "
+            "its last dim, so zeros computed from its input cannot stand in for it")
 
 
 def _record(ctx: RuleContext, graph: _Graph, found: list[_Candidate]) -> None:
@@ -499,9 +502,9 @@ def _record(ctx: RuleContext, graph: _Graph, found: list[_Candidate]) -> None:
                 shape = ctx.param_shape(fqn)
                 role = Role.BRANCH_OUTPUT if fqn in cand.scaled else Role.BRANCH
                 ctx.attach(fqn, role, torch.full((shape[0],) + (1,) * (len(shape) - 1), gid), 0)
-            block = (cand.block, cand.returns[cand.block]) if cand.block is not None else None
-            zero = (cand.zero, cand.returns[cand.zero]) if cand.zero is not None else None
+            block = (cand.block, *cand.returns[cand.block]) if cand.block is not None else None
+            zero = (cand.zero, *cand.returns[cand.zero]) if cand.zero is not None else None
             branch = Branch(name, block, _siblings(found, cand) if block else 0, zero,
-                            tuple((p, cand.returns[p]) for p in cand.bypass))
+                            tuple((p, *cand.returns[p]) for p in cand.bypass))
         entries.append((name, layer_type, branch))
     space.module, space.module_type, space.entries = entries[0][0], entries[0][1], entries
