@@ -423,6 +423,8 @@ def _probe(graph: _Graph, found: list[_Candidate]) -> None:
     capture = graph.ctx.capture
     model = capture.model
     paths = {p for c in found if c.reason is None for p in [c.zero, *c.bypass, c.block] if p is not None}
+    if not paths:
+        return
     seen: dict[str, list] = {p: [] for p in paths}
     handles = []
 
