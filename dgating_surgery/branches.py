@@ -43,6 +43,25 @@ class Branch:
     bypass: tuple[tuple[str, int, int | None], ...] = ()
 
 
+def narrowed(branches: list[Branch], gates: dict, dead: dict) -> list[Branch]:
+    """``branches`` with the width of every zero layer that changes the width (a ``nn.Linear``, rows
+    of its weight) reduced by the rows the other gates' cut removes (a neuron or hidden-size cut of
+    that linear's outputs): the zeros then have the slim width. ``gates``/``dead``: the gated
+    model's gates and ``plan_cut``'s dead masks, by key."""
+    def width(path: str, full: int | None) -> int | None:
+        if full is None:
+            return None
+        gone = torch.zeros(full, dtype=torch.bool)
+        for key, dgate in gates.items():
+            for cut in dgate.cuts if not dgate.branches else ():
+                if cut.fqn == f"{path}.weight" and cut.dim == 0 and cut.index.numel() in (1, full):
+                    along = cut.index.expand(full)
+                    gone |= (along >= 0) & dead[key][along.clamp(min=0)]
+        return full - int(gone.sum())
+    return [Branch(b.name, b.block, b.siblings, b.zero and (b.zero[0], b.zero[1], width(b.zero[0], b.zero[2])),
+                   tuple((p, r, width(p, w)) for p, r, w in b.bypass)) for b in branches]
+
+
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):

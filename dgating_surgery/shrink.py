@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import constraints
-from .branches import remove_branches
+from .branches import narrowed, remove_branches
 from .errors import ShrinkError, one_line
 from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
@@ -141,8 +141,9 @@ def _verification(model: nn.Module, example_inputs, example_kwargs):
 
 
 def _cut(model: nn.Module, plan: CutPlan) -> None:
-    dead_branches = [branch for key, dgate in gate_set(model).items() if dgate.branches
-                     for branch, dead in zip(dgate.branches, plan.dead[key].tolist()) if dead]
+    dead_branches = narrowed([branch for key, dgate in gate_set(model).items() if dgate.branches
+                              for branch, dead in zip(dgate.branches, plan.dead[key].tolist()) if dead],
+                             dict(gate_set(model).items()), plan.dead)
     sliced = _collapse(model, plan.removed)  # a gated tensor is collapsed and sliced at once: no full copy
     tied = tied_holders(model)
     for fqn, drop in plan.removed.items():

@@ -308,3 +308,24 @@ def test_blocks_with_the_other_kinds():
     assert_exact_cut(llama, (torch.randint(0, 100, (2, 8)),), {"D": 3, "groups": kinds}, fraction=0.5,
                      example_kwargs={"use_cache": False})
     assert llama.config.num_hidden_layers == len(llama.model.layers) < 4
+
+
+def test_zero_widths_follow_the_other_cuts():
+    """A removed branch's zero layers that change the width take the slim width: the rows the neuron
+    cuts of the same linears remove (its hidden neurons, the stream it writes) are not in their zeros."""
+    model = nn.Sequential(nn.Linear(4, 8), _Inline(), nn.Linear(8, 3))
+    x = torch.randn(3, 4)
+    gated = dg.gate_model(dg.expose_weights(model.eval()), {"D": 3, "groups": [{"kind": "neurons"}, {"kind": "blocks"}]},
+                          (x,))
+    with torch.no_grad():
+        for gate in dg.gates(gated):
+            if gate.kind == "blocks":
+                gate.factors[0, gate.modules.index("1.fc4")] = 0.0
+            else:
+                gate.factors[0, :2] = 0.0
+        out = gated(x)
+    names = {g.name.split(" ")[0] for g in dg.gates(gated)}
+    assert {"0", "1.fc3"} <= names  # the stream (written by 0, fc2, fc4) and fc3's neurons are cut too
+    dg.shrink(gated)
+    assert _diff(out, gated(x)) <= 1e-4
+    assert (gated[1].fc3.width, gated[1].fc4.width) == (30, 6) == (32 - 2, gated[2].in_features)

@@ -447,7 +447,7 @@ def _probe(graph: _Graph, found: list[_Candidate]) -> None:
         for h in handles:
             h.remove()
         model.train(was_training)
-    verdict = {p: _returns(p, calls) for p, calls in seen.items()}
+    verdict = {p: _returns(p, calls, model.get_submodule(p)) for p, calls in seen.items()}
     for cand in found:
         if cand.reason is not None:
             continue
@@ -462,7 +462,7 @@ def _probe(graph: _Graph, found: list[_Candidate]) -> None:
                 cand.returns[p] = verdict[p]
 
 
-def _returns(path: str, calls: list) -> tuple[int, int | None] | str:
+def _returns(path: str, calls: list, layer: nn.Module) -> tuple[int, int | None] | str:
     """How a replacement of this layer must return: (0 for a tensor or n for an n-tuple, the width of
     its output's last dim where only that differs from its input's, else None); or why it cannot."""
     if len(calls) != 1:
@@ -475,10 +475,10 @@ def _returns(path: str, calls: list) -> tuple[int, int | None] | str:
         return f"layer '{path}' does not return a tensor computed from a tensor input, so it cannot be replaced"
     if output.shape == x.shape and output.dtype == x.dtype:
         return returns, None
-    if output.shape[:-1] == x.shape[:-1] and output.ndim == x.ndim and output.dtype == x.dtype:
+    if isinstance(layer, nn.Linear) and output.shape[:-1] == x.shape[:-1] and output.dtype == x.dtype:
         return returns, output.shape[-1]  # a linear that changes the width: zeros of its output's width
     return (f"layer '{path}' changes the shape of its input ({tuple(x.shape)} -> {tuple(output.shape)}) other than in "
-            "its last dim, so zeros computed from its input cannot stand in for it")
+            "its last dim (or is no nn.Linear), so zeros computed from its input cannot stand in for it")
 
 
 def _record(ctx: RuleContext, graph: _Graph, found: list[_Candidate]) -> None:
