@@ -138,6 +138,31 @@ def test_gemma_hidden_is_cut_exactly():
     assert check.groups_gated == 32 and check.groups_cut == 9
 
 
+def test_gemma_reloads_its_hidden_cut_with_the_embedding_scale_it_was_cut_with(tmp_path):
+    """Gemma scales its embeddings by sqrt(config.hidden_size): a config stating the cut hidden size
+    rebuilt another scale, and from_pretrained gave other logits (4% of their scale) without a word.
+    The field keeps its value and the widths go under our key."""
+    config = T.GemmaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=32, head_dim=16)
+    model = T.GemmaForCausalLM(config).eval()
+    dg.expose_weights(model, 0)
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    gated = dg.gate_model(model, HIDDEN, example_kwargs={"input_ids": ids, **NO_CACHE})
+    with torch.no_grad():
+        dg.gates(gated)[0].factors[:, :10] = 0
+        reference = gated(ids, **NO_CACHE).logits
+    slim = dg.shrink(gated)
+    slim.save_pretrained(tmp_path)
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.model.embed_tokens.weight.shape == (100, 22)
+    assert back.config.hidden_size == 32  # the field that sizes the embedding scale keeps its value
+    with torch.no_grad():
+        for inputs in (ids, UNSEEN_IDS):
+            want = reference if inputs is ids else slim(inputs, **NO_CACHE).logits  # slim == gated, verified
+            got = back(inputs, **NO_CACHE).logits
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
 # -- pre-LayerNorm: the opt-in centring ---------------------------------------------------------------
 def gpt2(tie=False):
     config = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, tie_word_embeddings=tie)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import json
 import re
 import sys
@@ -283,13 +284,13 @@ def _record_widths(model) -> None:
             for layer, (value,) in values.items():
                 if value != data[name]:
                     per_layer.setdefault(layer, {})[name] = value
+    original = dict(data)
     data = _state_epsilon(cls, _accepted_values(cls, data, shared), attributes)
+    data, fresh = _without_drift(model, cls, original, data, set(attributes))
     for name, value in data.items():
         setattr(config, name, value)
     full = _shapes(cls, data)
     differ = {k: list(v) for k, v in shapes.items() if k in full and full[k] != v}
-    with torch.device("meta"):
-        fresh = cls(cls.config_class.from_dict(data))
     unstated = {k: v for k, v in attributes.items() if getattr(*owner(fresh, k)) != v}
     if per_layer:
         config.allow_global_per_layer_attribute_access = True  # the global values stay the layers' largest
@@ -302,6 +303,48 @@ def _record_widths(model) -> None:
                                      "branches": branches})
     elif hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
+
+
+def _without_drift(model, cls: type, original: dict, data: dict, cut: set[str]):
+    """``data`` less every rewritten field that would change a value the slim model computes with,
+    and the (meta-device) model it builds. A config field may size more than tensors: Gemma scales its
+    embeddings by ``sqrt(hidden_size)``, so a config stating the cut hidden size would rebuild another
+    scale and reload a different function. Such a field keeps its value (the widths then go under our
+    key): a plain number a module holds must come out of the rewritten config as the slim model has it
+    (``cut``: the layer attributes the cut itself set, which our key states)."""
+    while True:
+        with torch.device("meta"):
+            fresh = cls(cls.config_class.from_dict(data))
+        drift = _number_drift(model, fresh, cut)
+        rewritten = [k for k in data if k in original and data[k] != original[k]]
+        if not drift or not rewritten:
+            return data, fresh
+        for name in rewritten:  # keep the first field whose rewrite alone moves a number back
+            trial = {**data, name: original[name]}
+            with torch.device("meta"):
+                if len(_number_drift(model, cls(cls.config_class.from_dict(trial)), cut)) < len(drift):
+                    data = trial
+                    break
+        else:  # no rewritten field moves it: not the config's doing
+            return data, fresh
+
+
+def _number_drift(model, fresh, cut: set[str]) -> list[str]:
+    """Plain float attributes (a scale, an epsilon) that differ between the slim model's modules and a
+    model built from its rewritten config."""
+    theirs = dict(fresh.named_modules())
+    out = []
+    for path, module in model.named_modules():
+        other = theirs.get(path)
+        if other is None:
+            continue
+        for attr, mine in vars(module).items():
+            got = getattr(other, attr, None)
+            name = f"{path}.{attr}" if path else attr
+            if (name not in cut and isinstance(mine, float) and isinstance(got, float)
+                    and not math.isclose(mine, got, rel_tol=1e-9)):
+                out.append(name)
+    return out
 
 
 def _accepted_values(cls: type, data: dict, values: dict) -> dict:
