@@ -174,6 +174,23 @@ def test_uniform_keeps_the_largest_alive_width_with_the_strongest_dead_groups():
     assert f"{cost.params} parameters" in str(cost)
 
 
+def test_callbacks_log_what_a_uniform_cut_would_keep_back():
+    """Issue 20 item 5: with uniform=True the training callbacks log the padding a uniform cut would
+    need now, so a run that must deploy uniform widths can watch it and steer."""
+    from dgating_surgery.integrations import CallbackCore
+    gated, *_ = _gated("llama", seed=3)
+    logged = CallbackCore(model=gated, uniform=True).metrics()
+    cost = dg.uniform_cost(gated)
+    assert cost.params > 0
+    assert logged["dgating/uniform_padding_groups"] == cost.groups
+    assert logged["dgating/uniform_padding_params"] == cost.params
+    assert "dgating/uniform_padding_params" not in CallbackCore(model=gated).metrics()
+    pytest.importorskip("lightning")
+    from dgating_surgery.integrations.hf import DGatingCallback as HFCallback
+    from dgating_surgery.integrations.lightning import DGatingCallback as LightningCallback
+    assert HFCallback(model=gated, uniform=True).core.uniform and LightningCallback(model=gated, uniform=True).core.uniform
+
+
 def test_per_layer_widths_are_written_as_transformers_per_layer_config(tmp_path):
     gated, args, kwargs, _ = _gated("llama", seed=4)
     reference = _output(gated, "llama", args, kwargs)

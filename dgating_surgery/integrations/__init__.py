@@ -17,7 +17,7 @@ from torch import nn
 
 from ..distill import Distiller
 from ..gates import gate_set
-from ..report import sparsity
+from ..report import sparsity, uniform_cost
 from ..schedule import LambdaScheduler, dgating_groups
 from ..training import LAM_KEY, optimizer_problems
 from ..wrappers import unwrap, unwrap_optimizer, warn_user
@@ -63,7 +63,8 @@ class CallbackCore:
 
     def __init__(self, model: nn.Module | None = None, lam: float | None = None, schedule: dict | None = None,
                  threshold: float | None = None, uses_penalty: bool = False, check: bool = True,
-                 target=None, metric: str = "params", distill: float | None = None):
+                 target=None, metric: str = "params", distill: float | None = None, uniform: bool = False):
+        self.uniform = uniform
         self.model, self.lam, self.threshold, self.uses_penalty, self.check = model, lam, threshold, uses_penalty, check
         self.distill, self.distiller = distill, None
         if schedule is not None and not isinstance(schedule, (dict, LambdaScheduler)):
@@ -142,7 +143,8 @@ class CallbackCore:
     def metrics(self) -> dict[str, float]:
         """Dead and total groups (all kinds and per kind), the dead fraction, the parameters a cut
         removes (count and fraction), the collapsed groups (``deadness``: what Adam leaves near
-        zero), the groups a size target holds at zero, lambda (per kind when kinds differ)."""
+        zero), the groups a size target holds at zero, lambda (per kind when kinds differ), and with
+        ``uniform`` the dead groups and parameters a uniform cut would keep (``dg.uniform_cost``)."""
         report = sparsity(self.model, self.threshold)
         out = {f"{PREFIX}dead_groups": float(report.dead), f"{PREFIX}groups": float(report.groups),
                f"{PREFIX}dead_fraction": report.dead / max(report.groups, 1),
@@ -151,6 +153,10 @@ class CallbackCore:
         out[f"{PREFIX}collapsed_groups"] = float(report.collapsed)
         if self.scheduler is not None and self.scheduler.targets:
             out[f"{PREFIX}held_groups"] = float(sum(int(m.sum()) for m in self.scheduler.held_masks.values()))
+        if self.uniform:  # what a uniform cut (stock-loadable widths) would keep back now, to steer toward it
+            cost = uniform_cost(self.model, self.threshold)
+            out[f"{PREFIX}uniform_padding_groups"] = float(cost.groups)
+            out[f"{PREFIX}uniform_padding_params"] = float(cost.params)
         kinds = report.by_kind()
         if len(kinds) > 1:
             out.update({f"{PREFIX}dead_{kind}": float(v["dead"]) for kind, v in kinds.items()})

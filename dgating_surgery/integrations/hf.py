@@ -80,9 +80,9 @@ class DGatingCallback(CoreView, TrainerCallback):
     """
 
     def __init__(self, model=None, lam: float | None = None, schedule=None, threshold: float | None = None,
-                 uses_penalty: bool = False, target=None, metric: str = "params", distill: float | None = None):
+                 uses_penalty: bool = False, target=None, metric: str = "params", distill: float | None = None, uniform: bool = False):
         self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric,
-                                 distill=distill)
+                                 distill=distill, uniform=uniform)
 
     def attach(self, trainer) -> "DGatingCallback":
         """Put this callback first in ``trainer``'s list, before the report integrations."""

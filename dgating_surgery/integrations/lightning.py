@@ -47,9 +47,9 @@ class DGatingCallback(CoreView, Callback):
 
     def __init__(self, model=None, lam: float | None = None, schedule=None, threshold: float | None = None,
                  uses_penalty: bool = False, every_n_steps: int | None = None, target=None, metric: str = "params",
-                 distill: float | None = None):
+                 distill: float | None = None, uniform: bool = False):
         self.core = CallbackCore(model, lam, schedule, threshold, uses_penalty, target=target, metric=metric,
-                                 distill=distill)
+                                 distill=distill, uniform=uniform)
         self.every_n_steps = every_n_steps
 
     def on_train_start(self, trainer, pl_module):
