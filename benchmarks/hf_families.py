@@ -10,13 +10,21 @@ gate is zeroed and the model shrunk; then, against the gated model (1e-4 of the 
 - ``generate``: greedy generation with the KV cache gives the same tokens (causal LMs);
 - ``reload``: ``save_pretrained`` + ``from_pretrained`` (dgating_surgery imported) gives the same outputs.
 
+With ``--uniform`` the cut keeps one width per config field (``dg.shrink(uniform=True)``, issue 20) and
+``stock`` is the reload in a process where dgating_surgery cannot be imported (stock transformers, on
+the unseen inputs); ``not stock`` where the saved config still needs our key (a width no config field
+can state stays per-layer, e.g. a field that also sizes a scale).
+
 A kind no group of which can be removed shows ``-`` and its reason is listed under the table.
 
     nice python benchmarks/hf_families.py               # every family (OMP_NUM_THREADS=1: ~20 min)
     python benchmarks/hf_families.py llama qwen3 bloom  # some
+    nice python benchmarks/hf_families.py --uniform     # uniform widths, reloaded by stock transformers
 """
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +34,7 @@ import torch
 import transformers
 
 import dgating_surgery as dg
-from dgating_surgery.execution import output_diff, run
+from dgating_surgery.execution import output_diff, output_tensors, run
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
 from test_heads_families import tiny  # noqa: E402  (the tiny configs the tests use)
@@ -64,7 +72,7 @@ def first_reason(plan, kind: str) -> str:
     return next((r for s in plan.sets if s.kind == kind for r in s.reasons if r), "none found")
 
 
-def check(family: str) -> dict:
+def check(family: str, uniform: bool = False) -> dict:
     row = {"family": family}
     model, role = tiny(family)
     dg.expose_weights(model)
@@ -90,7 +98,7 @@ def check(family: str) -> dict:
         except Exception as exc:  # noqa: BLE001 - transformers' own generate, before any cut
             row["generate reason"] = f"generate fails on the model before the cut: {type(exc).__name__}: {exc}"
     params = dg.model_params(gated)
-    dg.shrink(gated, example_inputs=args, example_kwargs=kwargs)
+    dg.shrink(gated, example_inputs=args, example_kwargs=kwargs, uniform=uniform)
     row["params"] = f"{params:,}->{dg.model_params(gated):,}"
     row["seen"], row["unseen"] = (output_diff(ref, run(gated, *a)) for ref, a in zip(reference, ((args, kwargs), unseen)))
     if generated is not None:
@@ -98,8 +106,41 @@ def check(family: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         gated.save_pretrained(folder)
         reloaded = type(gated).from_pretrained(folder).eval()
+        if uniform:
+            row["stock"] = _stock_reload(folder, type(gated).__name__, unseen, reference[1])
     row["reload"] = output_diff(reference[1], run(reloaded, *unseen))
     return row
+
+
+STOCK = r"""
+import sys, torch, warnings, transformers
+class NoDgating:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "dgating_surgery":
+            raise ImportError("blocked")
+sys.meta_path.insert(0, NoDgating())
+warnings.simplefilter("ignore")
+folder, cls = sys.argv[1], sys.argv[2]
+saved = torch.load(folder + "/inputs.pt")
+model = getattr(transformers, cls).from_pretrained(folder).eval()
+with torch.no_grad():
+    out = model(*saved["args"], **saved["kwargs"])
+torch.save([t for t in (out.to_tuple() if hasattr(out, "to_tuple") else (out,)) if isinstance(t, torch.Tensor)][:1],
+           folder + "/stock.pt")
+"""
+
+
+def _stock_reload(folder: str, cls: str, unseen, reference) -> float | str:
+    """The output difference of the saved directory loaded by stock transformers (dgating_surgery
+    unimportable) on ``unseen``, or why it is not a stock checkpoint."""
+    if "dgating_surgery" in json.load(open(f"{folder}/config.json")):
+        return "not stock"
+    torch.save({"args": unseen[0], "kwargs": unseen[1]}, f"{folder}/inputs.pt")
+    done = subprocess.run([sys.executable, "-c", STOCK, folder, cls], capture_output=True, text=True)
+    if done.returncode:
+        return f"fails: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"
+    (got,) = torch.load(f"{folder}/stock.pt")
+    return output_diff(output_tensors(reference)[:1], [got])
 
 
 def kill(model, fraction: float, seed: int) -> int:
@@ -120,11 +161,12 @@ def _generate(model) -> torch.Tensor:
 
 
 def ok(row: dict) -> bool:
+    stock = row.get("stock", 0.0)
     return "error" not in row and all(row.get(k, 0.0) <= TOL for k in ("seen", "unseen", "reload")) \
-        and row.get("generate", "equal") == "equal"
+        and row.get("generate", "equal") == "equal" and (not isinstance(stock, float) or stock <= TOL)
 
 
-def main(families: list[str]) -> int:
+def main(families: list[str], uniform: bool = False) -> int:
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -137,7 +179,7 @@ def main(families: list[str]) -> int:
     for family in families:
         start = time.perf_counter()
         try:
-            row = check(family)
+            row = check(family, uniform)
         except Exception as exc:  # noqa: BLE001 - a family's failure is a row of the table
             row = {"family": family, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
         row["seconds"] = time.perf_counter() - start
@@ -145,7 +187,9 @@ def main(families: list[str]) -> int:
         num = lambda k: f"{row[k]:8.1e}" if k in row else f"{'-':>8s}"  # noqa: E731
         print(f"{family:12s} {row.get('heads', '?'):>7s} {row.get('neurons', '?'):>9s} {row.get('hidden', '?'):>7s} "
               f"{row.get('cut', '-')!s:>4s} {row.get('params', '-'):>17s} {num('seen')} {num('unseen')} "
-              f"{row.get('generate', '-'):>8s} {num('reload')} {'yes' if ok(row) else 'NO'}", flush=True)
+              f"{row.get('generate', '-'):>8s} {num('reload')} {'yes' if ok(row) else 'NO'}"
+              + (f"  stock {row['stock']:.1e}" if isinstance(row.get("stock"), float) else
+                 f"  {row['stock']}" if "stock" in row else ""), flush=True)
     print("-" * len(header))
     print(f"exact: {sum(map(ok, rows))}/{len(rows)} families")
     print("\nrefusals (kind: reason):")
@@ -156,4 +200,5 @@ def main(families: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or FAMILIES))
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    sys.exit(main(names or FAMILIES, uniform="--uniform" in sys.argv))
