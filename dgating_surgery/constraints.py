@@ -54,10 +54,13 @@ class Slot:
 class WidthSet:
     """Slots that must keep one width (in units). ``label``: what states it (a config field, or a
     layer pattern). A slot no gate cuts keeps its full size, and so, under the constraint, does
-    every slot of its set."""
+    every slot of its set. ``pinned``: the label can state no width but the present one (a config
+    field that also sizes a tensor out of proportion, a fused projection's rows or a head width it
+    derives): every slot keeps its full size, whatever its units."""
 
     label: str
     slots: list[Slot]
+    pinned: bool = False
 
 
 @dataclass
@@ -235,7 +238,7 @@ def uniform(ctx: WidthContext, dead: dict) -> dict:
     if found.accepts is None or found.accepts(targets):
         return dead
     best = None
-    for wset in found.sets:  # the fewest units this set alone must grow by for accepted widths, then settled
+    for wset in [w for w in found.sets if not w.pinned]:  # the fewest units one set must grow by, then settled
         grown = next((u for u in range(targets[wset.label] + 1, _full_units(ctx, wset) + 1)
                       if found.accepts({**targets, wset.label: u})), None)
         if grown is None:
@@ -268,30 +271,40 @@ def _entries(ctx: WidthContext, dead: dict) -> int:
 
 def _settle(ctx: WidthContext, dead: dict, sets: list[WidthSet], floor: dict[str, int]) -> dict[str, int]:
     """Revive (in ``dead``) until every set's slots share one width, at least ``floor`` (label ->
-    units). Sets share gates (a head counts in the query and the key/value head counts) and a group
-    may be wider than a unit, so repeat until nothing changes. Returns each set's width in units."""
+    units; a pinned set: every slot its full size). Sets share gates (a head counts in the query and
+    the key/value head counts) and a group may be wider than a unit, so repeat until nothing changes.
+    Returns each unpinned set's width in units."""
     while True:
         changed, targets = False, {}
         for wset in sets:
-            target = max([math.ceil(ctx.width(s.fqn, s.dim, dead) / s.unit) for s in wset.slots]
-                         + [floor.get(wset.label, 0)])
-            targets[wset.label] = target
+            if not wset.pinned:
+                targets[wset.label] = max([math.ceil(ctx.width(s.fqn, s.dim, dead) / s.unit) for s in wset.slots]
+                                          + [floor.get(wset.label, 0)])
             for slot in wset.slots:
+                want = _wanted(ctx, wset, slot, targets)
                 for key, _ in ctx.cuts_on(slot.fqn, slot.dim):
                     widened = revive(ctx.norms[key], dead[key], monotone=True,
-                                     done=lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= target * slot.unit)
+                                     done=lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= want)
                     if widened is None:
                         raise ShrinkError(f"uniform widths: {slot.fqn} (dim {slot.dim}) cannot reach the width of the "
-                                          f"other layers of {wset.label} ({target * slot.unit}); shrink without uniform")
+                                          f"other layers of {wset.label} ({want}); shrink without uniform")
                     if not torch.equal(widened, dead[key]):
                         dead[key], changed = widened, True
         if changed:
             continue
         for wset in sets:
-            if any(ctx.width(s.fqn, s.dim, dead) != targets[wset.label] * s.unit for s in wset.slots):
-                raise ShrinkError(f"uniform widths: the layers of {wset.label} cannot keep one width (their groups have "
-                                  "other sizes); shrink without uniform")
+            odd = next((s for s in wset.slots if ctx.width(s.fqn, s.dim, dead) != _wanted(ctx, wset, s, targets)), None)
+            if odd is not None:
+                raise ShrinkError(
+                    f"uniform widths: the layers of {wset.label} cannot keep one width: {odd.fqn} (dim {odd.dim}) "
+                    f"keeps {ctx.width(odd.fqn, odd.dim, dead)} positions, not {_wanted(ctx, wset, odd, targets)} "
+                    f"(units of {odd.unit}): the groups that cut it are not whole units; shrink without uniform")
         return targets
+
+
+def _wanted(ctx: WidthContext, wset: WidthSet, slot: Slot, targets: dict[str, int]) -> int:
+    """The width (positions) ``slot`` keeps under its set's target: its full size in a pinned set."""
+    return ctx.size(slot.fqn, slot.dim) if wset.pinned else targets[wset.label] * slot.unit
 
 
 def width_sets(ctx: WidthContext) -> WidthSets:

@@ -157,7 +157,7 @@ CONFIG_KEY = "dgating_surgery"
 # when the config class refuses them together), and those that state the epsilon of norms over the
 # hidden size. Which tensors each field sizes is measured, not listed (``_probe``).
 WIDTH_FIELDS = ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", "n_heads", "intermediate_size",
-                "moe_intermediate_size", "shared_expert_intermediate_size", "n_inner", "d_ff", "ffn_dim",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "n_inner", "ffn_hidden_size", "d_ff", "ffn_dim",
                 "encoder_ffn_dim", "decoder_ffn_dim", "hidden_size", "n_embd", "d_model")
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 PER_LAYER_KEY = "per_layer_config"  # transformers' own per-layer overrides (configuration_utils)
@@ -236,17 +236,20 @@ def _field_slots(model) -> dict[str, tuple[list[Slot], list[Slot]]]:
 
 def _width_sets(model, ctx) -> WidthSets:
     """Uniform widths for a transformers model: one set per config field that sizes a cut tensor (its
-    slots no gate cuts stay full, so must the others); a cut slot no field sizes stays full too (no
-    config could state it). The config class must accept the widths chosen."""
+    slots no gate cuts stay full, so must the others). A field that also sizes a tensor out of
+    proportion (a fused query/key/value projection's rows, a head width it derives: Falcon, StableLM,
+    Persimmon, Phi-3, GPT-BigCode) can state no other value, so its set is pinned full; so is a cut
+    slot no field sizes (no config could state it). The config class must accept the widths chosen."""
     fields = _field_slots(model)
-    sets = [WidthSet(name, scaled + fixed) for name, (scaled, fixed) in fields.items()]
+    sets = [WidthSet(name if not fixed else f"{name} (it also sizes {fixed[0].fqn} dim {fixed[0].dim} out of "
+                     "proportion)", scaled + fixed, pinned=bool(fixed)) for name, (scaled, fixed) in fields.items()]
     stated = {(s.fqn, s.dim) for wset in sets for s in wset.slots}
     for key, dgate in ctx.gates.items():
         for cut in dgate.cuts:
             if cut.role not in ATTRIBUTE_ROLES and (cut.fqn, cut.dim) not in stated:
                 stated.add((cut.fqn, cut.dim))
                 sets.append(WidthSet(f"{cut.fqn} (dim {cut.dim}, no config field states it)",
-                                     [Slot(cut.fqn, cut.dim, ctx.size(cut.fqn, cut.dim))]))
+                                     [Slot(cut.fqn, cut.dim)], pinned=True))
     data, cls = _config_data(model), type(model)
     return WidthSets(sets, lambda targets: _accepted(cls, {**data, **{k: v for k, v in targets.items() if k in fields}}))
 
