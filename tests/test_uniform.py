@@ -244,3 +244,47 @@ def test_dgate_shrink_and_report_uniform_give_the_cost_and_the_onnx_export_runs_
     session = ort.InferenceSession(str(slim_path.with_suffix(".onnx")))
     out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: args[0].numpy()})[0])
     assert float((out - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+
+PINNED = {  # family -> (config fields the uniform cut must leave as they were, fields it must narrow)
+    "phi3": (("num_attention_heads", "num_key_value_heads"), ("hidden_size", "intermediate_size")),  # fused qkv rows
+    "falcon": (("hidden_size",), ("ffn_hidden_size",)),  # hidden_size derives the head width and sizes the fused qkv
+    "stablelm": (("hidden_size", "num_attention_heads"), ("intermediate_size",)),  # the same, separate q/k/v
+    "qwen3": (("hidden_size",), ("intermediate_size",)),  # rms_norm_eps also serves q_norm/k_norm over a head
+    "olmo2": (("hidden_size", "num_attention_heads"), ("intermediate_size",)),  # ... and over the heads
+}
+
+
+def test_uniform_pins_a_field_that_sizes_a_tensor_out_of_proportion_or_shares_an_epsilon(tmp_path):
+    """A config field that also sizes a tensor out of proportion (a fused query/key/value projection's
+    rows, a head width derived from the hidden size) can state no other value, nor can an epsilon field
+    whose norms span widths the cut would narrow differently: their widths stay full, the others are cut
+    uniformly, and the directory loads in stock transformers with the gated model's outputs and tokens."""
+    from test_heads_families import tiny
+    runs = []
+    for name, (kept, narrowed) in PINNED.items():
+        torch.manual_seed(0)
+        model, _ = tiny(name)
+        kinds = [{"kind": k} for k in ("heads", "neurons", "hidden")]
+        gated = dg.gate_model(dg.expose_weights(model), {"D": 3, "groups": kinds}, (IDS,), {"use_cache": False})
+        dg.kill_random_groups(gated, 0.3, seed=0)
+        full = {k: getattr(gated.config, k) for k in kept + narrowed}
+        with torch.no_grad():
+            reference = gated(IDS, use_cache=False).logits
+            tokens = gated.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        slim = dg.shrink(gated, uniform=True)
+        assert "dgating_surgery" not in slim.config.to_dict(), name
+        assert {k: getattr(slim.config, k) for k in kept} == {k: full[k] for k in kept}, name
+        assert all(getattr(slim.config, k) < full[k] for k in narrowed), (name, slim.config)
+        slim.save_pretrained(tmp_path / name)
+        torch.save({"args": (IDS,), "kwargs": {"use_cache": False}, "output": reference, "tokens": tokens},
+                   tmp_path / name / "reference.pt")
+        runs.append((str(tmp_path / name), True))
+    done = subprocess.run([sys.executable, "-c", LOAD_STOCK, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results.pop("blocked") is True
+    for (directory, _), name in zip(runs, PINNED):
+        row = results[directory]
+        assert row["diff"] <= 1e-4 * row["scale"] and row["tokens_equal"], (name, row)

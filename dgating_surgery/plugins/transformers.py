@@ -234,6 +234,23 @@ def _field_slots(model) -> dict[str, tuple[list[Slot], list[Slot]]]:
     return _probe(type(model), json.dumps(_config_data(model), sort_keys=True, default=str))
 
 
+@functools.lru_cache(maxsize=64)
+def _epsilon_users(cls: type, data_json: str) -> dict[str, list[str]]:
+    """Per epsilon field of the config: the modules whose epsilon it sets (those with a float
+    attribute that moves when the class is built with the field doubled)."""
+    data = json.loads(data_json)
+    with torch.device("meta"):
+        base = dict(cls(cls.config_class.from_dict(data)).named_modules())
+    out = {}
+    for name in EPS_FIELDS:
+        if isinstance(data.get(name), float) and data[name] > 0:
+            with torch.device("meta"):
+                other = cls(cls.config_class.from_dict({**data, name: 2 * data[name]}))
+            out[name] = [path for path, module in other.named_modules() if path in base and any(
+                isinstance(v, float) and getattr(base[path], k, None) != v for k, v in vars(module).items())]
+    return out
+
+
 def _width_sets(model, ctx) -> WidthSets:
     """Uniform widths for a transformers model: one set per config field that sizes a cut tensor (its
     slots no gate cuts stay full, so must the others). A field that also sizes a tensor out of
@@ -251,7 +268,22 @@ def _width_sets(model, ctx) -> WidthSets:
                 sets.append(WidthSet(f"{cut.fqn} (dim {cut.dim}, no config field states it)",
                                      [Slot(cut.fqn, cut.dim)], pinned=True))
     data, cls = _config_data(model), type(model)
+    _pin_shared_epsilons(sets, _epsilon_users(cls, json.dumps(data, sort_keys=True, default=str)))
     return WidthSets(sets, lambda targets: _accepted(cls, {**data, **{k: v for k, v in targets.items() if k in fields}}))
+
+
+def _pin_shared_epsilons(sets: list[WidthSet], users: dict[str, list[str]]) -> None:
+    """Pin (in place) the sets of norms that one epsilon field serves at different widths. A cut RMS
+    norm's epsilon is rescaled by the fraction of its width kept, and the config states one epsilon
+    for all its norms: norms over the hidden size and norms over a head (Qwen3's q_norm/k_norm) or
+    over the heads (OLMo2's) can only share it while no width they span is cut."""
+    where = {(s.fqn, s.dim): i for i, wset in enumerate(sets) for s in wset.slots}
+    for name, paths in users.items():
+        spans = {where.get((f"{path}.weight", 0)) for path in paths}
+        if len(spans) > 1:
+            for i in spans - {None}:
+                sets[i].pinned = True
+                sets[i].label += f" (its norms share {name} with norms of other widths)"
 
 
 def _record_widths(model) -> None:
