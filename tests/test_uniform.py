@@ -97,6 +97,16 @@ print(json.dumps(results))
 FAMILIES = ["llama", "qwen2", "gpt2", "bert", "vit"]
 
 
+def _load_stock(runs) -> dict:
+    """Each (directory, generates) loaded in a process where dgating_surgery cannot be imported."""
+    done = subprocess.run([sys.executable, "-c", LOAD_STOCK, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results.pop("blocked") is True
+    return results
+
+
 def test_uniform_slim_checkpoints_load_in_stock_transformers(tmp_path):
     runs, expect = [], {}
     for name in FAMILIES:
@@ -112,11 +122,7 @@ def test_uniform_slim_checkpoints_load_in_stock_transformers(tmp_path):
         slim.save_pretrained(directory)
         torch.save({"args": args, "kwargs": kwargs, "output": reference, "tokens": tokens}, directory / "reference.pt")
         runs.append((str(directory), generates))
-    done = subprocess.run([sys.executable, "-c", LOAD_STOCK, json.dumps(runs)], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert results.pop("blocked") is True
+    results = _load_stock(runs)
     for (directory, generates), name in zip(runs, FAMILIES):
         row = results[directory]
         assert row["diff"] <= 1e-4 * row["scale"], (name, row)
@@ -280,11 +286,29 @@ def test_uniform_pins_a_field_that_sizes_a_tensor_out_of_proportion_or_shares_an
         torch.save({"args": (IDS,), "kwargs": {"use_cache": False}, "output": reference, "tokens": tokens},
                    tmp_path / name / "reference.pt")
         runs.append((str(tmp_path / name), True))
-    done = subprocess.run([sys.executable, "-c", LOAD_STOCK, json.dumps(runs)], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert results.pop("blocked") is True
+    results = _load_stock(runs)
     for (directory, _), name in zip(runs, PINNED):
         row = results[directory]
         assert row["diff"] <= 1e-4 * row["scale"] and row["tokens_equal"], (name, row)
+
+
+def test_shrink_gives_the_model_its_own_config_and_leaves_the_users_object_alone(tmp_path):
+    """Models built from one config object: shrinking one rewrites its own copy, never the object the
+    others (and any model built from it later) read."""
+    config = T.LlamaConfig(vocab_size=100, num_key_value_heads=4, **SMALL)
+    before = config.to_dict()
+    torch.manual_seed(0)
+    a, b = T.LlamaForCausalLM(config).eval(), T.LlamaForCausalLM(config).eval()
+    gated = dg.gate_model(dg.expose_weights(a), ALL, (IDS,), {"use_cache": False})
+    dg.kill_random_groups(gated, 0.3, seed=0)
+    reference = _output(gated, "llama", (IDS,), {"use_cache": False})
+    slim = dg.shrink(gated, uniform=True)
+    assert slim.config is not config and slim.config.intermediate_size < 96 and slim.config.hidden_size < 64
+    assert all(m.config is slim.config for m in slim.modules() if hasattr(m, "config"))
+    assert b.config is config and config.to_dict() == before
+    c = T.LlamaForCausalLM(config)
+    assert c.model.layers[0].mlp.gate_proj.out_features == 96 and c.model.embed_tokens.embedding_dim == 64
+    slim.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == slim.config.intermediate_size
+    loaded = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert dg.max_rel_diff(reference, _output(loaded, "llama", (IDS,), {"use_cache": False})) < 1e-4

@@ -293,7 +293,7 @@ def _record_widths(model) -> None:
     and, with every shape and layer attribute the rewritten config does not give, under our own key,
     which ``restore_widths`` reads. A slim model whose config states everything (a uniform cut) has no
     such key: its directory is an ordinary checkpoint of its class."""
-    cls, config = type(model), model.config
+    cls, config = type(model), _own_config(model, copy.deepcopy(model.config))
     data = _config_data(model)
     slots = _field_slots(model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -338,6 +338,17 @@ def _record_widths(model) -> None:
                                      "branches": branches})
     elif hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
+
+
+def _own_config(model, config):
+    """Give ``model`` (every module of it that holds the old config) ``config``, a changed copy: the
+    user's config object may build other models, and a cut that fails and is undone restores the old
+    one with the modules' attributes. Returns ``config``."""
+    old = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = config
+    return config
 
 
 def _without_drift(model, cls: type, original: dict, data: dict, cut: set[str]):
@@ -562,7 +573,7 @@ def _drop_layers(model, paths: list[str]) -> list[str]:
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_i
-    config = copy.deepcopy(old)
+    config = _own_config(model, copy.deepcopy(old))
     for name, value in list(vars(config).items()):
         if "layer" in name and isinstance(value, list) and len(value) == depth:
             setattr(config, name, [value[i] for i in keep])
@@ -571,9 +582,6 @@ def _drop_layers(model, paths: list[str]) -> list[str]:
     if isinstance(per_layer, dict):
         setattr(config, PER_LAYER_KEY, {new_index[int(i)]: v for i, v in per_layer.items() if int(i) in new_index}
                 or None)
-    for module in model.modules():
-        if getattr(module, "config", None) is old:
-            module.config = config
     prefix = re.compile(rf"^{re.escape(parent)}\.(\d+)\.")
     if getattr(model, "cut_attributes", None):
         renamed = {}
