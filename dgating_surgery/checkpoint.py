@@ -38,7 +38,7 @@ from .errors import CheckpointError, DGatingError, ModelSpecError, UntrustedCode
 from .fixers import fix_attributes
 from .gates import gate_model, gate_set, require_gated
 from .inputs import DTYPES, InputSpec
-from .manifest import FORMAT_VERSION, available_memory, digest, parse, size
+from .manifest import FORMAT_VERSION, available_memory, cut_attribute_problem, digest, parse, size
 from .models import ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
 from .recipe import load_recipe
 from .shrink import plan_cut, set_cut_attributes
@@ -399,36 +399,33 @@ def _resize(model: nn.Module, state: dict, path, ref) -> None:
         replace_tensor(module, attr, torch.empty(saved.shape, dtype=saved.dtype), tied=tied.get(id(old), ()))
 
 
-def _replay_branches(model: nn.Module, record: dict, path) -> None:
-    """The layers of the residual branches the saved model had removed (``branches``)."""
+def _replay_branches(model: nn.Module, record: dict, path, field: str = "removed_branches",
+                     source: str = "manifest field") -> None:
+    """The layers of the residual branches the saved model had removed (``branches``). ``source`` and
+    ``field``: where the file states them (the manifest, or a config.json's key)."""
     try:
         replace_layers(model, record)
     except (AttributeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: manifest field 'removed_branches': {one_line(exc)}") from None
+        raise CheckpointError(f"{path}: {source} '{field}': {one_line(exc)}") from None
 
 
-def _replay_centering(model: nn.Module, names: list, path) -> None:
+def _replay_centering(model: nn.Module, names: list, path, field: str = "centered_layernorms",
+                      source: str = "manifest field") -> None:
     """The LayerNorms the saved model computed as RMS norms of a centred stream (``centering``)."""
     try:
         centering.replay(model, names)
     except (AttributeError, DGatingError) as exc:
-        raise CheckpointError(f"{path}: manifest field 'centered_layernorms': {one_line(exc)}") from None
+        raise CheckpointError(f"{path}: {source} '{field}': {one_line(exc)}") from None
 
 
-def _set_cut_attributes(model: nn.Module, values: dict, path) -> None:
-    """The manifest's layer attributes (counts, epsilons), each on an existing attribute of its
-    kind: a count stays an integer, an epsilon a number."""
+def _set_cut_attributes(model: nn.Module, values: dict, path, field: str = "cut_attributes",
+                        source: str = "manifest field") -> None:
+    """The file's layer attributes (counts, epsilons), each only where a cut writes one
+    (``manifest.cut_attribute_problem``)."""
     for name, value in values.items():
-        try:
-            module, attr = owner(model, name)
-            current = getattr(module, attr)
-        except AttributeError:
-            current = module = None
-        fits = (type(current) is int and type(value) is int) or (
-            (current is None or type(current) is float) and module is not None)
-        if not fits or callable(current) or isinstance(current, torch.Tensor):
-            raise CheckpointError(f"{path}: manifest field 'cut_attributes.{name}': the rebuilt model has no count or "
-                                  f"epsilon of that name to set to {value!r}")
+        problem = cut_attribute_problem(model, name, value)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {source} '{field}.{name}': {problem}")
     set_cut_attributes(model, values)
 
 

@@ -166,18 +166,23 @@ def _kept_input_features(value, field, manifest, state):
             raise FieldError(f"{field}.{name}", "keeps no feature")
 
 
+def _dotted(name, field: str, what: str) -> str:
+    """A dotted name of the model (``layers.0.mlp``), no part private or a dunder."""
+    if not isinstance(name, str) or not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
+        raise FieldError(field, f"must be {what}, not {_show(name)}")
+    return name
+
+
 def _cut_attributes(value, field, manifest, state):
     for name, v in _object(value, field).items():
-        if not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
-            raise FieldError(f"{field}.{name}", "must be a layer attribute's dotted name (module.attribute)")
+        _dotted(name, f"{field}.{name}", "a layer attribute's dotted name (module.attribute)")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise FieldError(f"{field}.{name}", f"must be a finite number >= 0 (a count or an epsilon), not {_show(v)}")
 
 
 def _removed_branches(value, field, manifest, state):
     for name, spec in _object(value, field).items():
-        if not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
-            raise FieldError(f"{field}.{name}", "must be a layer's dotted name")
+        _dotted(name, f"{field}.{name}", "a layer's dotted name")
         spec = _object(spec, f"{field}.{name}", ("as", "returns", "width"))
         if spec.get("as") not in ("bypass", "zeros"):
             raise FieldError(f"{field}.{name}.as", f"must be 'bypass' or 'zeros', not {_show(spec.get('as'))}")
@@ -190,8 +195,17 @@ def _centered_layernorms(value, field, manifest, state):
     if not isinstance(value, list):
         raise FieldError(field, f"must be a list of layer names, not {_show(value)}")
     for i, name in enumerate(value):
-        if not isinstance(name, str) or not IDENTIFIER_PATH.fullmatch(name) or any(p.startswith("_") for p in name.split(".")):
-            raise FieldError(f"{field}[{i}]", f"must be a LayerNorm's dotted name, not {_show(name)}")
+        _dotted(name, f"{field}[{i}]", "a LayerNorm's dotted name")
+
+
+def _shapes(value, field, manifest, state):
+    """Tensor name -> the shape the cut left it (at most MAX_NDIM sizes; the model bounds them)."""
+    for name, shape in _object(value, field).items():
+        _dotted(name, f"{field}.{name}", "a tensor's dotted name")
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+            raise FieldError(f"{field}.{name}", f"must be a list of at most {MAX_NDIM} sizes, not {_show(shape)}")
+        for i, n in enumerate(shape):
+            _count(n, f"{field}.{name}[{i}]", 0, 2 ** 40)
 
 
 def _format(value, field, manifest, state):
@@ -226,6 +240,14 @@ FIELDS = {
              "centered_layernorms": (_centered_layernorms, False),  # LayerNorms swapped for CenteredLayerNorm
              "removed_branches": (_removed_branches, False)},  # layers of removed residual branches (``branches``)
 }
+# The key a slim Hugging Face config.json carries (``plugins.transformers.CONFIG_KEY``): field -> check,
+# the manifest's own where a field means what a manifest field means.
+CONFIG_KEY_FIELDS = {"shapes": _shapes, "attributes": _cut_attributes, "centered_layernorms": _centered_layernorms,
+                     "branches": _removed_branches}
+# What a cut writes on a layer (``shrink.set_cut_attributes``), the only attributes a file may set: the counts
+# the normalization rules record where no tensor shows a width (``rules.normalization``), and the rescaled
+# epsilon of an RMS norm (a float attribute of a layer with a weight, whatever its name).
+COUNT_ATTRIBUTES = ("num_features", "num_channels", "num_groups")
 # checked before the checksum (which depends on them), in this order
 HEADER = ("format", "version", "sha256")
 
@@ -267,6 +289,44 @@ def parse(text: str, state: dict[str, torch.Tensor], path, expected: str | None)
                 if kind == "slim" else "it is still gated: load it with dg.load_gated, or cut it with `dgate shrink`")
         raise CheckpointError(f"{path} is a {kind} checkpoint, not a {expected} one: {hint}")
     return manifest
+
+
+def check_config_key(spec, path, key: str) -> dict:
+    """``spec``, the slim widths a config.json carries under ``key``, every field checked as a
+    manifest's are (before anything is built); a problem is one ``CheckpointError`` naming ``path``
+    and the field."""
+    try:
+        _object(spec, key, tuple(CONFIG_KEY_FIELDS))
+        if _depth(spec) > MAX_DEPTH:
+            raise FieldError(key, f"is nested more than {MAX_DEPTH} levels deep")
+        for name, check in CONFIG_KEY_FIELDS.items():
+            if name in spec:
+                check(spec[name], f"{key}.{name}", spec, {})
+    except FieldError as exc:
+        raise CheckpointError(f"{path}: config field '{exc.field}': {exc}. dgating_surgery writes this key itself: save the "
+                              "slim model again with save_pretrained (or delete the key and load a dense model)") \
+            from None
+    return spec
+
+
+def cut_attribute_problem(model, name: str, value) -> str | None:
+    """Why a file may not set layer attribute ``name`` of ``model`` to ``value`` (None: it may): only a
+    count of ``COUNT_ATTRIBUTES`` that is an integer already, or the float epsilon of a layer with a
+    weight, as a cut writes them."""
+    from .tensors import owner
+    try:
+        module, attr = owner(model, name)
+        current = getattr(module, attr)
+    except AttributeError:
+        return f"the rebuilt model has no count or epsilon of that name to set to {_show(value, 40)}"
+    if attr in COUNT_ATTRIBUTES and type(current) is int and type(value) is int:
+        return None
+    if (current is None or type(current) is float) and not isinstance(value, bool) \
+            and isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    return (f"the rebuilt model has no count or epsilon of that name to set to {_show(value, 40)}: a cut sets only "
+            f"a norm's count ({', '.join(COUNT_ATTRIBUTES)}) or a normalizing layer's epsilon, not "
+            f"{type(module).__name__}.{attr} (now {_show(current, 40)})")
 
 
 def _depth(value) -> int:

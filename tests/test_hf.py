@@ -158,3 +158,33 @@ def test_callback_distills_from_the_penalty_start(tmp_path):
     plain = model(input_ids=ids[:4], labels=ids[:4])
     torch.testing.assert_close(with_term.loss, plain.loss + distiller.loss(plain.logits, input_ids=ids[:4]))
     assert float((with_term.loss - plain.loss).detach()) > 0
+
+
+def _tied_llama(tie: bool):
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_tie_weights_on_a_gated_model_with_a_gated_tied_embedding():
+    """transformers' tie_weights looks the tied weight up as a parameter; gating puts it under a
+    parametrization in both uses, over one primary tensor. On a gated model it finds the pair tied and
+    leaves the model as it is; a pair the config says to tie but that is two tensors is a clear error."""
+    from dgating_surgery.gates import primary
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (1, 8))
+    gated = dg.gate_model(dg.expose_weights(_tied_llama(True)), "llama", ids, {"use_cache": False})
+    dg.kill_random_groups(gated, 0.3, seed=0)
+    before = gated(ids, use_cache=False).logits
+    gated.tie_weights()
+    assert primary(gated, "lm_head.weight") is primary(gated, "model.embed_tokens.weight")
+    assert torch.equal(gated(ids, use_cache=False).logits, before)
+    slim = dg.shrink(gated)
+    slim.tie_weights()  # the slim model is an ordinary one again: transformers' own tie_weights
+    assert slim.lm_head.weight is slim.model.embed_tokens.weight
+    assert dg.max_rel_diff(before, slim(ids, use_cache=False).logits) < 1e-4
+    untied = dg.gate_model(_tied_llama(False), "llama", ids, {"use_cache": False})
+    untied.config.tie_word_embeddings = True
+    with pytest.raises(dg.GatingError, match=r"LlamaForCausalLM.tie_weights: 'lm_head.weight' and "
+                                             r"'model.embed_tokens.weight' of this gated model are not one tensor"):
+        untied.tie_weights()

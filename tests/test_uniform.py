@@ -312,3 +312,46 @@ def test_shrink_gives_the_model_its_own_config_and_leaves_the_users_object_alone
     assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == slim.config.intermediate_size
     loaded = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert dg.max_rel_diff(reference, _output(loaded, "llama", (IDS,), {"use_cache": False})) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def per_layer_directory(tmp_path_factory):
+    """A per-layer slim Llama's directory (its config.json carries the dgating_surgery key)."""
+    gated, *_ = _gated("llama", seed=4)
+    directory = tmp_path_factory.mktemp("slim")
+    dg.shrink(gated).save_pretrained(directory)
+    assert json.loads((directory / "config.json").read_text())["dgating_surgery"]["shapes"]
+    return directory
+
+
+GATE_PROJ = "model.layers.0.mlp.gate_proj.weight"
+CRAFTED = [  # (the key's field, what replaces it, what the error names)
+    ("attributes", {"model.layers.0.self_attn.__class__": 1}, "attributes.model.layers.0.self_attn.__class__"),
+    ("attributes", {"model.layers.0.self_attn.forward": 1.0}, "not LlamaAttention.forward"),
+    ("attributes", {"model.layers.0.self_attn.layer_idx": 1}, "not LlamaAttention.layer_idx"),
+    ("attributes", {"model.norm.variance_epsilon": "1e-6"}, "must be a finite number"),
+    ("shapes", {GATE_PROJ: [1 << 30, 64]}, f"shapes.{GATE_PROJ}': [1073741824, 64] is not a cut"),
+    ("shapes", {GATE_PROJ: [47.5, 64]}, f"shapes.{GATE_PROJ}[0]': must be an integer"),
+    ("shapes", {GATE_PROJ: [1] * 9}, "at most 8 sizes"),
+    ("shapes", {"model.layers.0.mlp.forward": [2]}, "is not a cut of the tensor the config builds there (not a tensor"),
+    ("shapes", {"model.layers.9.mlp.gate_proj.weight": [2, 2]}, "LlamaForCausalLM has no such layer"),
+    ("branches", {"model.layers.0.mlp": {"as": "exec", "returns": 1}}, "must be 'bypass' or 'zeros'"),
+    ("evil", 1, "'dgating_surgery.evil': unknown field"),
+]
+
+
+@pytest.mark.parametrize("field, value, named", CRAFTED, ids=[c[2][:40] for c in CRAFTED])
+def test_a_crafted_config_key_is_refused_before_anything_is_set(per_layer_directory, tmp_path, field, value, named):
+    """config.json is data: from_pretrained with dgating_surgery imported checks its key as a manifest
+    is checked, and refuses names a cut never writes, shapes no cut leaves, values of other types."""
+    from dgating_surgery.errors import CheckpointError
+    for item in per_layer_directory.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dgating_surgery"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        T.LlamaForCausalLM.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: config field 'dgating_surgery."), message
+    assert named in message and "\n" not in message, message

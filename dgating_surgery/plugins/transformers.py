@@ -20,15 +20,13 @@ from torch import nn
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
-from ..branches import (ZeroBranch, register_layer_dropper, register_zero_branch, replace_layers,
-                        replaced_layers)
-from ..centering import SWAPPED_ATTR, register_writer, replay
+from ..branches import ZeroBranch, register_layer_dropper, register_zero_branch, replaced_layers
+from ..centering import SWAPPED_ATTR, register_writer
 from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
 from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
 from ..kinds import ATTRIBUTE_ROLES
-from ..shrink import set_cut_attributes
-from ..errors import CheckpointError
-from ..gates import GATES_ATTR
+from ..errors import CheckpointError, GatingError
+from ..gates import GATES_ATTR, gate_set, primary
 from ..tensors import owner, replace_tensor, tied_holders
 
 
@@ -113,6 +111,7 @@ def refresh() -> None:
     if "transformers.modeling_utils" in sys.modules:
         _register_model_fixer()
         install_loader()
+        install_tie_guard()
     for (module, name), fix in ATTRIBUTE_FIXERS.items():
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and cls not in MODULE_FIXERS:
@@ -424,27 +423,61 @@ def _state_epsilon(cls: type, data: dict, attributes: dict) -> dict:
     return data
 
 
-def restore_widths(model) -> None:
+def restore_widths(model, path="config.json") -> None:
     """Give a model built from a slim config the saved widths (its tensors are still empty). The
     names are those of the class that was saved; another class of the architecture (the base
-    ``LlamaModel`` of a saved ``LlamaForCausalLM``, or the reverse) takes those it has."""
+    ``LlamaModel`` of a saved ``LlamaForCausalLM``, or the reverse) takes those it has. A config.json
+    is data: the key is checked field by field as a manifest is (``manifest.check_config_key``), then
+    against the model (names it has, shapes no larger than the tensors its config builds, only the
+    attributes a cut writes) before anything is set; a problem is a ``CheckpointError`` naming
+    ``path`` and the field."""
     spec = getattr(model.config, CONFIG_KEY, None)
     if not spec:
         return
-    replace_layers(model, {_own_name(model, saved): how for saved, how in spec.get("branches", {}).items()})
-    swapped = (_own_name(model, f"{saved}.weight") for saved in spec.get(SWAPPED_ATTR, []))
-    replay(model, [name.rpartition(".")[0] for name in swapped if name is not None])  # centred LayerNorms
+    from ..checkpoint import _replay_branches, _replay_centering, _set_cut_attributes
+    from ..manifest import check_config_key
+    spec = check_config_key(spec, path, CONFIG_KEY)
+    where = dict(path=path, source="config field")
+    branches = _own_names(model, spec.get("branches", {}), f"{CONFIG_KEY}.branches", path)
+    _replay_branches(model, {own: spec["branches"][saved] for saved, own in branches.items()},
+                     field=f"{CONFIG_KEY}.branches", **where)
+    swapped = _own_names(model, [f"{n}.weight" for n in spec.get(SWAPPED_ATTR, [])], f"{CONFIG_KEY}.{SWAPPED_ATTR}", path)
+    _replay_centering(model, [own.rpartition(".")[0] for own in swapped.values()],  # centred LayerNorms
+                      field=f"{CONFIG_KEY}.{SWAPPED_ATTR}", **where)
     tied = tied_holders(model)
-    for saved, shape in spec.get("shapes", {}).items():
-        name = _own_name(model, saved)
-        if name is not None:
-            module, attr = owner(model, name)
-            old = getattr(module, attr)
-            replace_tensor(module, attr, torch.empty(shape, dtype=old.dtype, device=old.device),
-                           tied=[h for h in tied.get(id(old), []) if h != (module, attr)])
-    attributes = {_own_name(model, saved): value for saved, value in spec.get("attributes", {}).items()}
-    set_cut_attributes(model, {name: value for name, value in attributes.items() if name is not None})
+    for saved, name in _own_names(model, spec.get("shapes", {}), f"{CONFIG_KEY}.shapes", path).items():
+        module, attr = owner(model, name)
+        old, shape = getattr(module, attr), spec["shapes"][saved]
+        if attr not in module._parameters and attr not in module._buffers or len(shape) != old.ndim \
+                or any(n > full for n, full in zip(shape, old.shape)):
+            raise CheckpointError(f"{path}: config field '{CONFIG_KEY}.shapes.{saved}': {shape} is not a cut of the "
+                                  f"tensor the config builds there ({_shown(old)}); save the slim model again with "
+                                  "save_pretrained")
+        replace_tensor(module, attr, torch.empty(shape, dtype=old.dtype, device=old.device),
+                       tied=[h for h in tied.get(id(old), []) if h != (module, attr)])
+    attributes = _own_names(model, spec.get("attributes", {}), f"{CONFIG_KEY}.attributes", path)
+    _set_cut_attributes(model, {own: spec["attributes"][saved] for saved, own in attributes.items()},
+                        field=f"{CONFIG_KEY}.attributes", **where)
     fix_attributes(model)
+
+
+def _shown(value) -> str:
+    return f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else f"not a tensor: {type(value).__name__}"
+
+
+def _own_names(model, saved_names, field: str, path) -> dict[str, str]:
+    """Saved name -> ``model``'s name (``_own_name``) of each one the model has. One it lacks is an
+    error when ``model`` is of the class that was saved (``config.architectures``), else skipped."""
+    saved_class = type(model).__name__ in (getattr(model.config, "architectures", None) or ())
+    out = {}
+    for saved in saved_names:
+        own = _own_name(model, saved)
+        if own is None and saved_class:
+            raise CheckpointError(f"{path}: config field '{field}.{saved}': {type(model).__name__} has no such layer "
+                                  "or tensor; save the slim model again with save_pretrained")
+        if own is not None:
+            out[saved] = own
+    return out
 
 
 def _own_name(model, saved: str) -> str | None:
@@ -496,10 +529,37 @@ def install_loader() -> None:
 
     def load_slim_aware(model, state_dict, checkpoint_files, *args, **kwargs):
         _refuse_gated(checkpoint_files, state_dict)
-        restore_widths(model)
+        restore_widths(model, Path(checkpoint_files[0]).parent / "config.json" if checkpoint_files else "config.json")
         return load(model, state_dict, checkpoint_files, *args, **kwargs)
     load_slim_aware._dgating_surgery = True
     PreTrainedModel._load_pretrained_model = staticmethod(load_slim_aware)
+
+
+def install_tie_guard() -> None:
+    """Wrap ``PreTrainedModel.tie_weights`` for gated models. Gating moves a tied weight (an embedding
+    and the output layer that reads it) under one parametrization per use, both over one primary
+    tensor: transformers would look the weight up as a parameter, find none and raise. A gated model's
+    tied pairs are checked to share their primary weight (they are tied: nothing to do) instead; a pair
+    that does not cannot be tied any more, and the error says what to do."""
+    from transformers.modeling_utils import PreTrainedModel
+    tie = PreTrainedModel.tie_weights
+    if getattr(tie, "_dgating_surgery", False):
+        return
+
+    def tie_weights(self, *args, **kwargs):
+        if gate_set(self) is None:
+            return tie(self, *args, **kwargs)
+        for target, source in self.get_expanded_tied_weights_keys(all_submodels=True).items():
+            try:
+                tied = primary(self, target) is primary(self, source)
+            except AttributeError:
+                tied = False
+            if not tied:
+                raise GatingError(f"{type(self).__name__}.tie_weights: '{target}' and '{source}' of this gated model "
+                                  "are not one tensor, and a gated model's weights cannot be tied any more (its gates "
+                                  "hold each one); tie them before dg.gate_model, or set tie_word_embeddings=False")
+    tie_weights._dgating_surgery = True
+    PreTrainedModel.tie_weights = tie_weights
 
 
 def _register_model_fixer() -> None:
