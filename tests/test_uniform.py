@@ -355,3 +355,46 @@ def test_a_crafted_config_key_is_refused_before_anything_is_set(per_layer_direct
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'config.json'}: config field 'dgating_surgery."), message
     assert named in message and "\n" not in message, message
+
+
+def _word_tokenizer(directory, vocab_size: int) -> list[str]:
+    """A word-level tokenizer of ``vocab_size`` words (CTranslate2's converter copies one), the last
+    one the special token Qwen2's tokenizer class adds; returns the words by id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = [f"t{i}" for i in range(vocab_size - 1)] + ["<|endoftext|>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
+        directory)
+    return words
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_a_uniform_slim_model_runs_in_ctranslate2(tmp_path, name):
+    """Issue 20 item 3, a serving runtime: CTranslate2 (a wheel) converts the uniform slim directory with
+    its transformers converter and gives the gated model's logits (1e-4 of their scale) and greedy tokens.
+    Its Llama and Qwen2 converters take the head width as hidden_size / num_attention_heads (they do not
+    read config.head_dim), so only the MLP neurons are cut here: a cut of heads or of the hidden size
+    converts to another function (docs/deployment.md)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from ctranslate2.converters import TransformersConverter
+    torch.manual_seed(0)
+    model, _, _ = _family(name)
+    gated = dg.gate_model(dg.expose_weights(model.eval()), {"D": 3, "groups": [{"kind": "neurons"}]}, (IDS,),
+                          {"use_cache": False})
+    dg.kill_random_groups(gated, 0.3, seed=0)
+    with torch.no_grad():
+        gated.dgates["model_layers_0_mlp_gate_proj"].factors[0, :48] = 0.0  # layer 0 narrower: uniform keeps more
+    prompt = IDS[:1]
+    with torch.no_grad():
+        reference = gated(prompt, use_cache=False).logits[0]
+        tokens = gated.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)[0, 10:]
+    dg.shrink(gated, uniform=True).save_pretrained(tmp_path / "hf")
+    vocabulary = _word_tokenizer(tmp_path / "hf", gated.config.vocab_size)
+    TransformersConverter(str(tmp_path / "hf")).convert(str(tmp_path / "ct2"), quantization="float32")
+    generator = ctranslate2.Generator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
+    words = [vocabulary[i] for i in prompt[0].tolist()]
+    logits = torch.from_numpy(__import__("numpy").array(generator.forward_batch([words])))[0]
+    assert float((logits - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+    result = generator.generate_batch([words], max_length=8, sampling_topk=1, include_prompt_in_result=False)
+    assert [vocabulary.index(w) for w in result[0].sequences[0]] == tokens.tolist()
