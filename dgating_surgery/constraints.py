@@ -286,8 +286,10 @@ def _settle(ctx: WidthContext, dead: dict, sets: list[WidthSet], floor: dict[str
                     widened = revive(ctx.norms[key], dead[key], monotone=True,
                                      done=lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= want)
                     if widened is None:
-                        raise ShrinkError(f"uniform widths: {slot.fqn} (dim {slot.dim}) cannot reach the width of the "
-                                          f"other layers of {wset.label} ({want}); shrink without uniform")
+                        raise ShrinkError(f"uniform widths: {slot.fqn} (dim {slot.dim}) has {ctx.size(slot.fqn, slot.dim)} "
+                                          f"positions and cannot reach {want} ({want // slot.unit} units of "
+                                          f"{slot.unit}), the width the other layers of {wset.label} keep; shrink "
+                                          "without uniform")
                     if not torch.equal(widened, dead[key]):
                         dead[key], changed = widened, True
         if changed:

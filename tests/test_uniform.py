@@ -398,3 +398,34 @@ def test_a_uniform_slim_model_runs_in_ctranslate2(tmp_path, name):
     assert float((logits - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
     result = generator.generate_batch([words], max_length=8, sampling_topk=1, include_prompt_in_result=False)
     assert [vocabulary.index(w) for w in result[0].sequences[0]] == tokens.tolist()
+
+
+def test_a_width_set_that_cannot_keep_one_width_is_refused_naming_the_layer_and_widths(monkeypatch):
+    """A set whose layers cannot all reach one width (here a unit of 4 positions over layers of 6):
+    the cut is refused, naming the layer, its size, the width asked and the set, and the model stays gated."""
+    from torch import nn
+
+    from dgating_surgery import constraints
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)) for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return x
+
+    slots = [constraints.Slot(f"blocks.{i}.0.weight", 0, 4) for i in range(2)]
+    monkeypatch.setitem(constraints.WIDTH_SET_FINDERS, Blocks,
+                        lambda model, ctx: constraints.WidthSets([constraints.WidthSet("the blocks' width", slots)]))
+    torch.manual_seed(0)
+    gated = dg.gate_model(Blocks(), {"D": 3, "groups": [{"kind": "neurons"}]}, torch.randn(2, 4))
+    with torch.no_grad():
+        next(g for g in dg.gates(gated) if g.modules[0] == "blocks.0.0").factors[0, 0] = 0.0  # 5 of 6 kept
+    with pytest.raises(dg.ShrinkError, match=r"uniform widths: blocks\.0\.0\.weight \(dim 0\) has 6 positions and "
+                                             r"cannot reach 8 \(2 units of 4\), the width the other layers of the "
+                                             r"blocks' width keep; shrink without uniform"):
+        dg.shrink(gated, uniform=True)
+    assert len(list(dg.gates(gated))) == 2 and dg.plan_cut(gated).dead  # still gated; the per-layer cut plans
