@@ -195,16 +195,20 @@ def sdpa(ctx: RuleContext, node):
     return Labels(along(ids, hdim, nd), along(zaff, hdim, nd), along(zall, hdim, nd)).compressed()
 
 
+def _past_copies(node):
+    """The tensor a chain of copies (``contiguous``, ``clone``) was made from."""
+    while isinstance(node, torch.fx.Node) and op_name(node) in ("contiguous", "clone", "alias"):
+        node = node.args[0]
+    return node
+
+
 def _repeated_heads(node, dim, values) -> int | None:
     """``repeat_kv``'s form: ``dim`` of ``node`` merges (kv, r) -> kv * r in a reshape of an expand that
     broadcast the r dim (every query head of a group reads the same key/value head); kv, else None."""
-    while isinstance(node, torch.fx.Node) and op_name(node) in ("contiguous", "clone", "alias"):
-        node = node.args[0]
+    node = _past_copies(node)
     if not isinstance(node, torch.fx.Node) or op_name(node) not in ("reshape", "view", "_unsafe_view"):
         return None
-    expand = node.args[0]
-    while isinstance(expand, torch.fx.Node) and op_name(expand) in ("contiguous", "clone", "alias"):
-        expand = expand.args[0]
+    expand = _past_copies(node.args[0])
     if not isinstance(expand, torch.fx.Node) or op_name(expand) != "expand":
         return None
     src, dst, before = values[node.args[0]].shape, values[node].shape, values[expand.args[0]].shape
