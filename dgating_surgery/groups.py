@@ -330,7 +330,8 @@ def _kv_groups(ctx: RuleContext, key: tuple, roots: list[int], facts: _Facts) ->
     index = {r: i for i, r in enumerate(roots)}
     why = None
     if len(key) > 1 or len(set(entry_roots)) != len(entry_roots):
-        why = "is tied to another query head or key/value group (an op after the attention mixes them)"
+        why = ("is tied to another query head or key/value group of its attention (by a size read off one and "
+               "used for the other, or an op that mixes them), so they cannot be cut one by one")
     else:
         blocked = next((facts.reason[r] for r in roots if r in facts.reason), None)
         why = (f"goes with the query heads and key/value groups of its layer, one of which cannot be removed "

@@ -18,8 +18,13 @@ QH = {"D": 3, "groups": [{"kind": "query_heads"}]}
 HIDDEN, HEADS, HEAD_DIM = 64, 8, 8
 
 
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+            "gemma": ("GemmaConfig", "GemmaForCausalLM")}  # qwen2: biased q/k/v projections
+
+
 def _lm(family="llama", kv=2, heads=HEADS, hidden=HIDDEN):
-    config, cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
+    config, cls = (getattr(T, name) for name in FAMILIES[family])
     model = cls(config(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
                        num_key_value_heads=kv, head_dim=hidden // heads, intermediate_size=96))
     return dg.expose_weights(model.eval(), seed=3)  # norms, biases drawn away from 1 and 0
@@ -193,6 +198,8 @@ class PlainGQA(nn.Module):
         else:
             if self.form == "repeat_kv":
                 k, v = (t[:, :, None].expand(-1, -1, r, -1, -1).reshape(B, -1, L, 4) for t in (k, v))
+            elif self.form == "sized_by_query":
+                k, v = (t[:, :, None].expand(-1, -1, r, -1, -1).reshape(B, q.shape[1], L, 4) for t in (k, v))
             else:
                 k, v = (t[:, None].expand(-1, r, -1, -1, -1).reshape(B, -1, L, 4) for t in (k, v))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -216,6 +223,15 @@ def test_an_attention_whose_query_heads_read_kv_heads_otherwise_is_not_split():
     assert not [s for s in plan.sets if s.kind == "query_heads"]
     (heads,) = [s for s in plan.sets if s.kind == "heads"]
     assert len(heads.roots) == 2
+
+
+def test_query_heads_tied_to_their_kv_heads_stay_with_the_reason():
+    """``reshape(B, q.shape[1], ...)`` sizes the repeated keys by the query heads: the engine ties the
+    two, so the layer's query heads and kv groups cannot go one by one, and none is gated."""
+    plan = dg.analyze(PlainGQA("sized_by_query"), torch.randint(0, 50, (2, 6)), None, QH)
+    (query_heads,) = [s for s in plan.sets if s.kind == "query_heads"]
+    assert not query_heads.removable.any()
+    assert any("is tied to another query head or key/value group" in r for r in query_heads.reasons)
 
 
 def test_the_constraint_only_keeps_dead_groups():
