@@ -233,7 +233,7 @@ def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
     rec = load_recipe(recipe)
     args, kwargs = inputs.make()
     with display.console(stderr=True).status("tracing and analysing the graph"):
-        plan = analyze(model, args, kwargs)
+        plan = analyze(model, args, kwargs, rec)
     try:
         chosen, problem = select(plan, rec, type(model).__name__), None
     except DGatingError as exc:

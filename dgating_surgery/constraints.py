@@ -164,15 +164,21 @@ def revive(norm: torch.Tensor, dead: torch.Tensor, done: Callable[[torch.Tensor]
 
 
 def apply_constraints(ctx: WidthContext, dead: dict[str, torch.Tensor], constraints) -> dict[str, torch.Tensor]:
-    """The dead masks after every constraint in turn, each checked against the contract."""
-    for constraint in constraints:
-        new = constraint(ctx, dict(dead))
-        for key, mask in dead.items():
-            if set(new) != set(dead) or new[key].shape != mask.shape or bool((new[key] & ~mask).any()):
-                raise AssertionError(f"width constraint {getattr(constraint, '__name__', constraint)} killed an alive "
-                                     f"group of gate '{key}' (a constraint may only keep dead groups)")
-        dead = new
-    return dead
+    """The dead masks after every constraint in turn, each checked against the contract, and again
+    until none keeps another group (a later one may undo an earlier one: ``round_to`` keeping one
+    query head breaks equal query heads per kv group); each only keeps groups, so this ends, and
+    the masks then meet every constraint at once."""
+    while True:
+        start = {key: mask.clone() for key, mask in dead.items()}
+        for constraint in constraints:
+            new = constraint(ctx, dict(dead))
+            for key, mask in dead.items():
+                if set(new) != set(dead) or new[key].shape != mask.shape or bool((new[key] & ~mask).any()):
+                    raise AssertionError(f"width constraint {getattr(constraint, '__name__', constraint)} killed an "
+                                         f"alive group of gate '{key}' (a constraint may only keep dead groups)")
+            dead = new
+        if all(torch.equal(dead[key], mask) for key, mask in start.items()):
+            return dead
 
 
 def experts(ctx: WidthContext, dead: dict) -> dict:

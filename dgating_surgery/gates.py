@@ -52,7 +52,7 @@ class DGate(nn.Module):
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
                  D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None,
-                 per_group: int = 1, branches: list | None = None):
+                 per_group: int = 1, branches: list | None = None, kv_of: list | None = None):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
@@ -62,6 +62,7 @@ class DGate(nn.Module):
         self.width = width  # kinds that record their input: how many features the input has
         self.per_group = per_group  # entries of the first layer per group (query heads per kv group)
         self.branches = branches  # kind blocks: per group, the layers removing it replaces (``branches.Branch``)
+        self.kv_of = kv_of  # kind query_heads: per group, its kv group's index (-1: a kv group; ``GroupSet.kv_of``)
 
     @property
     def D(self) -> int:
@@ -156,10 +157,14 @@ def gates(model: nn.Module) -> list[DGate]:
     return list(found.values()) if found is not None else []
 
 
-def analyze(model: nn.Module, example_inputs=None, example_kwargs=None) -> groups_mod.Plan:
-    """Trace ``model`` and discover its group sets (what ``dgate inspect`` shows)."""
+def analyze(model: nn.Module, example_inputs=None, example_kwargs=None, recipe=None) -> groups_mod.Plan:
+    """Trace ``model`` and discover its group sets (what ``dgate inspect`` shows). ``recipe``: the
+    one the plan is for, when it changes discovery (kind ``query_heads`` splits grouped-query
+    attention into query heads and key/value groups: ``groups.discover``)."""
     plugins.load()  # rules for the layers of optional libraries the user's code imported
-    return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs, is_leaf=has_module_rule))
+    query_heads = recipe is not None and any(g.kind == "query_heads" for g in load_recipe(recipe).groups)
+    return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs, is_leaf=has_module_rule),
+                               query_heads=query_heads)
 
 
 def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model") -> list[groups_mod.GroupSet]:
@@ -210,7 +215,7 @@ def gate_model(model: nn.Module, recipe, example_inputs=None, example_kwargs=Non
     if any(g.center_layernorm for g in recipe.groups):  # opt-in: a pre-LayerNorm stream made RMS-normed, exactly
         centring = center_layernorms(model, example_inputs, example_kwargs)
     try:
-        plan = analyze(model, example_inputs, example_kwargs)
+        plan = analyze(model, example_inputs, example_kwargs, recipe)
         examples = (as_tuple(example_inputs), dict(example_kwargs or {}))
         _apply(model, plan, recipe, _Unchanged(model, *examples))
     except BaseException:
@@ -380,7 +385,7 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
             modules, types, branches = ([v for v, ok in zip(column, gset.removable) if ok]
                                         for column in (modules, types, branches))
         built[key] = DGate(gset.name, gset.kind, modules, types, int(gset.removable.sum()), D, cuts[k], positions,
-                           gset.width, gset.per_group, branches)
+                           gset.width, gset.per_group, branches, gset.kv_of)
     return built
 
 

@@ -40,6 +40,9 @@ class GroupSet:
     width: int | None = None  # kinds that record their input: the input's size along dim 1
     per_group: int = 1  # entries of its first layer per group: the query heads of a grouped-query kv group
     branches: list | None = None  # kind blocks: per group, what removing it replaces (``branches.Branch`` or None)
+    # kind query_heads: per group, the index of the key/value group a query head reads (-1: the group is a
+    # key/value group; -2: its key/value head is in no group and stays, as in multi-query attention)
+    kv_of: list | None = None
 
     @property
     def name(self) -> str:
@@ -80,14 +83,16 @@ def profile(index: np.ndarray, att: Attachment, dim: int | None = None) -> tuple
 
 
 # -- the walk ---------------------------------------------------------------------------------------
-def discover(capture: Capture, split_policy: dict | None = None) -> Plan:
+def discover(capture: Capture, split_policy: dict | None = None, query_heads: bool = False) -> Plan:
     """Group discovery over a captured model. ``split_policy``: node name -> a key of
     ``rules.SPLIT_POLICIES`` (or an output dim) for reshapes whose carrier dim the pre-passes
-    (``rules.PREPASSES``, e.g. the attention heads) should not decide."""
+    (``rules.PREPASSES``, e.g. the attention heads) should not decide. ``query_heads``: split
+    grouped-query attention into query heads and key/value groups (kind ``query_heads``) instead of
+    whole key/value groups (kind ``heads``); one partition or the other, so a recipe chooses."""
     directed = {}
     for prepass in PREPASSES:
         directed.update(prepass(capture.gm, capture.values))
-    ctx = RuleContext(capture, {**directed, **(split_policy or {})})
+    ctx = RuleContext(capture, {**directed, **(split_policy or {})}, query_heads)
     for node in capture.gm.graph.nodes:
         ctx.env[node] = _apply(ctx, node)
     for graph_pass in GRAPH_PASSES:  # groups no op rule makes: residual branches
@@ -287,7 +292,9 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
     """Groups made by the same spaces form one set, ordered as their producers' outputs."""
     by_key: dict[tuple, list[int]] = {}
     for r, s_list in spaces_of.items():
-        by_key.setdefault(tuple(sorted(set(s_list))), []).append(r)
+        key = tuple(sorted(set(s_list)))
+        nested = tuple(s for s in key if ctx.spaces[s].kv_of is not None)  # an attention's query heads and kv groups
+        by_key.setdefault(nested or key, []).append(r)
     sets = []
     for key, roots in by_key.items():
         roots.sort(key=lambda r: first_elem[r])
@@ -302,14 +309,40 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
             positions, width = _input_positions(ctx, key, roots, facts)
         first = next(ctx.spaces[s] for s in key if ctx.spaces[s].kind == kind)
         branches = None
+        kv_of = _kv_groups(ctx, key, roots, facts) if first.kv_of is not None else None
         if first.entries is not None:  # entries from different layers (residual branches): named one by one
             entries = [first.entries[first_elem[r] - first.start] for r in roots]
             modules, types, branches = (list(column) for column in zip(*entries))
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
                              [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width,
-                             max(1, first.size // len(roots)), branches))
+                             max(1, first.size // len(roots)), branches, kv_of))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
+
+
+def _kv_groups(ctx: RuleContext, key: tuple, roots: list[int], facts: _Facts) -> list[int]:
+    """A ``query_heads`` set: per group, its key/value group's index in the set (``GroupSet.kv_of``).
+    The width constraint that keeps the attention valid (``rules.attention.equal_query_heads``) reads
+    it, so the set is cut only as the structure the attention rule made, and whole: if a later op tied
+    two of its groups, or one of them cannot be removed, every group of the set stays."""
+    space = ctx.spaces[key[0]]
+    entry_roots = ctx.uf.find(np.arange(space.start, space.start + space.size)).tolist()
+    index = {r: i for i, r in enumerate(roots)}
+    why = None
+    if len(key) > 1 or len(set(entry_roots)) != len(entry_roots):
+        why = ("is tied to another query head or key/value group of its attention (by a size read off one and "
+               "used for the other, or an op that mixes them), so they cannot be cut one by one")
+    else:
+        blocked = next((facts.reason[r] for r in roots if r in facts.reason), None)
+        why = (f"goes with the query heads and key/value groups of its layer, one of which cannot be removed "
+               f"({blocked})" if blocked else None)
+    for r in roots if why else ():
+        facts.reason.setdefault(r, why)
+    kv_of = [-2] * len(roots)
+    for e, r in enumerate(entry_roots if not why else ()):
+        kv = space.kv_of[e]
+        kv_of[index[r]] = -1 if kv == e else -2 if kv < 0 else index[entry_roots[kv]]
+    return kv_of
 
 
 def _input_positions(ctx: RuleContext, key: tuple, roots: list[int], facts: _Facts):

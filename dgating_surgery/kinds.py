@@ -87,6 +87,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("neurons", 4),  # linear output features
     # attention heads: made by the attention rules, tied to the q/k/v projections' rows of the head
     Kind("heads", 1, policies=("head_output",)),
+    # grouped-query attention split open (opt-in: asking for it changes discovery, ``rules.attention``): one
+    # group per query head (its query rows, gated at the output projection's columns) and one per key/value
+    # group (its key and value rows, gated as their producer); the cut keeps them consistent
+    # (``rules.attention.equal_query_heads``)
+    Kind("query_heads", 1, policies=("head_output", "producer")),
     # the residual stream of a transformer under RMSNorm: a channel zero in every producer (embedding,
     # every output projection) is removed exactly with the norms rescaled; made by the RMSNorm rule, so
     # a recipe asks for it by name (opt-in)

@@ -97,7 +97,7 @@ def random_cut_check(model: nn.Module, example_inputs, recipe="default", fractio
     model.eval()
     reference = run(model, args, kwargs)
     start = time.perf_counter()
-    plan = analyze(model, args, kwargs)
+    plan = analyze(model, args, kwargs, recipe)
     apply_plan(model, plan, recipe)
     check.seconds_gate = time.perf_counter() - start
     check.not_gated = not_gated_reasons(plan)

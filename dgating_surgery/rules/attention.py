@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..constraints import WidthContext, register_constraint, revive
 from ..kinds import PARAM_SPACE, Role
 from ..labels import NONE, Labels
 from ..tensors import along
@@ -161,6 +162,10 @@ def sdpa(ctx: RuleContext, node):
     heads = ctx.shape(q)[hdim]
     kv_heads = ctx.shape(k)[hdim]
     rep = heads // kv_heads if kv_heads and heads % kv_heads == 0 else 1
+    if ctx.query_heads:
+        split = _query_heads(ctx, node, (q, k, v, mask), hdim, heads, kv_heads)
+        if split is not None:
+            return split
     ids = _heads(ctx, node, heads)
     value = None
     for t, step in ((q, 1), (k, rep), (v, rep)):
@@ -188,6 +193,110 @@ def sdpa(ctx: RuleContext, node):
     zaff = value.zaff if value is not None else torch.zeros(heads, dtype=torch.bool)
     zall = value.zall if value is not None else torch.zeros(heads, dtype=torch.bool)
     return Labels(along(ids, hdim, nd), along(zaff, hdim, nd), along(zall, hdim, nd)).compressed()
+
+
+def _past_copies(node):
+    """The tensor a chain of copies (``contiguous``, ``clone``) was made from."""
+    while isinstance(node, torch.fx.Node) and op_name(node) in ("contiguous", "clone", "alias"):
+        node = node.args[0]
+    return node
+
+
+def _repeated_heads(node, dim, values) -> int | None:
+    """``repeat_kv``'s form: ``dim`` of ``node`` merges (kv, r) -> kv * r in a reshape of an expand that
+    broadcast the r dim (every query head of a group reads the same key/value head); kv, else None."""
+    node = _past_copies(node)
+    if not isinstance(node, torch.fx.Node) or op_name(node) not in ("reshape", "view", "_unsafe_view"):
+        return None
+    expand = _past_copies(node.args[0])
+    if not isinstance(expand, torch.fx.Node) or op_name(expand) != "expand":
+        return None
+    src, dst, before = values[node.args[0]].shape, values[node].shape, values[expand.args[0]].shape
+    for ins, outs in reshape_groups(src, dst):
+        if outs == [dim] and len(ins) == 2 and len(before) == len(src) and before[ins[1]] == 1:
+            return src[ins[0]]
+    return None
+
+
+def _query_heads(ctx: RuleContext, node, operands, hdim: int, heads: int, kv_heads: int) -> Labels | None:
+    """Grouped-query attention split open (``ctx.query_heads``, a recipe asking for kind
+    ``query_heads``): a ``query_heads`` space with one entry per query head (tied to its query rows;
+    the output projection's columns gate it) and one per key/value group (tied to its key and value
+    rows, gated as their producer: the value then reaches the attention as zeros, so every query head
+    it serves outputs zeros). Query head h reads key/value head h // r, r = heads / kv heads, read off
+    the shapes: ``enable_gqa`` (or a kv head broadcast to all), or ``repeat_kv``'s expand-and-merge,
+    whose repeated ids must show it. The cut keeps that true (``equal_query_heads``). None where the
+    attention is not so (each kv head serves one query head, a per-head mask or bias, heads that carry
+    no group): the whole-group rule applies."""
+    q, k, v, mask = operands
+    nd = len(ctx.shape(q))
+    if ctx.is_tensor(mask) and (ctx.labels(mask) is not None or ((1,) * nd + tuple(ctx.shape(mask)))[-nd:][hdim] > 1):
+        return None
+    query = _head_line(ctx, q, hdim, node, heads)
+    if query is None or query.ids.numel() != heads or not kv_heads:
+        return None
+    width = 1  # positions per key/value head along the attention's head dim
+    if kv_heads == heads:  # repeat_kv: one position per query head, each kv head repeated
+        repeated = {_repeated_heads(t, hdim, ctx.values) for t in (k, v)}
+        if len(repeated) != 1 or None in repeated or heads % min(repeated):
+            return None
+        width = heads // repeated.pop()
+    groups = kv_heads // width
+    if heads % groups or groups == heads:
+        return None
+    lines = [_head_line(ctx, t, hdim, node, kv_heads) for t in (k, v)]
+    path = ctx.owner_module(node)[0]
+    if groups == 1 and any(line is None for line in lines):  # multi-query: the one kv head stays
+        for line in lines:
+            if line is not None:
+                ctx.taint(line.ids, f"the one key/value head of {repr(path) if path else ctx.where(node)} serves "
+                                    "every query head (multi-query attention): it stays")
+        groups, lines = 0, None
+    elif any(line is None or line.ids.numel() != kv_heads or not bool((line.ids.reshape(groups, width) ==
+                                                                      line.ids[::width, None]).all())
+             for line in lines):
+        return None
+    ids = ctx.new_space(heads + groups, "query_heads", f"{path}.heads" if path else "heads", node)
+    per_group = heads // max(groups, 1)
+    ctx.spaces[-1].kv_of = [heads + h // per_group if groups else -1 for h in range(heads)] + \
+                           [heads + j for j in range(groups)]
+    ctx.tie(ids[:heads].numpy(), query.ids.numpy(), node)
+    for line in lines or ():
+        ctx.tie(ids[heads:].numpy(), line.ids[::width].numpy(), node)
+    if lines:  # a key/value group's value is read by the attention's weighted sum: it must arrive as zeros
+        value = lines[1].map(lambda t: t[::width])
+        ctx.visit(value, node)
+    none = torch.zeros(heads, dtype=torch.bool)
+    return Labels(along(ids[:heads], hdim, nd), along(none, hdim, nd), along(none, hdim, nd)).compressed()
+
+
+def equal_query_heads(ctx: WidthContext, dead: dict) -> dict:
+    """The width constraint of a ``query_heads`` gate (``GroupSet.kv_of``): the attention computes
+    query head h with key/value head h // r (r = query heads / kv heads, re-derived after the cut), so
+    a key/value group goes only with all of its query heads, and every key/value group kept keeps the
+    same number of query heads. A dead kv group that serves a live query head is kept; then every kept
+    kv group keeps r query heads, r the most any keeps (at least one), its strongest dead ones first. A
+    kv group whose query heads are all dead therefore goes whole when its own gate is dead too, and
+    keeps r query heads when not (its value still reaches them)."""
+    for key, mask in dead.items():
+        kv_of = getattr(ctx.gates[key], "kv_of", None)
+        if kv_of is None or not bool(mask.any()):
+            continue
+        kv_of, mask, norm = torch.tensor(kv_of), mask.clone(), ctx.norms[key]
+        kv_groups = (kv_of == -1).nonzero().reshape(-1).tolist()
+        for g in kv_groups:
+            if mask[g] and not bool(mask[kv_of == g].all()):
+                mask[g] = False
+        kept = [g for g in kv_groups if not mask[g]] + ([-2] if bool((kv_of == -2).any()) else [])
+        r = max([1] + [int((~mask[kv_of == g]).sum()) for g in kept])
+        for g in kept:
+            mine = kv_of == g
+            mask[mine] = revive(norm[mine], mask[mine], lambda m: int((~m).sum()) >= r, monotone=True)
+        dead[key] = mask
+    return dead
+
+
+register_constraint(equal_query_heads)
 
 
 def matmul(ctx: RuleContext, node):

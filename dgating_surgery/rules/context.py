@@ -71,6 +71,9 @@ class Space:
     # a space whose entries come from different layers (the residual branches of ``rules.branches``): per
     # entry (name users know it by, layer type, what removing it replaces: a ``branches.Branch`` or None)
     entries: list | None = None
+    # a ``query_heads`` space (``rules.attention``): per entry, the entry of the key/value group a query
+    # head reads (-1: a key/value head that is no entry of the space), or the entry itself for a kv group
+    kv_of: list | None = None
 
 
 @dataclass
@@ -104,7 +107,7 @@ SPLIT_POLICIES = {
 class RuleContext:
     """What the walk knows about the graph so far, and what the rules have recorded."""
 
-    def __init__(self, capture: Capture, split_policy: dict[str, str] | None = None):
+    def __init__(self, capture: Capture, split_policy: dict[str, str] | None = None, query_heads: bool = False):
         self.capture = capture
         self.gm = capture.gm
         self.frontend = capture.frontend  # "fx" or "export": export graphs have no literal view sizes
@@ -119,6 +122,7 @@ class RuleContext:
         self.summed_over: dict[torch.fx.Node, tuple[list[int], torch.Tensor]] = {}
         self.env: dict[torch.fx.Node, object] = {}  # node -> its Labels, list of Labels, ParamRef or None
         self.split_policy = dict(split_policy or {})  # node name -> SPLIT_POLICIES key, or a directed output dim
+        self.query_heads = query_heads  # grouped-query attention split into query heads and kv groups (opt-in)
         self._params = dict(capture.model.named_parameters())
         self._tensors = {**dict(capture.model.named_buffers()), **self._params}
         # tied weights (GPT-2's lm_head and wte) are one tensor under several names: its first name
