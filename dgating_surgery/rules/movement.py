@@ -9,6 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..labels import Labels
 from ..tensors import along
 from .context import RuleContext, SizeRef, unknown
 from .structural import arg, embedding
@@ -73,16 +74,17 @@ def reshape_groups(src, dst):
     return groups
 
 
-def _check_reshape(ctx: RuleContext, node, out, sizes):
+def _check_reshape(ctx: RuleContext, node, out, sizes) -> list[int]:
     """A reshape that splits a grouped dim keeps the factors the code fixes (a literal size) and
     ties entries across every factor but the one that carries the groups (``ctx.split_carrier``),
     so the split still works on the smaller tensor; a grouped dim whose sizes the code fixes
-    entirely cannot shrink at all."""
+    entirely cannot shrink at all. Returns the output dims whose fixed sizes keep groups."""
     x = node.args[0]
     lab = ctx.labels(x)
     src, dst = ctx.shape(x), ctx.shape(node)
     literal = ctx.literal_sizes(node, sizes, len(dst))
     full = out.ids
+    fixed = []
     for ins, outs in reshape_groups(src, dst):
         if not any(d in lab.varying_dims() for d in ins):
             continue
@@ -93,6 +95,7 @@ def _check_reshape(ctx: RuleContext, node, out, sizes):
         if big and not free:
             ctx.taint(lab.ids, f"the forward code fixes the size of a grouped dim to {[dst[d] for d in big]} "
                                f"at {ctx.where(node)}, so it cannot shrink")
+            fixed += big
             continue
         carrier = ctx.split_carrier(node, free) if free else None
         if free and carrier is None:
@@ -103,6 +106,22 @@ def _check_reshape(ctx: RuleContext, node, out, sizes):
             if d != carrier:
                 for k in range(1, dst[d]):
                     ctx.tie(full.select(d, 0).numpy(), full.select(d, k).numpy(), node)
+    return fixed
+
+
+def _keep_shape_sources(ctx: RuleContext, node, fixed: list[int]) -> None:
+    """torch.export writes ``x.reshape(y.shape)`` with y's sizes as numbers: where those numbers keep
+    a grouped dim of x (``_check_reshape``) and are the whole shape of an earlier tensor grouped
+    along such a dim, the code may read that tensor's shape, so its groups are kept too (a cut of
+    them would change the size the view asks for, and the view would fail)."""
+    shape = tuple(ctx.shape(node))
+    for other, state in ctx.env.items():
+        if (other is node or not isinstance(state, Labels) or not ctx.is_tensor(other)
+                or tuple(ctx.shape(other)) != shape or not set(fixed) & set(state.varying_dims())):
+            continue
+        ctx.taint(state.ids, f"torch.export wrote the sizes of {ctx.where(node)} as numbers, {list(shape)}, the shape "
+                             f"of {ctx.where(other)}: if the code reads that shape (``reshape(y.shape)``), a cut of these groups "
+                             "would change the size the view asks for")
 
 
 def _view_sizes(ctx: RuleContext, node) -> list:
@@ -132,7 +151,9 @@ def check_view(ctx: RuleContext, node, out):
     """A view: the reshape check, and each output dim sized by another tensor's grouped dim
     (``x.view(y.size())``) tied to that dim's entries, so both shrink alike."""
     sizes = _view_sizes(ctx, node)
-    _check_reshape(ctx, node, out, sizes)
+    fixed = _check_reshape(ctx, node, out, sizes)
+    if ctx.frontend == "export" and fixed:
+        _keep_shape_sources(ctx, node, fixed)
     if len(sizes) == out.ids.ndim:
         for d, ref in enumerate(sizes):
             if isinstance(ref, SizeRef) and ref.exact and ref.ids.numel() == ctx.shape(node)[d]:
@@ -141,11 +162,12 @@ def check_view(ctx: RuleContext, node, out):
 
 def check_as(ctx: RuleContext, node, out):
     """view_as / reshape_as / expand_as: the result has the other tensor's shape, so it is tied to
-    the other tensor's groups entry by entry."""
+    the other tensor's groups entry by entry (a tensor with none never shrinks: nor may the result)."""
     other = ctx.labels(node.args[1])
-    if other is not None:
-        ids, others = torch.broadcast_tensors(out.ids, other.ids)
-        ctx.tie(ids.numpy(), others.numpy(), node)
+    if other is None:
+        other = Labels.unlabeled(ctx.shape(node.args[1]))
+    ids, others = torch.broadcast_tensors(out.ids, other.ids)
+    ctx.tie(ids.numpy(), others.numpy(), node)
 
 
 def check_unflatten(ctx: RuleContext, node, out):
