@@ -143,11 +143,9 @@ def test_shrink_verifies_real_architectures_on_the_kept_inputs(make):
 
 
 class SizeAsLiteral(nn.Module):
-    """``view(p.size(0), 1, p.size(1))`` ties the layer's outputs to p's features, but torch.export
-    (which captures it: symbolic_trace fails on the Python ``if``) writes the sizes as numbers, and
-    they are no tensor's whole shape (``view(p.size())`` is: the engine keeps p's groups then), so
-    the engine cannot see the tie: cutting an input feature leaves the view a size the slim model's
-    tensor lacks."""
+    """``view(p.size())`` ties the layer's outputs to p's features, but torch.export (which captures
+    it: symbolic_trace fails on the Python ``if``) writes the size as numbers, so the engine cannot
+    see the tie: cutting an input feature leaves the view a size the slim model's tensor lacks."""
 
     def __init__(self):
         super().__init__()
@@ -155,7 +153,7 @@ class SizeAsLiteral(nn.Module):
 
     def forward(self, x):
         p = x.mean(2, keepdim=True)
-        h = self.f(p.flatten(1)).view(p.size(0), 1, p.size(1)).transpose(1, 2)
+        h = self.f(p.flatten(1)).view(p.size())
         if h.dim() == 3:
             h = h * 2
         return self.head(h).mean(2)

@@ -74,17 +74,16 @@ def reshape_groups(src, dst):
     return groups
 
 
-def _check_reshape(ctx: RuleContext, node, out, sizes) -> list[int]:
+def _check_reshape(ctx: RuleContext, node, out, sizes):
     """A reshape that splits a grouped dim keeps the factors the code fixes (a literal size) and
     ties entries across every factor but the one that carries the groups (``ctx.split_carrier``),
     so the split still works on the smaller tensor; a grouped dim whose sizes the code fixes
-    entirely cannot shrink at all. Returns the output dims whose fixed sizes keep groups."""
+    entirely cannot shrink at all."""
     x = node.args[0]
     lab = ctx.labels(x)
     src, dst = ctx.shape(x), ctx.shape(node)
     literal = ctx.literal_sizes(node, sizes, len(dst))
     full = out.ids
-    fixed = []
     for ins, outs in reshape_groups(src, dst):
         if not any(d in lab.varying_dims() for d in ins):
             continue
@@ -95,7 +94,6 @@ def _check_reshape(ctx: RuleContext, node, out, sizes) -> list[int]:
         if big and not free:
             ctx.taint(lab.ids, f"the forward code fixes the size of a grouped dim to {[dst[d] for d in big]} "
                                f"at {ctx.where(node)}, so it cannot shrink")
-            fixed += big
             continue
         carrier = ctx.split_carrier(node, free) if free else None
         if free and carrier is None:
@@ -106,22 +104,6 @@ def _check_reshape(ctx: RuleContext, node, out, sizes) -> list[int]:
             if d != carrier:
                 for k in range(1, dst[d]):
                     ctx.tie(full.select(d, 0).numpy(), full.select(d, k).numpy(), node)
-    return fixed
-
-
-def _keep_shape_sources(ctx: RuleContext, node, fixed: list[int]) -> None:
-    """torch.export writes ``x.reshape(y.shape)`` with y's sizes as numbers: where those numbers keep
-    a grouped dim of x (``_check_reshape``) and are the whole shape of an earlier tensor grouped
-    along such a dim, the code may read that tensor's shape, so its groups are kept too (a cut of
-    them would change the size the view asks for, and the view would fail)."""
-    shape = tuple(ctx.shape(node))
-    for other, state in ctx.env.items():
-        if (other is node or not isinstance(state, Labels) or not ctx.is_tensor(other)
-                or tuple(ctx.shape(other)) != shape or not set(fixed) & set(state.varying_dims())):
-            continue
-        ctx.taint(state.ids, f"torch.export wrote the sizes of {ctx.where(node)} as numbers, {list(shape)}, the shape "
-                             f"of {ctx.where(other)}: if the code reads that shape (``reshape(y.shape)``), a cut of these groups "
-                             "would change the size the view asks for")
 
 
 def _view_sizes(ctx: RuleContext, node) -> list:
@@ -151,9 +133,7 @@ def check_view(ctx: RuleContext, node, out):
     """A view: the reshape check, and each output dim sized by another tensor's grouped dim
     (``x.view(y.size())``) tied to that dim's entries, so both shrink alike."""
     sizes = _view_sizes(ctx, node)
-    fixed = _check_reshape(ctx, node, out, sizes)
-    if ctx.frontend == "export" and fixed:
-        _keep_shape_sources(ctx, node, fixed)
+    _check_reshape(ctx, node, out, sizes)
     if len(sizes) == out.ids.ndim:
         for d, ref in enumerate(sizes):
             if isinstance(ref, SizeRef) and ref.exact and ref.ids.numel() == ctx.shape(node)[d]:
