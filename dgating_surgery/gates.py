@@ -4,7 +4,7 @@ user's object and class, and the gate costs a scaling of parameters, not a pass 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -354,7 +354,7 @@ def _named(dgates: list[DGate]) -> tuple[str, str]:
 
 
 @contextmanager
-def _balanced(model: nn.Module, dgates: list[DGate], D: int, exact: list[DGate] = ()) -> Iterator[None]:
+def _balanced(model: nn.Module, dgates: list[DGate], D: int, exact: Sequence[DGate] = ()) -> Iterator[None]:
     """The balanced init of ``dgates`` for the block; undone bit for bit after."""
     undo = _balance(model, dgates, D, exact, undoable=True)
     try:
@@ -481,7 +481,7 @@ def scale_groups_(model: nn.Module, dgate: DGate, factor: torch.Tensor) -> None:
                 theta.mul_(along(per_group[cut.scale + 1], cut.dim, theta.ndim).to(theta.dtype))
 
 
-def _balance(model: nn.Module, dgates: list[DGate], D: int, exact: list[DGate] = (), undoable: bool = False):
+def _balance(model: nn.Module, dgates: list[DGate], D: int, exact: Sequence[DGate] = (), undoable: bool = False):
     """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D); for the gates of
     ``exact`` and those of bfloat16/float16 weights the nearest powers of two (``precision.balanced_split``).
     ``undoable``: returns the function that undoes it bit for bit (a power-of-two split is divided
