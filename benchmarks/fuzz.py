@@ -13,6 +13,8 @@ one-line detail grouped by failure class (outcome, stage and message with number
 prints what is left; ``--by-culprit`` does that for every failing seed and groups the failures by
 the minimal block list (slower, but separates root causes that share a message). ``--refused``
 also lists the refusals; ``--reasons`` tallies why groups were not gated (the tool's own reasons).
+Refusals by shrink's own check (a slim model that does not run: the engine's plan missed a tie,
+e.g. a size torch.export wrote as a number; no wrong result) are always listed.
 """
 from __future__ import annotations
 
@@ -40,6 +42,12 @@ class _Timeout(Exception):
 
 def _alarm(signum, frame):
     raise _Timeout()
+
+
+def warm_up() -> None:
+    """Import and run torch.export once outside the per-case timer: its first use imports
+    torch._dynamo, which under load takes longer than a case may."""
+    torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), strict=False)
 
 
 def run_one(seed: int, deep: bool, limit: int):
@@ -98,6 +106,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    warm_up()
     counts = collections.Counter()
     classes: dict[str, list] = collections.defaultdict(list)
     reasons = collections.Counter()
@@ -113,7 +122,8 @@ def main(argv=None) -> int:
         outcome, desc = run_one(seed, not args.shallow, args.limit)
         done += 1
         counts[outcome.kind] += 1
-        if outcome.kind in ("wrong", "crash", "harness") or (args.refused and outcome.kind == "refused"):
+        if (outcome.kind in ("wrong", "crash", "harness") or (args.refused and outcome.kind == "refused")
+                or outcome.stage == "shrink check"):
             classes[R.failure_key(outcome)].append((seed, outcome.detail, desc))
         if outcome.kind != "exact":
             records.append({"seed": seed, "outcome": outcome.kind, "stage": outcome.stage, "detail": outcome.detail,

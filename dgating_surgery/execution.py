@@ -76,7 +76,7 @@ def output_tensors(output) -> list[torch.Tensor]:
 def max_rel_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
     """max |a - b| / max |a|: the comparison used for every equivalence check. A reference that is
     all zeros or not finite cannot show a difference, so it compares as infinitely different."""
-    reference, other = reference.detach().float(), other.detach().float()
+    reference, other = _wide(reference), _wide(other)
     if not _informative(reference):
         return float("inf")
     return float((reference - other).abs().max() / reference.abs().max())
@@ -89,10 +89,16 @@ def output_diff(reference, other) -> float:
     ref, got = output_tensors(reference), output_tensors(other)
     if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got)):
         return float("inf")
-    informative = [(r, g) for r, g in zip(ref, got) if _informative(r.float())]
-    if not informative or not all(torch.equal(r, g) for r, g in zip(ref, got) if not _informative(r.float())):
+    informative = [(r, g) for r, g in zip(ref, got) if _informative(_wide(r))]
+    if not informative or not all(torch.equal(r, g) for r, g in zip(ref, got) if not _informative(_wide(r))):
         return float("inf")
     return max(max_rel_diff(r, g) for r, g in informative)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 or wider: a float64 output compared in float32 would lose its last digits and
+    call a tensor of values below 1e-38 all zeros."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _informative(reference: torch.Tensor) -> bool:

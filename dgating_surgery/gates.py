@@ -4,7 +4,7 @@ user's object and class, and the gate costs a scaling of parameters, not a pass 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -248,9 +248,10 @@ def _apply(model: nn.Module, plan: groups_mod.Plan, recipe, unchanged: _Unchange
     if unchanged is not None:
         unchanged.check_every_use_is_gated()
     if recipe.init == "balanced":
-        scales = _balance(model, built.values(), recipe.D)
-        if unchanged is not None:
-            unchanged.check_balanced(scales)
+        if unchanged is None:
+            _balance(model, list(built.values()), recipe.D)
+        else:
+            unchanged.balance(list(built.values()), recipe.D)
     model.register_load_state_dict_pre_hook(refuse_ungated_state)  # a clear error for an ungated state_dict
     return model
 
@@ -261,10 +262,9 @@ class _Unchanged:
     gate is doubled while the weight slices it scales are halved: powers of two, so every gated
     weight ``theta * gate`` is bit for bit what it was, and an output that moves shows a use of a
     weight that bypasses its gate (a tied weight gated in one of its uses); the gates that do so
-    are named, and the model is restored exactly. After the balanced init the output is compared
-    once more (a failure there can only be rounding; the balance is divided back out). An output
-    that cannot show a difference (all zeros, not finite), or that differs between two runs of the
-    same weights (a forward that samples), is not checked."""
+    are named, and the model is restored exactly. Then the balanced init (``balance``), checked the
+    same way. An output that cannot show a difference (all zeros, not finite), or that differs
+    between two runs of the same weights (a forward that samples), is not checked."""
 
     def __init__(self, model: nn.Module, args: tuple, kwargs: dict):
         self.model, self.args, self.kwargs = model, args, kwargs
@@ -281,43 +281,91 @@ class _Unchanged:
         first, second = (run(self.model, self.args, self.kwargs) for _ in range(2))
         return output_diff(first, second) > self.rtol
 
-    def check_every_use_is_gated(self) -> None:
+    def _moved(self) -> float | None:
+        """How far the output moved, or None when that is within the tolerance or cannot be judged."""
         if not self.checkable:
-            return
-        dgates = list(gate_set(self.model).values())
-        with _doubled(self.model, dgates):
-            diff = self._diff()
-        if diff <= self.rtol or self._varies():
-            return
+            return None
+        diff = self._diff()
+        return None if diff <= self.rtol or self._varies() else diff
+
+    def _culprits(self, dgates: list[DGate], alone) -> list[DGate]:
+        """The gates whose change alone moves the output; ``alone(dgate)``: a context with it changed."""
         culprits = []
         for dgate in dgates:
-            with _doubled(self.model, [dgate]):
+            with alone(dgate):
                 if self._diff() > self.rtol:
                     culprits.append(dgate)
+        return culprits
+
+    def check_every_use_is_gated(self) -> None:
+        dgates = list(gate_set(self.model).values())
+        with _doubled(self.model, dgates):
+            diff = self._moved()
+        if diff is None:
+            return
+        culprits = self._culprits(dgates, lambda g: _doubled(self.model, [g]))
         _ungate(self.model)
-        names = ", ".join(f"'{g.name}' ({g.kind})" for g in culprits)
-        modules = ", ".join(f'"{g.modules[0]}"' for g in culprits)
+        names, exclude = _named(culprits)
         advice = (f"a weight of the group set(s) {names} is also used where its gate does not reach. The model was "
-                  f"left ungated; exclude them in the recipe (exclude: [{modules}])" if culprits else
+                  f"left ungated; exclude them in the recipe ({exclude})" if culprits else
                   "a weight is used where its gate does not reach (no one set alone shows it). The model was left "
                   "ungated")
         raise GatingError(f"gating {type(self.model).__name__} would change its output (by {diff:.3g} of its largest "
                           f"value on the example inputs): {advice}; please report the model.")
 
-    def check_balanced(self, scales: list[torch.Tensor]) -> None:
-        """After the balanced init, which scaled each gate's weights by ``scales``."""
-        if not self.checkable:
+    def balance(self, dgates: list[DGate], D: int) -> None:
+        """The balanced init, checked. Its split (``precision.balanced_split``) rounds every weight it
+        scales by a unit in the last place; where the model amplifies that beyond the tolerance (a
+        division by a sum that nearly cancels, an output that is itself rounding noise), the sets whose
+        rounding alone shows (else all) are balanced with powers of two instead, which keep the
+        function bit for bit and the factors balanced within a factor of 2; a warning names them. An
+        output that moves even then shows a use of a weight its gate does not reach (a scale-invariant
+        use hides from the doubled check): the model is restored bit for bit, left ungated, and the
+        sets are named."""
+        undo = _balance(self.model, dgates, D, undoable=True)
+        rounded = self._moved()
+        if rounded is None:
             return
-        diff = self._diff()
-        if diff <= self.rtol or self._varies():
-            return
-        with torch.no_grad():
-            for dgate, scale in zip(gate_set(self.model).values(), scales):
-                scale_groups_(self.model, dgate, 1 / scale)
+        undo()
+        model = type(self.model).__name__
+        amplifying = self._culprits(dgates, lambda g: _balanced(self.model, [g], D))
+        for exact in [amplifying] * (0 < len(amplifying) < len(dgates)) + [dgates]:
+            undo = _balance(self.model, dgates, D, exact, undoable=True)
+            diff = self._moved()
+            if diff is None:
+                which = f"the group set(s) {_named(exact)[0]}" if exact is amplifying else "all its sets"
+                warn_user(f"the balanced init moved {model}'s output by {rounded:.3g} of its largest value on the "
+                          f"example inputs (tolerance {self.rtol:g}): the model amplifies the rounding of the weights"
+                          f"{f' of {_named(amplifying)[0]}' if amplifying else ''}; the gates of {which} were "
+                          "balanced with powers of two instead (the output bit for bit the same, the factors balanced "
+                          "within a factor of 2)")
+                return
+            undo()
+        culprits = self._culprits(dgates, lambda g: _balanced(self.model, [g], D, [g]))
         _ungate(self.model)
-        raise GatingError(f"the balanced init changed {type(self.model).__name__}'s output by {diff:.3g} of its "
-                          f"largest value on the example inputs (tolerance {self.rtol:g}); the model was left "
-                          "ungated (its weights within rounding of the original). Use `init: ones` in the recipe.")
+        names, exclude = _named(culprits)
+        where = (f"a weight of the group set(s) {names} is also used where its gate does not reach" if culprits else
+                 "a weight is used where its gate does not reach (no one set alone shows it)")
+        raise GatingError(f"the balanced init changed {model}'s output by {diff:.3g} of its largest value on the "
+                          f"example inputs (tolerance {self.rtol:g}) even with powers of two, which round nothing: "
+                          f"{where}. The model was left ungated, its weights as they were; use `init: ones` in the "
+                          f"recipe{f' or exclude them ({exclude})' if culprits else ''}; please report the model.")
+
+
+def _named(dgates: list[DGate]) -> tuple[str, str]:
+    """The sets of ``dgates`` as a message names them, and the recipe line that excludes them."""
+    names = ", ".join(f"'{g.name}' ({g.kind})" for g in dgates)
+    return names, "exclude: [" + ", ".join(f'"{g.modules[0]}"' for g in dgates) + "]"
+
+
+@contextmanager
+def _balanced(model: nn.Module, dgates: list[DGate], D: int, exact: Sequence[DGate] = ()) -> Iterator[None]:
+    """The balanced init of ``dgates`` for the block; undone bit for bit after."""
+    undo = _balance(model, dgates, D, exact, undoable=True)
+    try:
+        yield
+    finally:
+        undo()
 
 
 @contextmanager
@@ -438,21 +486,35 @@ def scale_groups_(model: nn.Module, dgate: DGate, factor: torch.Tensor) -> None:
                 theta.mul_(along(per_group[cut.scale + 1], cut.dim, theta.ndim).to(theta.dtype))
 
 
-def _balance(model: nn.Module, dgates, D: int) -> list[torch.Tensor]:
-    """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D) (for bfloat16/float16
-    weights the nearest powers of two, see ``precision.balanced_split``). Returns each gate's scale of
-    its primary weights (what undoing it divides by)."""
-    scales = []
+def _balance(model: nn.Module, dgates: list[DGate], D: int, exact: Sequence[DGate] = (), undoable: bool = False):
+    """Balanced init: gamma_{j,d} = ||w_j||^(1/D), theta_j = w_j / ||w_j||^((D-1)/D); for the gates of
+    ``exact`` and those of bfloat16/float16 weights the nearest powers of two (``precision.balanced_split``).
+    ``undoable``: returns the function that undoes it bit for bit (a power-of-two split is divided
+    back out; for a rounding one a copy of the weights it scales is kept until then)."""
+    splits, copies = [], {}
     with torch.no_grad():
         for dgate in dgates:
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
             norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-            exact = any(primary(model, c.fqn).dtype in LOW_PRECISION for c in dgate.cuts if (c.scale >= 0).any())
-            factors, scale = balanced_split(norm, D, exact)  # bf16/fp16: powers of two, the function kept exactly
+            scaled = [primary(model, c.fqn) for c in dgate.cuts if (c.scale >= 0).any()]
+            split_exact = any(dgate is g for g in exact) or any(t.dtype in LOW_PRECISION for t in scaled)
+            splits.append((dgate, *balanced_split(norm, D, split_exact), split_exact))
+            if undoable and not split_exact:  # copied before any gate scales them
+                copies.update((id(t), (t, t.clone())) for t in scaled)
+        for dgate, factors, scale, _ in splits:
             dgate.factors.copy_(factors.to(dgate.factors.dtype))
             scale_groups_(model, dgate, scale)
-            scales.append(scale)
-    return scales
+
+    def undo() -> None:
+        with torch.no_grad():
+            for dgate, _, scale, split_exact in splits:
+                if split_exact:  # powers of two: dividing restores every weight exactly
+                    scale_groups_(model, dgate, 1 / scale)
+                dgate.factors.fill_(1)
+            for tensor, copy in copies.values():
+                tensor.copy_(copy)
+
+    return undo if undoable else None
 
 
 def _register_scales(model: nn.Module, dgates) -> None:

@@ -1698,7 +1698,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
     import dgating_surgery as dg
     from dgating_surgery.errors import DGatingError, GatingError, TraceError
     from dgating_surgery.report import model_params
-    from dgating_surgery.shrink import select_features
+    from dgating_surgery.shrink import select_features, sets_by_layer, where_it_fails
 
     rng = random.Random(seed ^ 0x5EED)
     inputs = tuple(inputs)
@@ -1776,6 +1776,7 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
             fail(kind, "collapse copy", _first_line(exc))
 
     # 4. shrink
+    cut_by = sets_by_layer(gated)  # what shrink's own check names when the slim model does not run
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1799,7 +1800,10 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
             with torch.no_grad():
                 slim_out = _outputs(slim(*fresh(args), **fresh(kwargs)))
     except Exception as exc:  # noqa: BLE001
-        fail("crash", "run slim", _first_line(exc))
+        # shrink's default check runs the slim model on these inputs, undoes the cut and names the layer
+        # and the sets: a refusal the user sees at shrink (torch.export's size literals hide such ties)
+        where = where_it_fails(slim, args, kwargs, cut_by)
+        fail("refused", "shrink check", f"the slim model does not run: {where} ({_first_line(exc)})")
         return result()
     finally:
         for hd in handles:

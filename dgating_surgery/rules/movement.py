@@ -9,6 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..labels import Labels
 from ..tensors import along
 from .context import RuleContext, SizeRef, unknown
 from .structural import arg, embedding
@@ -141,11 +142,12 @@ def check_view(ctx: RuleContext, node, out):
 
 def check_as(ctx: RuleContext, node, out):
     """view_as / reshape_as / expand_as: the result has the other tensor's shape, so it is tied to
-    the other tensor's groups entry by entry."""
+    the other tensor's groups entry by entry (a tensor with none never shrinks: nor may the result)."""
     other = ctx.labels(node.args[1])
-    if other is not None:
-        ids, others = torch.broadcast_tensors(out.ids, other.ids)
-        ctx.tie(ids.numpy(), others.numpy(), node)
+    if other is None:
+        other = Labels.unlabeled(ctx.shape(node.args[1]))
+    ids, others = torch.broadcast_tensors(out.ids, other.ids)
+    ctx.tie(ids.numpy(), others.numpy(), node)
 
 
 def check_unflatten(ctx: RuleContext, node, out):
