@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dgating_surgery as dg
-from dgating_surgery import checkpoint, cli, manifest as mf, models as dg_models
+from dgating_surgery.checkpoints import checkpoint, manifest as mf, models as dg_models
+from dgating_surgery import cli
 
 import models as M
 from test_checkpoint import run

@@ -20,16 +20,16 @@ from torch import nn
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
-from ..branches import (ZeroBranch, register_layer_dropper, register_zero_branch, replace_layers,
+from ..engine.branches import (ZeroBranch, register_layer_dropper, register_zero_branch, replace_layers,
                         replaced_layers)
-from ..centering import SWAPPED_ATTR, register_writer, replay
-from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
-from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
-from ..kinds import ATTRIBUTE_ROLES
-from ..shrink import set_cut_attributes
+from ..engine.centering import SWAPPED_ATTR, register_writer, replay
+from ..engine.constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
+from ..engine.fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
+from ..engine.kinds import ATTRIBUTE_ROLES
+from ..engine.shrink import set_cut_attributes
 from ..errors import CheckpointError
-from ..gates import GATES_ATTR
-from ..tensors import owner, replace_tensor, tied_holders
+from ..engine.gates import GATES_ATTR
+from ..engine.tensors import owner, replace_tensor, tied_holders
 
 
 def _conv1d(m: Conv1D) -> None:

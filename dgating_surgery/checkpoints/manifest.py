@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from .errors import CheckpointError, DGatingError, ModelSpecError
+from ..errors import CheckpointError, DGatingError, ModelSpecError
 from .inputs import DTYPES
 
 FORMAT_VERSION = 2  # 2: the checksum covers the manifest too
@@ -96,7 +96,7 @@ def _model(value, field, manifest, state):
 
 
 def _recipe(value, field, manifest, state):
-    from .recipe import load_recipe
+    from ..engine.recipe import load_recipe
     try:
         load_recipe(_object(value, field))
     except DGatingError as exc:  # a RecipeError names the recipe's own field
@@ -148,7 +148,7 @@ def _aliases(value, field, manifest, state):
 
 
 def _kept_groups(value, field, manifest, state):
-    from .kinds import KINDS
+    from ..engine.kinds import KINDS
     for name, entry in _object(value, field).items():
         where = f"{field}.{name}"
         _object(entry, where, ("kind", "groups", "kept"))

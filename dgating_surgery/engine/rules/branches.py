@@ -8,7 +8,7 @@ a tensor outside it in place; its gate scales the branch's last layer (the weigh
 linear, conv or affine norm, a layer scale), after which only homogeneous ops (views, dropout,
 tuple items, a product with a tensor from outside) reach the add, so gate 0 adds exact zeros.
 
-Shrink removes a dead branch by replacing layers (``dgating_surgery.branches``), so a branch is
+Shrink removes a dead branch by replacing layers (``dgating_surgery.engine.branches``), so a branch is
 gated only where that is possible, which is decided on the graph and with one run on the example
 inputs (what each layer returns, and that it keeps its input's shape):
 

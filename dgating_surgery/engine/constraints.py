@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ShrinkError
+from ..errors import ShrinkError
 from .kinds import ATTRIBUTE_ROLES, Role
 from .recipe import check_round_to
 

@@ -34,12 +34,12 @@ import math
 import torch
 from torch import nn
 
-from .deadness import RELATIVE, Hold, check_relative, reference_norms, scores, zeroed
-from .errors import LambdaError
-from .execution import as_tuple, on_device_of
-from .tensors import get_tensor
-from .training import D_KEY, KIND_KEY, LAM_KEY, SCHEDULED_KEY, check_lam, kind_lams
-from .wrappers import unwrap, unwrap_optimizer
+from ..engine.deadness import RELATIVE, Hold, check_relative, reference_norms, scores, zeroed
+from ..errors import LambdaError
+from ..engine.execution import as_tuple, on_device_of
+from ..engine.tensors import get_tensor
+from .regularizer import D_KEY, KIND_KEY, LAM_KEY, SCHEDULED_KEY, check_lam, kind_lams
+from ..engine.wrappers import unwrap, unwrap_optimizer
 
 BASE_KEY = "dgating_base_lam"  # in a param group: the lam dg.param_groups recorded, before a schedule changed it
 METRICS = ("groups", "params", "macs")
@@ -198,7 +198,7 @@ class LambdaScheduler:
                 raise LambdaError(f"per-kind targets need one optimizer param group per kind; {missing[0]} has none: "
                                   "build the optimizer from dg.param_groups(model, lam)")
         if self.metric == "macs":
-            from .gates import gate_set
+            from ..engine.gates import gate_set
             kept = gate_set(self.model).examples
             if example_inputs is not None or example_kwargs:
                 self._count_macs(as_tuple(example_inputs), dict(example_kwargs or {}))
@@ -247,7 +247,7 @@ class LambdaScheduler:
     def _ranking(self, key: str) -> list[tuple[float, str, int]]:
         """(score, gate key, group) of the groups a target may hold, weakest first; each gate's
         strongest group is left out (a cut keeps one group per gate)."""
-        from .gates import gate_set
+        from ..engine.gates import gate_set
 
         dset = gate_set(self.model)
         out = []
@@ -259,7 +259,7 @@ class LambdaScheduler:
         return sorted(out)
 
     def _masks(self, chosen) -> dict[str, torch.Tensor]:
-        from .gates import gate_set
+        from ..engine.gates import gate_set
 
         dset = gate_set(self.model)
         masks = {}
@@ -270,8 +270,8 @@ class LambdaScheduler:
     def removed(self, key: str, masks: dict[str, torch.Tensor]) -> float:
         """The fraction of ``key``'s metric a cut of the groups in ``masks`` (and the ones already
         dead) removes: of the whole model for ALL, of the kind's groups or own parameters per kind."""
-        from .gates import gate_set
-        from .report import group_params
+        from ..engine.gates import gate_set
+        from ..engine.report import group_params
         from .search import removed_fraction
 
         dset = gate_set(self.model)
@@ -287,7 +287,7 @@ class LambdaScheduler:
         with zeroed(self.model, masks):
             if self.metric == "params":
                 return removed_fraction(self.model, self.metric)
-            from .shrink import plan_cut
+            from ..engine.shrink import plan_cut
 
             plan = plan_cut(self.model)
         removed = 0.0
@@ -305,8 +305,8 @@ class LambdaScheduler:
         count as kept)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        from .gates import gate_set
-        from .measure import forward
+        from ..engine.gates import gate_set
+        from ..engine.measure import forward
 
         with FlopCounterMode(display=False) as counter:
             forward(self.model, args, kwargs)
@@ -367,7 +367,7 @@ class LambdaScheduler:
         """The largest over ``key``'s gates of the ratio of the gate's largest norm now to that at
         the start of the penalty: below 1 when every layer shrinks, the network as a whole. When the strongest groups shrink too, lambda is past the range where
         the loss defends what it needs: the controller then only lowers it."""
-        from .gates import gate_set
+        from ..engine.gates import gate_set
 
         dset = gate_set(self.model)
         now = reference_norms(self.model)

@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import plugins
+from .. import plugins
 from .slim_layers import SlimMultiheadAttention
 
 Fixer = Callable[[nn.Module], None]

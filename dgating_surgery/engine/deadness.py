@@ -22,7 +22,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .errors import LambdaError
+from ..errors import LambdaError
 from .gates import gate_set, group_sq_sums, require_gated
 from .wrappers import unwrap_optimizer
 

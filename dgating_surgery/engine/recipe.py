@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from ..errors import RecipeError
 from .kinds import KINDS
 
 INITS = ("balanced", "ones")
@@ -33,7 +33,7 @@ class GroupSpec:
     exclude: tuple[str, ...] = ()  # fnmatch globs on module names that are never gated
     lam: float | None = None  # this kind's lambda (None: the recipe's); see Recipe.lam_of
     # hidden only: centre a pre-LayerNorm residual stream and swap its LayerNorms for RMS norms first
-    # (exact; dgating_surgery.centering), so that its channels can be gated
+    # (exact; dgating_surgery.engine.centering), so that its channels can be gated
     center_layernorm: bool = False
 
     def matches(self, kind: str, module_names: list[str], module_types: list[str]) -> bool:
@@ -157,7 +157,7 @@ _GROUP_FIELDS = {"kind", "modules", "names", "exclude", "lam", "center_layernorm
 
 def recipe_dir() -> Path:
     """Where the shipped recipes are: inside an installed wheel, or recipes/ of a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package folder
     installed = here / "recipes"
     return installed if installed.is_dir() else here.parent / "recipes"
 

@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import DGatingError, TraceError, one_line
+from ..errors import DGatingError, TraceError, one_line
 from .execution import as_tuple, evaluating, fresh, training_mode
 from .wrappers import warn_user
 

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .errors import LambdaError, ShrinkError
-from .gates import GateScale, group_sq_sums, require_gated
-from .precision import LOW_PRECISION, rounding
-from .report import sparsity
-from .wrappers import accepts_wrapped, frozen_gates, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
+from ..errors import LambdaError, ShrinkError
+from ..engine.gates import GateScale, group_sq_sums, require_gated
+from ..engine.precision import LOW_PRECISION, rounding
+from ..engine.report import sparsity
+from ..engine.wrappers import accepts_wrapped, frozen_gates, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
 
 LAM_KEY, D_KEY, SCHEDULED_KEY = "dgating_lam", "dgating_D", "dgating_scheduled"  # in the optimizer's param group
 KIND_KEY = "dgating_kind"  # in the optimizer's param group: the kind of groups whose weights and gates it holds

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LambdaError
-from .gates import require_gated
-from .wrappers import unwrap
+from ..errors import LambdaError
+from ..engine.gates import require_gated
+from ..engine.wrappers import unwrap
 
 
 def logits_of(output) -> torch.Tensor:
@@ -47,7 +47,7 @@ class Distiller:
 
     def start(self) -> "Distiller":
         """Freeze a copy of the model now (call it when the penalty starts)."""
-        from .measure import collapsed
+        from ..engine.measure import collapsed
 
         self.teacher = collapsed(self.model).eval().requires_grad_(False)
         return self

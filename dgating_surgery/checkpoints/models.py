@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DGatingError, ModelSpecError, UntrustedCodeError, one_line
+from ..errors import DGatingError, ModelSpecError, UntrustedCodeError, one_line
 from .inputs import InputSpec
 from .trust import PICKLE_FLAG, hf_class, is_file_spec, named_file, refusal, safe_constructor
 

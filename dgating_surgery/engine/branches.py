@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ShrinkError
+from ..errors import ShrinkError
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Callable
 
 from torch import nn
 
-from .measure import macs, macs_after_cut
-from .report import sparsity
+from ..engine.measure import macs, macs_after_cut
+from ..engine.report import sparsity
 
 METRICS = ("groups", "params", "macs")
 

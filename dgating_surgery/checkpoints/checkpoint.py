@@ -32,19 +32,19 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from . import centering
-from .branches import replace_layers, replaced_layers
-from .errors import CheckpointError, DGatingError, ModelSpecError, UntrustedCodeError, one_line
-from .fixers import fix_attributes
-from .gates import gate_model, gate_set, require_gated
+from ..engine import centering
+from ..engine.branches import replace_layers, replaced_layers
+from ..errors import CheckpointError, DGatingError, ModelSpecError, UntrustedCodeError, one_line
+from ..engine.fixers import fix_attributes
+from ..engine.gates import gate_model, gate_set, require_gated
 from .inputs import DTYPES, InputSpec
 from .manifest import FORMAT_VERSION, available_memory, digest, parse, size
 from .models import ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
-from .recipe import load_recipe
-from .shrink import plan_cut, set_cut_attributes
-from .tensors import owner, replace_tensor, tied_holders
+from ..engine.recipe import load_recipe
+from ..engine.shrink import plan_cut, set_cut_attributes
+from ..engine.tensors import owner, replace_tensor, tied_holders
 from .trust import named_file, outside
-from .wrappers import accepts_wrapped
+from ..engine.wrappers import accepts_wrapped
 from .writing import write_atomically
 
 META_KEY = "dgating_surgery"

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, DGatingError
+from ..errors import CheckpointError, DGatingError
 
 
 def write_atomically(path, write: Callable[[str], None], replace: bool = True) -> Path:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import click
 
-from .errors import DGatingError, DGatingWarning, ShrinkError
+from ..errors import DGatingError, DGatingWarning, ShrinkError
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # dgating_surgery/
 # the names of inputs.DTYPES, here without importing torch (a test checks that they agree)
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
@@ -40,7 +40,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     other libraries' warnings (tracer internals) are not the user's business here."""
     if (issubclass(category, DGatingWarning) or str(filename).startswith(PACKAGE_DIR)) and str(message) not in _SHOWN:
         _SHOWN.add(str(message))
-        from . import display
+        from .. import display
         display.console(stderr=True).print(f"[yellow]warning:[/] {message}")
 
 
@@ -87,7 +87,7 @@ class _NonNegative(click.ParamType):
         self.what = what
 
     def convert(self, value, param, ctx):
-        from .recipe import check_threshold
+        from ..engine.recipe import check_threshold
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -153,9 +153,9 @@ def _factory_kwargs(items) -> dict:
 
 def _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle):
     """The user's model, its reference and the example-input spec, with a spinner while it loads."""
-    from . import display
-    from .inputs import default_inputs, parse_shape
-    from .models import load_model
+    from .. import display
+    from ..checkpoints.inputs import default_inputs, parse_shape
+    from ..checkpoints.models import load_model
     with display.console(stderr=True).status(f"loading {model_spec}"):
         model, ref = load_model(model_spec, weights, _factory_kwargs(factory_args), allow_pickle)
     inputs = default_inputs(model, parse_shape(input_shape) if input_shape else None, input_dtype)
@@ -201,7 +201,7 @@ def _refuse_inputs(target: Path, inputs) -> None:
 
 def _spec_file(model_spec: str) -> str | None:
     """The file a MODEL spec reads: itself, or a factory file's ``path/to/file.py`` part."""
-    from .trust import is_file_spec
+    from ..checkpoints.trust import is_file_spec
     return model_spec.rpartition(":")[0] if ":" in model_spec and is_file_spec(model_spec) else model_spec
 
 
@@ -209,7 +209,7 @@ def _emit(as_json: bool, data: dict, *renderables) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    from . import display
+    from .. import display
     con = display.console()
     for r in renderables:
         con.print(r)
@@ -225,10 +225,10 @@ def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
     parameters they cover, and what cannot be gated and why."""
     from rich.table import Table
 
-    from . import display
-    from .gates import analyze, select
-    from .recipe import load_recipe
-    from .report import model_params
+    from .. import display
+    from ..engine.gates import analyze, select
+    from ..engine.recipe import load_recipe
+    from ..engine.report import model_params
     model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
     rec = load_recipe(recipe)
     args, kwargs = inputs.make()
@@ -277,7 +277,7 @@ def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
     import numpy as np
     import torch
 
-    from .groups import profile
+    from ..engine.groups import profile
     params = dict(model.named_parameters())
     set_of_root = np.full(plan.root_of.size, -1, dtype=np.int64)
     for k, gset in enumerate(plan.sets):
@@ -315,12 +315,12 @@ def _covered_params(model, plan, chosen) -> tuple[list[int], int]:
 def convert(model_spec, recipe, input_shape, input_dtype, weights, factory_args, allow_pickle, output, force):
     """Gate MODEL with the recipe and write the gated artefact, ready to train in Python
     (dg.load_gated) and to cut with `dgate shrink`."""
-    from . import display
-    from .checkpoint import save_gated, stored_reference
-    from .gates import gate_model
-    from .models import Origin
-    from .recipe import load_recipe
-    from .report import sparsity
+    from .. import display
+    from ..checkpoints.checkpoint import save_gated, stored_reference
+    from ..engine.gates import gate_model
+    from ..checkpoints.models import Origin
+    from ..engine.recipe import load_recipe
+    from ..engine.report import sparsity
     out = _check_output(output, force, inputs=(_spec_file(model_spec), weights))
     model, ref, inputs = _load(model_spec, input_shape, input_dtype, weights, factory_args, allow_pickle)
     stored_reference(ref, out)  # a file the checkpoint cannot name (outside its folder): an error before gating
@@ -358,12 +358,12 @@ def report(gated_path, threshold, uniform, reference, allow_pickle, trust_code, 
 
     import torch
 
-    from . import display
-    from .checkpoint import load_gated
-    from .execution import output_diff, tolerance
-    from .measure import forward, macs
-    from .report import sparsity
-    from .shrink import plan_cut, select_features, sets_by_layer, shrink, where_it_fails
+    from .. import display
+    from ..checkpoints.checkpoint import load_gated
+    from ..engine.execution import output_diff, tolerance
+    from ..engine.measure import forward, macs
+    from ..engine.report import sparsity
+    from ..engine.shrink import plan_cut, select_features, sets_by_layer, shrink, where_it_fails
     model = load_gated(gated_path, allow_pickle, reference, trust_code=trust_code)
     rep = sparsity(model, threshold, uniform=uniform)
     inputs = model.dgate_origin.inputs
@@ -454,11 +454,11 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, e
     """Cut the dead groups out of GATED and write the slim checkpoint; prints parameters, MACs and
     latency before and after (interleaved runs, with their spread). The slim model is always
     checked against the gated one on the example inputs; GATED is left as it is."""
-    from . import display
-    from .checkpoint import kept_groups, load_gated, save_slim
-    from .measure import collapsed, compare_latency, macs
-    from .report import model_params, sparsity
-    from .shrink import shrink
+    from .. import display
+    from ..checkpoints.checkpoint import kept_groups, load_gated, save_slim
+    from ..engine.measure import collapsed, compare_latency, macs
+    from ..engine.report import model_params, sparsity
+    from ..engine.shrink import shrink
     also = [_export_target(output, f) for f in exports]
     out = _check_output(output, force, inputs=(gated_path,), also=also)
     model = load_gated(gated_path, allow_pickle, reference, trust_code=trust_code)
@@ -512,15 +512,15 @@ def _export_target(output: str, fmt: str) -> Path:
 
 
 def _named_file(model) -> str | None:
-    from .trust import named_file
+    from ..checkpoints.trust import named_file
     return named_file(model.dgate_origin.reference)
 
 
 def _verify_reload(slim, out: Path, allow_pickle: bool, trust_code: bool, args, kwargs) -> None:
     """Outputs of the checkpoint as loaded from disk must equal the in-memory slim model's exactly."""
-    from .checkpoint import load_slim
-    from .execution import output_diff
-    from .measure import forward
+    from ..checkpoints.checkpoint import load_slim
+    from ..engine.execution import output_diff
+    from ..engine.measure import forward
     reloaded = load_slim(out, allow_pickle=allow_pickle, trust_code=trust_code)
     if output_diff(forward(slim, args, kwargs), forward(reloaded, args, kwargs)) != 0.0:
         out.unlink()
@@ -533,9 +533,9 @@ def _export(slim, out: Path, fmt: str, args, kwargs, force: bool) -> Path:
     a unique temporary name that keeps the suffix torch.export insists on)."""
     import torch
 
-    from .writing import write_atomically
-    from .execution import evaluating
-    from .shrink import select_features
+    from ..checkpoints.writing import write_atomically
+    from ..engine.execution import evaluating
+    from ..engine.shrink import select_features
     target = _export_target(str(out), fmt)
     sel_args, sel_kwargs = select_features(slim, args, kwargs)
 
@@ -565,7 +565,7 @@ def _export(slim, out: Path, fmt: str, args, kwargs, force: bool) -> Path:
 def demo(out, epochs, lam, seed):
     """The whole journey on a built-in model and scikit-learn's digits: gate, train (progress
     bar), report, cut, save, reload, check; ends with a before/after table (about 10 s)."""
-    from .demo import run_demo
+    from ..demo import run_demo
     run_demo(out, epochs, lam, seed)
 
 
@@ -575,8 +575,3 @@ def _installed_libraries_first() -> None:
     import sys
     here = {"", os.getcwd()}
     sys.path[:] = [p for p in sys.path if p not in here] + [p for p in sys.path if p in here]
-
-
-if __name__ == "__main__":
-    _installed_libraries_first()
-    main()

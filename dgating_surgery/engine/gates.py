@@ -15,10 +15,10 @@ from torch.nn.utils import parametrize
 
 from . import gate_modes
 from . import groups as groups_mod
-from . import plugins
+from .. import plugins
 from . import tracing
 from .centering import center_layernorms
-from .errors import GatingError, NotGatedError
+from ..errors import GatingError, NotGatedError
 from .execution import as_tuple, describe_mismatch, detached, output_diff, run, tolerance
 from .kinds import KINDS, POLICY, Role
 from .precision import LOW_PRECISION, balanced_split

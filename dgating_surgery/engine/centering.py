@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import GatingError
+from ..errors import GatingError
 from .execution import as_tuple, output_diff, run, tolerance
 from .rules import register_module_rule, register_rms_norm
 from .rules.names import op_name

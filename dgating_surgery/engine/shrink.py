@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from . import constraints
 from .branches import narrowed, remove_branches
-from .errors import ShrinkError, one_line
+from ..errors import ShrinkError, one_line
 from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
 from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, primary, require_gated
@@ -111,7 +111,7 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     except BaseException:
         before.restore()  # a failed cut or verification leaves the gated model as it was
         raise
-    from .training import retire_replaced  # here: training imports report, which imports this module
+    from ..training.regularizer import retire_replaced  # here: training imports report, which imports this module
     retire_replaced(before.parameters, model)  # an optimizer built before the cut now refuses to step
     return model
 

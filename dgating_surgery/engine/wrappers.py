@@ -20,9 +20,9 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import DGatingWarning, GatingError, WrapperError
+from ..errors import DGatingWarning, GatingError, WrapperError
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dgating_surgery/
 
 
 # -- warnings that point at the user's line ----------------------------------------------------------
@@ -208,7 +208,7 @@ def accepts_wrapped(gather: bool = False, in_place: str | None = None):
 
 
 def refuse_live_wrapper(model: nn.Module, action: str) -> None:
-    from .errors import CheckpointError, ShrinkError
+    from ..errors import CheckpointError, ShrinkError
 
     wrapper = live_wrapper(model, f"dg.{action}")
     if wrapper is None:
@@ -309,7 +309,7 @@ def refuse_ungated_state(module: nn.Module, state_dict, prefix, *args) -> None:
     the ungated model (``fc1.weight`` where the gated model stores ``fc1.parametrizations.weight.original``,
     and no gate factors) would load nothing into the gated layers (strict=False) or fail with a list
     of key names; say what happened and the order to use instead."""
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
     from .gates import GATES_ATTR, gate_set
 
     dset = gate_set(module)
