@@ -39,7 +39,8 @@ _HOME = {
                      "track"], "training.regularizer"),
     **dict.fromkeys(["LambdaScheduler", "set_lam"], "training.schedule"),
     **dict.fromkeys(["collapsed_groups", "hold"], "engine.deadness"),
-    **dict.fromkeys(["convert_sync_batchnorm", "full_params", "unwrap"], "engine.wrappers"),
+    **dict.fromkeys(["full_params", "unwrap"], "engine.wrappers"),
+    "convert_sync_batchnorm": "training.distributed",
 }
 
 # module paths the documentation names, from before the modules moved into folders -> where they are

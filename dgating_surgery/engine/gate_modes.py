@@ -36,6 +36,37 @@ from .wrappers import accepts_wrapped
 SIDES = ("auto", "weight", "output")
 
 
+class GateScale(nn.Module):
+    """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
+    its group's position in the concatenated gates of ``sources`` (-1: not gated). When one gate
+    owns every entry in order (a BatchNorm after its conv, the usual case) the gate vector is used
+    as it is: no concatenation or gather in the training step.
+
+    ``side`` is None for a gate that can only act on this weight; for the weight of a Linear/Conv
+    whose gate may act on the layer's output instead it is ``"auto"``, ``"weight"`` or ``"output"``
+    (``gate_modes``; ``bias_gated``: the bias shares this gate)."""
+
+    def __init__(self, sources: list[DGate], index: torch.Tensor):
+        super().__init__()
+        self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
+        flat = index.reshape(-1)
+        self.in_order = len(sources) == 1 and torch.equal(flat, torch.arange(sources[0].num_groups))
+        self.side, self.bias_gated = None, False
+        self.register_buffer("index", index + 1, persistent=False)
+
+    def vector(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gate of every position along the gated dim, as a 1-D tensor of ``dtype``."""
+        if self.in_order:
+            g = self.sources[0].gate()
+            return g if g.dtype == dtype else g.to(dtype)
+        gates = torch.cat([self.sources[0].factors.new_ones(1, dtype=dtype)]
+                          + [s.gate().to(dtype) for s in self.sources])
+        return gates[self.index.reshape(-1)]
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta * self.vector(theta.dtype).view(self.index.shape)
+
+
 def _cheaper(n_out, n_weight) -> str:
     """The side with fewer elements to scale; the output side under symbolic shapes."""
     if not isinstance(n_out, int):
@@ -93,8 +124,6 @@ def _base_class(module: nn.Module) -> type:
 def _eligible_scale(module: nn.Module):
     """The weight's ``GateScale`` when its gate may act on this module's output (see the module
     docstring), with whether the bias is gated too; else None."""
-    from .gates import GateScale
-
     if _base_class(module) not in _FORWARDS or not parametrize.is_parametrized(module, "weight"):
         return None, False
     plist = module.parametrizations["weight"]
@@ -156,8 +185,6 @@ def set_gate_side(model: nn.Module, side: str) -> dict[str, str]:
 def gate_sides(model: nn.Module) -> dict[str, str]:
     """For every gated layer: ``"weight only"`` (its gates can act only on weights), or the side setting
     of a layer whose gate may act on its output (``"auto"``, ``"weight"``, ``"output"``)."""
-    from .gates import GateScale
-
     out = {}
     for name, module in model.named_modules():
         if not parametrize.is_parametrized(module):

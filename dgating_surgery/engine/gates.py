@@ -14,18 +14,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import gate_modes
+from .gate_modes import GateScale
 from . import groups as groups_mod
 from .. import plugins
 from . import tracing
 from .centering import center_layernorms
-from ..errors import GatingError, NotGatedError
+from ..errors import CheckpointError, GatingError, NotGatedError
 from .execution import as_tuple, describe_mismatch, detached, output_diff, run, tolerance
 from .kinds import KINDS, POLICY, Role
 from .precision import LOW_PRECISION, balanced_split
 from .recipe import Recipe, load_recipe
 from .rules import has_module_rule
 from .tensors import along, get_tensor, owner, tied_holders
-from .wrappers import accepts_wrapped, check_gateable, refuse_ungated_state, warn_user
+from .wrappers import PEFT_ORDER, accepts_wrapped, check_gateable, warn_user
 
 GATES_ATTR = "dgates"
 
@@ -102,37 +103,6 @@ class DGateSet(nn.ModuleDict):
     def forward(self, x):
         """Identity: a gated ``nn.Sequential`` calls its children in turn, this one included."""
         return x
-
-
-class GateScale(nn.Module):
-    """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
-    its group's position in the concatenated gates of ``sources`` (-1: not gated). When one gate
-    owns every entry in order (a BatchNorm after its conv, the usual case) the gate vector is used
-    as it is: no concatenation or gather in the training step.
-
-    ``side`` is None for a gate that can only act on this weight; for the weight of a Linear/Conv
-    whose gate may act on the layer's output instead it is ``"auto"``, ``"weight"`` or ``"output"``
-    (``gate_modes``; ``bias_gated``: the bias shares this gate)."""
-
-    def __init__(self, sources: list[DGate], index: torch.Tensor):
-        super().__init__()
-        self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
-        flat = index.reshape(-1)
-        self.in_order = len(sources) == 1 and torch.equal(flat, torch.arange(sources[0].num_groups))
-        self.side, self.bias_gated = None, False
-        self.register_buffer("index", index + 1, persistent=False)
-
-    def vector(self, dtype: torch.dtype) -> torch.Tensor:
-        """The gate of every position along the gated dim, as a 1-D tensor of ``dtype``."""
-        if self.in_order:
-            g = self.sources[0].gate()
-            return g if g.dtype == dtype else g.to(dtype)
-        gates = torch.cat([self.sources[0].factors.new_ones(1, dtype=dtype)]
-                          + [s.gate().to(dtype) for s in self.sources])
-        return gates[self.index.reshape(-1)]
-
-    def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta * self.vector(theta.dtype).view(self.index.shape)
 
 
 def gate_set(model: nn.Module) -> DGateSet | None:
@@ -488,3 +458,39 @@ def _register_scales(model: nn.Module, dgates) -> None:
                 holder.parametrizations[name]._tied_weights_keys = {"original": f"{fqn.rpartition('.')[0]}."
                                                                                 f"parametrizations.{attr}.original"}
     gate_modes.install(model)  # where a gate may act on a layer's output, it does so when that is cheaper
+
+
+# -- gated state a user could lose -----------------------------------------------------------------
+def frozen_gates(model: nn.Module) -> str | None:
+    """A warning when gate factors are frozen (``requires_grad=False``): no group can die, and the
+    usual cause, PEFT, also drops a LoRA adapter merged into a gated layer."""
+    dset = gate_set(model)
+    frozen = [key for key, g in (dset.items() if dset is not None else []) if not g.factors.requires_grad]
+    if not frozen:
+        return None
+    return (f"the factors of {len(frozen)} of {len(dset)} gates are frozen (requires_grad=False, e.g. dgates.{frozen[0]}"
+            "): they do not train, so D-Gating is inert there. PEFT's get_peft_model freezes them, and a LoRA adapter "
+            f"merged into a gated layer (merge_and_unload) is silently dropped: {PEFT_ORDER}. Otherwise set "
+            "requires_grad=True on the factors.")
+
+
+def refuse_ungated_state(module: nn.Module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook of a gated model (``apply_plan`` registers it): a state_dict of
+    the ungated model (``fc1.weight`` where the gated model stores ``fc1.parametrizations.weight.original``,
+    and no gate factors) would load nothing into the gated layers (strict=False) or fail with a list
+    of key names; say what happened and the order to use instead."""
+    dset = gate_set(module)
+    if dset is None or any(k.startswith(f"{prefix}{GATES_ATTR}.") for k in state_dict):
+        return
+    gated = sorted({c.fqn for g in dset.values() for c in g.cuts if (c.scale >= 0).any()})
+    hits = [fqn for fqn in gated if prefix + fqn in state_dict]
+    if not hits:
+        return
+    owner_name, _, attr = hits[0].rpartition(".")
+    stored = f"{owner_name + '.' if owner_name else ''}parametrizations.{attr}.original"
+    raise CheckpointError(
+        f"load_state_dict: this state_dict is the ungated model's: it holds '{hits[0]}' (and {len(hits) - 1} more "
+        f"gated tensors) by their plain names, where the gated model stores '{stored}' and its gate factors "
+        f"('{GATES_ATTR}.*'). Load pretrained weights before gating: model.load_state_dict(state); gated = "
+        "dg.gate_model(model, recipe, example_inputs) (the balanced init then starts from them). To resume a gated "
+        "model, load the state_dict of a gated one (or use dg.save_gated / dg.load_gated).")

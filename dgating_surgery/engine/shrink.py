@@ -5,18 +5,21 @@ every parameter and buffer tied to them, and re-derive the layers' shape attribu
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import constraints
 from .branches import narrowed, remove_branches
 from ..errors import ShrinkError, one_line
 from .execution import as_tuple, describe_mismatch, on_device_of, output_diff, run, tolerance
 from .fixers import fix_attributes
-from .gates import GATES_ATTR, GateScale, gate_set, group_sq_sums, primary, require_gated
+from .gate_modes import GateScale
+from .gates import GATES_ATTR, frozen_gates, gate_set, group_sq_sums, primary, require_gated
 from .kinds import ATTRIBUTE_ROLES, Role
 from .recipe import check_threshold
 from .rules.normalization import rms_norm_of
@@ -98,6 +101,8 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     dead groups fill the others), so that a Hugging Face model's config states its widths and
     ``save_pretrained`` writes an ordinary checkpoint of its class (``constraints.uniform``).
     """
+    if (message := frozen_gates(model)) is not None:
+        warn_user(f"dg.shrink: {message}")
     plan = plan_cut(model, threshold, round_to, uniform)
     check_threshold(rtol, "rtol")
     check = _verification(model, example_inputs, example_kwargs) if verify else None
@@ -111,7 +116,6 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     except BaseException:
         before.restore()  # a failed cut or verification leaves the gated model as it was
         raise
-    from ..training.regularizer import retire_replaced  # here: training imports report, which imports this module
     retire_replaced(before.parameters, model)  # an optimizer built before the cut now refuses to step
     return model
 
@@ -356,3 +360,38 @@ def _verify(reference, slim, rtol: float | None) -> None:
                           f"value (tolerance {rtol:g}), so the cut was undone and the model is still gated: the "
                           "groups below the threshold were not exactly zero. Lower the threshold, or pass a larger "
                           "rtol if near-zero groups are meant to go.")
+
+
+# -- an optimizer built before shrink --------------------------------------------------------------
+# parameters a cut replaced, by id (a WeakSet would compare tensors with ==), each entry gone with its tensor
+_REPLACED: dict[int, weakref.ref] = {}
+_STEP_HOOK: list = []  # the handle of the optimizer step pre-hook, once registered
+
+
+def retire_replaced(before: list[nn.Parameter], model: nn.Module) -> None:
+    """After ``shrink``: the parameters of ``before`` that ``model`` no longer has (every weight a cut
+    sliced or collapsed, every gate) are marked, and a step of any optimizer that still holds one is
+    an error (it would update tensors the model no longer uses, silently: the slim model would never
+    train). Registers the global optimizer step pre-hook once."""
+    kept = {id(p) for p in model.parameters()}
+    for p in before:
+        if id(p) not in kept:
+            _REPLACED[id(p)] = weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None))
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(_refuse_replaced))
+
+
+def _refuse_replaced(optimizer, args, kwargs) -> None:
+    if not _REPLACED:
+        return
+    stale = sum(_is_replaced(p) for group in optimizer.param_groups for p in group["params"])
+    if stale:
+        raise ShrinkError(f"{type(optimizer).__name__}.step(): {stale} of its parameters were replaced by dg.shrink "
+                          "(the slim model's weights are new tensors), so this step would not train the slim model; "
+                          "build a new optimizer from the slim model after shrinking (e.g. "
+                          "torch.optim.AdamW(slim.parameters(), lr=...))")
+
+
+def _is_replaced(p: torch.Tensor) -> bool:
+    ref = _REPLACED.get(id(p))
+    return ref is not None and ref() is p

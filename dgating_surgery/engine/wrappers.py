@@ -1,5 +1,6 @@
 """Models as users train them: wrapped in ``DistributedDataParallel``/``DataParallel``, compiled
-with ``torch.compile``, sharded with FSDP2's ``fully_shard``, converted to ``SyncBatchNorm``.
+with ``torch.compile``, sharded with FSDP2's ``fully_shard``; optimizers wrapped by Lightning or
+accelerate. (Converting a gated model to ``SyncBatchNorm`` is ``training.distributed``.)
 
 Every public function that takes a gated model goes through ``accepts_wrapped``: it finds the
 gated module inside the wrappers, gathers FSDP2 shards where a function reads whole tensors (a
@@ -121,21 +122,6 @@ def unwrap(model: nn.Module, what: str = "this function") -> nn.Module:
     return model
 
 
-def frozen_gates(model: nn.Module) -> str | None:
-    """A warning when gate factors are frozen (``requires_grad=False``): no group can die, and the
-    usual cause, PEFT, also drops a LoRA adapter merged into a gated layer."""
-    from .gates import gate_set
-
-    dset = gate_set(model)
-    frozen = [key for key, g in (dset.items() if dset is not None else []) if not g.factors.requires_grad]
-    if not frozen:
-        return None
-    return (f"the factors of {len(frozen)} of {len(dset)} gates are frozen (requires_grad=False, e.g. dgates.{frozen[0]}"
-            "): they do not train, so D-Gating is inert there. PEFT's get_peft_model freezes them, and a LoRA adapter "
-            f"merged into a gated layer (merge_and_unload) is silently dropped: {PEFT_ORDER}. Otherwise set "
-            "requires_grad=True on the factors.")
-
-
 def live_wrapper(model: nn.Module, what: str = "this function") -> str | None:
     """Name of the distributed wrapper around (or inside) ``model`` that a cut in place would
     break, or None."""
@@ -194,8 +180,6 @@ def accepts_wrapped(gather: bool = False, in_place: str | None = None):
             if in_place is not None:
                 refuse_live_wrapper(model, in_place)
             inner_model = unwrap(model, f"dg.{fn.__name__}")
-            if in_place == "shrink" and (message := frozen_gates(inner_model)) is not None:
-                warn_user(f"dg.shrink: {message}")
             if gather and is_fsdp2(inner_model):
                 with full_params(inner_model):
                     return fn(inner_model, *args, **kwargs)
@@ -230,46 +214,6 @@ def refuse_live_wrapper(model: nn.Module, action: str) -> None:
         "...)), and build a new optimizer for the new parameters. See docs/training.md, 'Distributed training'.")
 
 
-# -- SyncBatchNorm -------------------------------------------------------------------------------------
-def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
-    """``nn.SyncBatchNorm.convert_sync_batchnorm`` for a gated model (torch's raises a TypeError on a
-    gated BatchNorm, whose weight is computed from its primary weight and gate). Keeps the same
-    parameter objects (an optimizer built before still holds them) and the gates. Returns the
-    converted model (a new module only when ``model`` itself is a BatchNorm)."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.nn.utils import parametrize
-
-    def convert(module):
-        if not isinstance(module, _BatchNorm) or isinstance(module, nn.SyncBatchNorm):
-            for name, child in module.named_children():
-                new = convert(child)
-                if new is not child:
-                    module.add_module(name, new)
-            return module
-        out = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, process_group)
-        chains = {}
-        if module.affine:
-            for name in ("weight", "bias"):
-                if parametrize.is_parametrized(module, name):
-                    plist = module.parametrizations[name]
-                    out._parameters[name] = plist.original
-                    chains[name] = list(plist)
-                else:
-                    out._parameters[name] = module._parameters[name]
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            out._buffers[name] = module._buffers.get(name)
-        for name, chain in chains.items():
-            for parametrization in chain:
-                parametrize.register_parametrization(out, name, parametrization, unsafe=True)
-        out.train(module.training)
-        if hasattr(module, "qconfig"):
-            out.qconfig = module.qconfig
-        return out
-
-    return convert(model)
-
-
 # -- what gate_model refuses ---------------------------------------------------------------------------
 def check_gateable(model: nn.Module) -> None:
     """Refuse, before tracing, a model that gating would get wrong, each with the order to use:
@@ -302,31 +246,6 @@ def check_gateable(model: nn.Module) -> None:
             "function: torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') (or "
             "torch.nn.utils.remove_weight_norm for the old hook), then gate. D-Gating's factorization takes the "
             "place of weight_norm's.")
-
-
-def refuse_ungated_state(module: nn.Module, state_dict, prefix, *args) -> None:
-    """``load_state_dict`` pre-hook of a gated model (``apply_plan`` registers it): a state_dict of
-    the ungated model (``fc1.weight`` where the gated model stores ``fc1.parametrizations.weight.original``,
-    and no gate factors) would load nothing into the gated layers (strict=False) or fail with a list
-    of key names; say what happened and the order to use instead."""
-    from ..errors import CheckpointError
-    from .gates import GATES_ATTR, gate_set
-
-    dset = gate_set(module)
-    if dset is None or any(k.startswith(f"{prefix}{GATES_ATTR}.") for k in state_dict):
-        return
-    gated = sorted({c.fqn for g in dset.values() for c in g.cuts if (c.scale >= 0).any()})
-    hits = [fqn for fqn in gated if prefix + fqn in state_dict]
-    if not hits:
-        return
-    owner_name, _, attr = hits[0].rpartition(".")
-    stored = f"{owner_name + '.' if owner_name else ''}parametrizations.{attr}.original"
-    raise CheckpointError(
-        f"load_state_dict: this state_dict is the ungated model's: it holds '{hits[0]}' (and {len(hits) - 1} more "
-        f"gated tensors) by their plain names, where the gated model stores '{stored}' and its gate factors "
-        f"('{GATES_ATTR}.*'). Load pretrained weights before gating: model.load_state_dict(state); gated = "
-        "dg.gate_model(model, recipe, example_inputs) (the balanced init then starts from them). To resume a gated "
-        "model, load the state_dict of a gated one (or use dg.save_gated / dg.load_gated).")
 
 
 def unwrap_optimizer(optimizer):

@@ -14,17 +14,16 @@ gradient per shard, global value) and the read-only figures on gathered paramete
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..errors import LambdaError, ShrinkError
-from ..engine.gates import GateScale, group_sq_sums, require_gated
+from ..errors import LambdaError
+from ..engine.gate_modes import GateScale
+from ..engine.gates import frozen_gates, group_sq_sums, require_gated
 from ..engine.precision import LOW_PRECISION, rounding
 from ..engine.report import sparsity
-from ..engine.wrappers import accepts_wrapped, frozen_gates, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
+from ..engine.wrappers import accepts_wrapped, full_params, is_dtensor, unwrap, unwrap_optimizer, warn_user
 
 LAM_KEY, D_KEY, SCHEDULED_KEY = "dgating_lam", "dgating_D", "dgating_scheduled"  # in the optimizer's param group
 KIND_KEY = "dgating_kind"  # in the optimizer's param group: the kind of groups whose weights and gates it holds
@@ -312,38 +311,3 @@ class SparsityMonitor:
 
 
 track = SparsityMonitor  # dg.track(model, optimizer): the name the training loop reads best
-
-
-# -- an optimizer built before shrink --------------------------------------------------------------
-# parameters a cut replaced, by id (a WeakSet would compare tensors with ==), each entry gone with its tensor
-_REPLACED: dict[int, weakref.ref] = {}
-_STEP_HOOK: list = []  # the handle of the optimizer step pre-hook, once registered
-
-
-def retire_replaced(before: list[nn.Parameter], model: nn.Module) -> None:
-    """After ``shrink``: the parameters of ``before`` that ``model`` no longer has (every weight a cut
-    sliced or collapsed, every gate) are marked, and a step of any optimizer that still holds one is
-    an error (it would update tensors the model no longer uses, silently: the slim model would never
-    train). Registers the global optimizer step pre-hook once."""
-    kept = {id(p) for p in model.parameters()}
-    for p in before:
-        if id(p) not in kept:
-            _REPLACED[id(p)] = weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None))
-    if not _STEP_HOOK:
-        _STEP_HOOK.append(register_optimizer_step_pre_hook(_refuse_replaced))
-
-
-def _refuse_replaced(optimizer, args, kwargs) -> None:
-    if not _REPLACED:
-        return
-    stale = sum(_is_replaced(p) for group in optimizer.param_groups for p in group["params"])
-    if stale:
-        raise ShrinkError(f"{type(optimizer).__name__}.step(): {stale} of its parameters were replaced by dg.shrink "
-                          "(the slim model's weights are new tensors), so this step would not train the slim model; "
-                          "build a new optimizer from the slim model after shrinking (e.g. "
-                          "torch.optim.AdamW(slim.parameters(), lr=...))")
-
-
-def _is_replaced(p: torch.Tensor) -> bool:
-    ref = _REPLACED.get(id(p))
-    return ref is not None and ref() is p
