@@ -7,7 +7,7 @@ Two registries:
   them on a model rebuilt at full size and resized to the saved tensors;
 - model fixers see the root model (e.g. a Hugging Face config) and run after every module fixer.
 
-A library's rows live in its plugin (``plugins/``), imported only when the library itself is.
+A library's rows live in its plugin (``plugins/``), loaded through ``extensions`` once the library is imported.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from .. import plugins
+from . import extensions
 from .slim_layers import SlimMultiheadAttention
 
 Fixer = Callable[[nn.Module], None]
@@ -64,7 +64,7 @@ def fix_module(module: nn.Module) -> None:
 
 def fix_attributes(model: nn.Module) -> None:
     """Re-derive every layer's shape attributes from its tensors, then the model-level ones."""
-    plugins.load()
+    extensions.load()
     for module in model.modules():
         _apply(MODULE_FIXERS, module)
     _apply(MODEL_FIXERS, model)

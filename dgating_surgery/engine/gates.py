@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from . import gate_modes
 from .gate_modes import GateScale
 from . import groups as groups_mod
-from .. import plugins
+from . import extensions
 from . import tracing
 from .centering import center_layernorms
 from ..errors import CheckpointError, GatingError, NotGatedError
@@ -128,7 +128,7 @@ def gates(model: nn.Module) -> list[DGate]:
 
 def analyze(model: nn.Module, example_inputs=None, example_kwargs=None) -> groups_mod.Plan:
     """Trace ``model`` and discover its group sets (what ``dgate inspect`` shows)."""
-    plugins.load()  # rules for the layers of optional libraries the user's code imported
+    extensions.load()  # rules for the layers of optional libraries the user's code imported
     return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs, is_leaf=has_module_rule))
 
 
