@@ -1,5 +1,6 @@
 """``python -m dgating_surgery.cli``: the ``dgate`` command."""
-from . import _installed_libraries_first, main
+from . import main
+from .common import installed_libraries_first
 
-_installed_libraries_first()
+installed_libraries_first()
 main()
