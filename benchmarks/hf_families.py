@@ -34,7 +34,7 @@ import torch
 import transformers
 
 import dgating_surgery as dg
-from dgating_surgery.execution import output_diff, output_tensors, run
+from dgating_surgery.engine.execution import output_diff, output_tensors, run
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
 from test_heads_families import tiny  # noqa: E402  (the tiny configs the tests use)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery.measure import compare_latency
+from dgating_surgery.engine.measure import compare_latency
 from paper_common import REST_WD, accuracy, digits, fit, ms, run_dgating, setup, timer
 
 SEEDS = (0, 1, 2)

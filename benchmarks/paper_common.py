@@ -20,6 +20,7 @@ from torch import nn
 import dgating_surgery as dg
 from dgating_surgery import demo
 from dgating_surgery.demo import accuracy
+from dgating_surgery.training.regularizer import gated_parameters
 
 THRESHOLD = 1e-4  # absolute collapsed-group L2 norm under which a group is cut, for every method
 REST_WD = 5e-4  # plain L2 on the parameters no method regularizes by group, equal for all methods
@@ -99,7 +100,7 @@ def frozen_ones(net, groups, X):
 
 
 def plain_groups(model, wd_gated, wd_rest=REST_WD):
-    thetas, _ = dg.training.gated_parameters(model)
+    thetas, _ = gated_parameters(model)
     ids = {id(p) for p in thetas}
     rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     return [{"params": thetas, "weight_decay": wd_gated}, {"params": rest, "weight_decay": wd_rest}]
@@ -150,7 +151,7 @@ def run_direct(make_net, data, groups, lam, epochs, lr, seed, loss_fn=None):
 
 def group_scale_(model, factor_of: dict) -> None:
     """Multiply every group's primary weights by a per-group factor (gate key -> tensor)."""
-    from dgating_surgery.gates import scale_groups_
+    from dgating_surgery.engine.gates import scale_groups_
     for key, dgate in model.dgates.items():
         scale_groups_(model, dgate, factor_of[key].float())
 

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery.deadness import Hold, zeroed
-from dgating_surgery.tensors import get_tensor
+from dgating_surgery.engine.deadness import Hold, zeroed
+from dgating_surgery.engine.tensors import get_tensor
 from dgating_surgery.demo import accuracy
-from dgating_surgery.schedule import LambdaScheduler
+from dgating_surgery.training.regularizer import gated_parameters
+from dgating_surgery.training.schedule import LambdaScheduler
 
 from paper_common import MLP, REST_WD, digits, setup
 
@@ -137,7 +138,7 @@ def magnitude(data, kept, seed, widths=None):
     model = dg.gate_model(TASK.make(), {"D": 2, "init": "ones", "groups": TASK.groups}, Xtr[:2])
     for gate in dg.gates(model):
         gate.factors.requires_grad_(False)
-    thetas, _ = dg.training.gated_parameters(model)
+    thetas, _ = gated_parameters(model)
     ids = {id(p) for p in thetas}
     rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     opt = torch.optim.SGD([{"params": thetas, "weight_decay": REST_WD}, {"params": rest, "weight_decay": REST_WD}],

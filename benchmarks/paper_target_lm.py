@@ -16,9 +16,9 @@ import torch
 import transformers as T
 
 import dgating_surgery as dg
-from dgating_surgery.deadness import Hold
-from dgating_surgery.distill import Distiller
-from dgating_surgery.schedule import DENSE_FRACTION, PENALTY_END_FRACTION, LambdaScheduler
+from dgating_surgery.engine.deadness import Hold
+from dgating_surgery.training.distill import Distiller
+from dgating_surgery.training.schedule import DENSE_FRACTION, PENALTY_END_FRACTION, LambdaScheduler
 
 from uniform import stdlib_bytes
 

@@ -4,7 +4,7 @@ For every model: one training step (forward, backward, SGD with momentum) of the
 the same step of the original, both in the same process, in interleaved rounds (the order alternates
 every round, so a machine whose load changes slows all of them alike). Each round times `reps` steps
 of every variant; the table shows the median over rounds of gated/original and its min-max. The
-gated model runs with each choice of where its gates act (``dgating_surgery.gate_modes``): ``auto``
+gated model runs with each choice of where its gates act (``dgating_surgery.engine.gate_modes``): ``auto``
 (the default: weight or output per layer and call, whichever has fewer elements), ``weight`` (every
 gate scales weight slices) and ``output`` (every gate that can act on a layer's output does). For the
 MLPs, ``by hand`` is the floor: the same D-Gating arithmetic written out in plain PyTorch, without the
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery.gate_modes import set_gate_side
+from dgating_surgery.engine.gate_modes import set_gate_side
 
 SIDES = ("auto", "weight", "output")
 NEURONS = {"D": 3, "groups": [{"kind": "neurons"}]}

@@ -17,7 +17,7 @@ import torch
 import transformers as T
 
 import dgating_surgery as dg
-from dgating_surgery.measure import compare_latency
+from dgating_surgery.engine.measure import compare_latency
 
 
 def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:

@@ -12,34 +12,39 @@ on first use, so that ``dgate --help`` does not wait for torch.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
-import types
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _HOME = {
     **dict.fromkeys(["kept_groups", "load_gated", "load_slim", "read_manifest", "save_gated", "save_slim"],
-                    "checkpoint"),
+                    "checkpoints.checkpoint"),
     **dict.fromkeys(["CheckpointError", "DGatingError", "GatingError", "LambdaError", "ModelSpecError",
                      "NotGatedError", "RecipeError", "ShrinkError", "TraceError", "UntrustedCodeError",
                      "WrapperError"], "errors"),
-    **dict.fromkeys(["max_rel_diff", "output_diff"], "execution"),
-    **dict.fromkeys(["DGate", "analyze", "apply_plan", "gate_model", "gates"], "gates"),
-    **dict.fromkeys(["gate_sides", "set_gate_side"], "gate_modes"),
-    **dict.fromkeys(["latency_ms", "macs", "macs_after_cut"], "measure"),
-    "load_model": "models",
-    **dict.fromkeys(["GroupSpec", "Recipe", "load_recipe", "shipped_recipes"], "recipe"),
-    **dict.fromkeys(["model_params", "sparsity", "uniform_cost", "UniformCost"], "report"),
-    **dict.fromkeys(["SearchResult", "removed_fraction", "search_lambda"], "search"),
-    **dict.fromkeys(["CutCheck", "expose_weights", "kill_random_groups", "random_cut_check"], "selfcheck"),
-    **dict.fromkeys(["plan_cut", "select_features", "shrink"], "shrink"),
+    **dict.fromkeys(["max_rel_diff", "output_diff"], "engine.execution"),
+    **dict.fromkeys(["DGate", "analyze", "apply_plan", "gate_model", "gates"], "engine.gates"),
+    **dict.fromkeys(["gate_sides", "set_gate_side"], "engine.gate_modes"),
+    **dict.fromkeys(["latency_ms", "macs", "macs_after_cut"], "engine.measure"),
+    "load_model": "checkpoints.models",
+    **dict.fromkeys(["GroupSpec", "Recipe", "load_recipe", "shipped_recipes"], "engine.recipe"),
+    **dict.fromkeys(["model_params", "sparsity", "uniform_cost", "UniformCost"], "engine.report"),
+    **dict.fromkeys(["SearchResult", "removed_fraction", "search_lambda"], "training.search"),
+    **dict.fromkeys(["CutCheck", "expose_weights", "kill_random_groups", "random_cut_check"], "engine.selfcheck"),
+    **dict.fromkeys(["plan_cut", "select_features", "shrink"], "engine.shrink"),
     **dict.fromkeys(["SparsityMonitor", "check_optimizer", "group_norms", "imbalance", "param_groups", "penalty",
-                     "track"], "training"),
-    **dict.fromkeys(["LambdaScheduler", "set_lam"], "schedule"),
-    **dict.fromkeys(["collapsed_groups", "hold"], "deadness"),
-    **dict.fromkeys(["convert_sync_batchnorm", "full_params", "unwrap"], "wrappers"),
+                     "track"], "training.regularizer"),
+    **dict.fromkeys(["LambdaScheduler", "set_lam"], "training.schedule"),
+    **dict.fromkeys(["collapsed_groups", "hold"], "engine.deadness"),
+    **dict.fromkeys(["full_params", "unwrap"], "engine.wrappers"),
+    "convert_sync_batchnorm": "training.distributed",
 }
+
+# module paths the documentation names, from before the modules moved into folders -> where they are
+_MODULES = {"distill": "training.distill", "report": "engine.report", "slim_layers": "engine.slim_layers"}
 
 __all__ = [
     # gate, inspect, cut
@@ -65,7 +70,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """A public name (imported from its module on first use) or a submodule (``dg.report``)."""
+    """A public name (imported from its module on first use) or a submodule (``dg.engine``,
+    ``dg.report``)."""
     home = _HOME.get(name)
     if home is not None:
         value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
@@ -84,18 +90,26 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class _Package(types.ModuleType):
-    """Two public functions share their module's name (``shrink``, ``gates``): when the import
-    system binds such a submodule on the package, the function is bound instead, as an eager
-    ``from .shrink import shrink`` did."""
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import dgating_surgery.distill`` (a module path of ``_MODULES``) gives the module where it
+    lives now, the same object, under both names."""
 
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _HOME.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in _MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{_MODULES[spec.name.rpartition('.')[2]]}")
+        spec.loader_state = module.__spec__  # the import system sets the alias's spec on it: put back below
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state
 
 
-sys.modules[__name__].__class__ = _Package
+sys.meta_path.insert(0, _Moved())  # before an editable install's finder, which would look for the file
 
 from .plugins import watch_transformers  # noqa: E402  (cheap: no torch import)
 

@@ -22,16 +22,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import display
-from .checkpoint import kept_groups, load_slim, save_slim
+from .checkpoints.checkpoint import kept_groups, load_slim, save_slim
 from .errors import CheckpointError
-from .gates import gate_model
-from .execution import output_diff
-from .measure import LatencyComparison, collapsed, compare_latency, forward, macs
-from .inputs import InputSpec
-from .models import ModelRef, Origin
-from .report import model_params, sparsity
-from .shrink import shrink
-from .training import param_groups
+from .engine.gates import gate_model
+from .engine.execution import output_diff
+from .engine.measure import LatencyComparison, collapsed, compare_latency, forward, macs
+from .checkpoints.inputs import InputSpec
+from .checkpoints.models import ModelRef, Origin
+from .engine.report import model_params, sparsity
+from .engine.shrink import shrink
+from .training.regularizer import param_groups
 
 # lambda and epochs chosen so that most hidden neurons die while test accuracy stays at the dense
 # level (seed 0: 98.0%); 2*lam/D decay on the gated weights, 5e-4 on the rest (see param_groups)

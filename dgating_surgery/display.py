@@ -12,8 +12,8 @@ from rich.table import Table
 if TYPE_CHECKING:  # importing them would import torch; `dgate --help` does without
     import torch
 
-    from .measure import LatencyComparison
-    from .report import SparsityReport
+    from .engine.measure import LatencyComparison
+    from .engine.report import SparsityReport
 
 
 def console(stderr: bool = False) -> Console:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgating_surgery.execution import fresh
+from dgating_surgery.engine.execution import fresh
 
 RECIPE = {"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}, {"kind": "features"}, {"kind": "blocks"}]}
 CHF = ("img", "seq", "vol")  # channels at dim 1, spatial dims after
@@ -1697,8 +1697,8 @@ def check_case(model, inputs, seed: int = 0, deep: bool = True) -> Outcome:
     collapsed copy (gradients and perturbations)."""
     import dgating_surgery as dg
     from dgating_surgery.errors import DGatingError, GatingError, TraceError
-    from dgating_surgery.report import model_params
-    from dgating_surgery.shrink import select_features, sets_by_layer, where_it_fails
+    from dgating_surgery.engine.report import model_params
+    from dgating_surgery.engine.shrink import select_features, sets_by_layer, where_it_fails
 
     rng = random.Random(seed ^ 0x5EED)
     inputs = tuple(inputs)
@@ -1828,7 +1828,7 @@ def _check_dead(gated, inputs, plan, gated_out, scale, params_before, fail, rng)
     """Every removed entry must be exactly 0 or not matter: zero gradient of a random projection of
     the outputs (parameters, inputs), or no effect when perturbed (buffers)."""
     import dgating_surgery as dg
-    from dgating_surgery.report import model_params
+    from dgating_surgery.engine.report import model_params
     from torch.nn.utils import parametrize
 
     with warnings.catch_warnings():

@@ -11,9 +11,9 @@ from torch import nn
 
 import dgating_surgery as dg
 from conftest import assert_exact_cut
-from dgating_surgery.branches import Bypass, ZeroBranch
+from dgating_surgery.engine.branches import Bypass, ZeroBranch
 from dgating_surgery.errors import CheckpointError, GatingError
-from dgating_surgery.gates import analyze
+from dgating_surgery.engine.gates import analyze
 
 BLOCKS = {"D": 3, "groups": [{"kind": "blocks"}]}
 
@@ -206,7 +206,7 @@ def test_save_slim_round_trip_and_manifest_checked(tmp_path):
     ({"layer9.1": {"as": "bypass", "returns": 0}}, "removed_branches': .*layer9"),
 ])
 def test_manifest_removed_branches_validated(tmp_path, bad, message):
-    from dgating_surgery.manifest import digest
+    from dgating_surgery.checkpoints.manifest import digest
     torchvision = pytest.importorskip("torchvision")
     x = torch.randn(1, 3, 64, 64)
     slim, _, _ = _cut(torchvision.models.resnet18(), (x,), kill=["layer2.1"])

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery import checkpoint
-from dgating_surgery.models import ModelRef, load_model, mismatch
+from dgating_surgery.checkpoints import checkpoint
+from dgating_surgery.checkpoints.models import ModelRef, load_model, mismatch
 
 import models as M
 

@@ -19,7 +19,7 @@ from rich.console import Console
 import dgating_surgery as dg
 from dgating_surgery.cli import main
 from dgating_surgery.demo import run_demo
-from dgating_surgery.inputs import InputSpec
+from dgating_surgery.checkpoints.inputs import InputSpec
 
 import models as M
 from test_checkpoint import run
@@ -333,8 +333,9 @@ def test_help_does_not_import_torch():
     assert done.returncode == 0 and done.stdout.strip().endswith("heavy: []"), done.stdout[-300:] + done.stderr
     done = shell("--help")
     assert done.returncode == 0 and "shrink" in done.stdout
-    from dgating_surgery import cli, inputs
-    assert list(cli.DTYPE_NAMES) == list(inputs.DTYPES)
+    from dgating_surgery.checkpoints import inputs
+    from dgating_surgery.cli.common import DTYPE_NAMES
+    assert list(DTYPE_NAMES) == list(inputs.DTYPES)
 
 
 def test_every_public_name_resolves():

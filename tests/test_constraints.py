@@ -1,4 +1,4 @@
-"""The width-constraint mechanism (dgating_surgery.constraints): constraints only keep dead groups, the
+"""The width-constraint mechanism (dgating_surgery.engine.constraints): constraints only keep dead groups, the
 strongest first; they compose; without a config, ``uniform`` equalizes the layers at the same place
 in repeated blocks; and the cut stays exact."""
 import copy
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery import constraints
+from dgating_surgery.engine import constraints
 
 NEURONS = {"D": 3, "groups": [{"kind": "neurons"}]}
 

@@ -191,7 +191,7 @@ def test_tolerance_follows_the_output_dtype():
         for gate in dg.gates(gated):
             gate.factors[0, ::3] = 0
     reference = gated(x.to(torch.bfloat16))
-    from dgating_surgery.execution import tolerance
+    from dgating_surgery.engine.execution import tolerance
     assert tolerance(reference) == 4 * torch.finfo(torch.bfloat16).eps  # a bfloat16 model rounds every layer
     assert tolerance(torch.randn(3)) == 1e-4
     slim = dg.shrink(gated, example_inputs=x.to(torch.bfloat16))
@@ -237,7 +237,7 @@ def test_huge_input_shape_is_refused_before_allocating(userdir):
 
 
 def test_out_of_memory_anywhere_is_one_line(monkeypatch):
-    gates = importlib.import_module("dgating_surgery.gates")  # the module: dg.gates is the function
+    gates = importlib.import_module("dgating_surgery.engine.gates")  # the module: dg.gates is the function
 
     def exhausted(*args, **kwargs):
         raise getattr(torch, "OutOfMemoryError", RuntimeError)(

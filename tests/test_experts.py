@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery import constraints
-from dgating_surgery.gates import analyze
-from dgating_surgery.shrink import plan_cut
+from dgating_surgery.engine import constraints
+from dgating_surgery.engine.gates import analyze
+from dgating_surgery.engine.shrink import plan_cut
 
 from conftest import assert_exact_cut
 

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import dgating_surgery as dg
 from dgating_surgery import gate_sides, set_gate_side
-from dgating_surgery.gate_modes import SIDES
+from dgating_surgery.engine.gate_modes import SIDES
 
 RECIPE = {"D": 3, "groups": [{"kind": "channels"}, {"kind": "neurons"}]}
 

@@ -16,7 +16,7 @@ import dgating_surgery as dg
 import random_arch as R
 from dgating_surgery.errors import DGatingWarning
 
-gates_module = importlib.import_module("dgating_surgery.gates")
+gates_module = importlib.import_module("dgating_surgery.engine.gates")
 
 
 @pytest.fixture(autouse=True)

@@ -63,7 +63,7 @@ def _rows():
 def _assert_only_adds(model, args, kwargs, remove) -> None:
     """Every group removable once ``remove(registered fixers)`` has taken some fixers away was
     removable with them."""
-    from dgating_surgery import fixers
+    from dgating_surgery.engine import fixers
     with_fixers = _removable(model, args, kwargs)
     remove(fixers.MODULE_FIXERS)
     without = _removable(model, args, kwargs)

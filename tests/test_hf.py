@@ -170,7 +170,7 @@ def test_tie_weights_on_a_gated_model_with_a_gated_tied_embedding():
     """transformers' tie_weights looks the tied weight up as a parameter; gating puts it under a
     parametrization in both uses, over one primary tensor. On a gated model it finds the pair tied and
     leaves the model as it is; a pair the config says to tie but that is two tensors is a clear error."""
-    from dgating_surgery.gates import primary
+    from dgating_surgery.engine.gates import primary
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (1, 8))
     gated = dg.gate_model(dg.expose_weights(_tied_llama(True)), "llama", ids, {"use_cache": False})

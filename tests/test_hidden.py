@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery.centering import CenteredLayerNorm
-from dgating_surgery.rules.normalization import RMS_FORMULAS, rms_norm_of
+from dgating_surgery.engine.centering import CenteredLayerNorm
+from dgating_surgery.engine.rules.normalization import RMS_FORMULAS, rms_norm_of
 
 from conftest import assert_exact_cut
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import dgating_surgery as dg
 from dgating_surgery import display
-from dgating_surgery.measure import compare_latency, summarize_latency
+from dgating_surgery.engine.measure import compare_latency, summarize_latency
 
 
 class Clock:
@@ -79,7 +79,7 @@ def test_summary_of_paired_rounds():
 def test_gated_baseline_costs_what_the_dense_model_costs():
     """A gated model pays for its parametrizations on every call; the baseline is the gated
     function with the gates multiplied in, which computes the same outputs."""
-    from dgating_surgery.measure import collapsed, forward
+    from dgating_surgery.engine.measure import collapsed, forward
     x = torch.randn(4, 10)
     gated = dg.gate_model(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5)), "mlp", x)
     uncut = collapsed(gated)

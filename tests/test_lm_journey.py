@@ -18,8 +18,8 @@ T = pytest.importorskip("transformers")
 
 IDS = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
 NO_CACHE = {"use_cache": False}
-gates_module = importlib.import_module("dgating_surgery.gates")
-shrink_module = importlib.import_module("dgating_surgery.shrink")
+gates_module = importlib.import_module("dgating_surgery.engine.gates")
+shrink_module = importlib.import_module("dgating_surgery.engine.shrink")
 
 
 def tied(name="llama", tie=True, **overrides):

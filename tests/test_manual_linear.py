@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
-import dgating_surgery.tracing as tracing
-from dgating_surgery.gates import analyze
+import dgating_surgery.engine.tracing as tracing
+from dgating_surgery.engine.gates import analyze
 
 from conftest import assert_exact_cut
 
@@ -69,7 +69,7 @@ def frontend(request, monkeypatch):
 def test_hand_written_linear_neurons_are_gated_and_cut_exactly(how, frontend):
     model = HandMLP(how).eval()
     x = torch.randn(15, 8) if how in INPUT_2D else torch.randn(3, 5, 8)
-    assert dg.tracing.capture(model, x).frontend == frontend
+    assert tracing.capture(model, x).frontend == frontend
     check = assert_exact_cut(model, x, NEURONS, fraction=0.3, min_groups=16)
     assert check.groups_gated == 16 and check.groups_cut == 4  # the 16 hidden neurons; 30% of them die
     w_up = model.up.weight

@@ -123,13 +123,13 @@ def test_grouped_conv_units_and_groups_attribute():
 
 def test_export_fallback_when_symbolic_tracing_fails():
     model = M.NeedsDim()
-    from dgating_surgery.tracing import capture
+    from dgating_surgery.engine.tracing import capture
     assert capture(model, torch.randn(1, 3, 8, 8)).frontend == "export"
     assert_exact_cut(model, torch.randn(2, 3, 8, 8))
 
 
 def test_export_fallback_when_the_traced_graph_does_not_run():
-    from dgating_surgery.tracing import capture
+    from dgating_surgery.engine.tracing import capture
     assert capture(M.GraphWontRun(), torch.randn(1, 3, 8, 8)).frontend == "export"
     assert_exact_cut(M.GraphWontRun(), torch.randn(2, 3, 8, 8))
 

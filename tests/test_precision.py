@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dgating_surgery as dg
-from dgating_surgery.training import gated_parameters
+from dgating_surgery.training.regularizer import gated_parameters
 from models import MLP, Residual
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery import constraints
+from dgating_surgery.engine import constraints
 
 from conftest import assert_exact_cut
 
@@ -237,7 +237,7 @@ def test_query_heads_tied_to_their_kv_heads_stay_with_the_reason():
 def test_the_constraint_only_keeps_dead_groups():
     """equal_query_heads on its own: dead kv groups with a live query head come back, then each kept
     group refills to the largest count with its strongest dead heads; an alive group is never cut."""
-    from dgating_surgery.rules.attention import equal_query_heads
+    from dgating_surgery.engine.constraints import equal_query_heads
 
     class Gate:
         kv_of = [8, 8, 8, 8, 9, 9, 9, 9, -1, -1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_exact_cut
-from dgating_surgery.tracing import capture
+from dgating_surgery.engine.tracing import capture
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

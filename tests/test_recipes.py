@@ -5,7 +5,7 @@ import torchvision
 import yaml
 
 import dgating_surgery as dg
-from dgating_surgery.gates import gate_set
+from dgating_surgery.engine.gates import gate_set
 
 from conftest import assert_exact_cut
 import models as M

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
-from dgating_surgery import fixers, groups, tracing
-from dgating_surgery.rules import register_module_rule
-from dgating_surgery.rules.elementwise import unary
+from dgating_surgery.engine import fixers, groups, tracing
+from dgating_surgery.engine.rules import register_module_rule
+from dgating_surgery.engine.rules.elementwise import unary
 
 from models import conv_bn
 
@@ -193,7 +193,7 @@ def test_a_rule_that_cannot_read_its_call_blocks_its_groups_with_the_error():
     try:
         plan = dg.analyze(Pair(Odd()), X)
     finally:
-        from dgating_surgery.rules.table import MODULE_RULES
+        from dgating_surgery.engine.rules.table import MODULE_RULES
         del MODULE_RULES[Odd]
     assert any("whose arguments the rule could not read (ZeroDivisionError" in r for r in reasons(plan))
 
@@ -209,7 +209,7 @@ def test_a_registered_module_rule_lets_groups_through():
     try:
         plan = dg.analyze(Pair(ClampedReLU()), X)
     finally:
-        from dgating_surgery.rules.table import MODULE_RULES
+        from dgating_surgery.engine.rules.table import MODULE_RULES
         del MODULE_RULES[ClampedReLU]
     assert [s.modules for s in plan.sets] == [["x"], ["a"], ["b"]] and plan.sets[1].removable.all()
 

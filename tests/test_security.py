@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dgating_surgery as dg
-from dgating_surgery import checkpoint, cli, manifest as mf, models as dg_models
+from dgating_surgery.checkpoints import checkpoint, manifest as mf, models as dg_models
+from dgating_surgery.cli.common import installed_libraries_first
 
 import models as M
 from test_checkpoint import run
@@ -221,7 +222,7 @@ def test_a_shadowing_package_in_the_current_directory_never_runs(tmp_path):
 def test_the_current_directory_and_factory_folders_come_after_the_libraries(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(tmp_path)] + [p for p in sys.path if p not in ("", str(tmp_path))])
-    cli._installed_libraries_first()  # what `python -m dgating_surgery.cli` does with the path Python gave it
+    installed_libraries_first()  # what `python -m dgating_surgery.cli` does with the path Python gave it
     assert sys.path[-1] == str(tmp_path) and str(tmp_path) not in sys.path[:-1]
     monkeypatch.setattr(sys, "path", sys.path[:-1])
     dg_models._cwd_importable()

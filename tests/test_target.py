@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dgating_surgery as dg
 from dgating_surgery.demo import DigitsMLP
-from dgating_surgery.report import group_params
+from dgating_surgery.engine.report import group_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,7 +225,7 @@ def test_per_kind_lambda_reaches_the_optimizer_and_the_penalty():
 
 
 def test_distiller_adds_the_kl_to_a_frozen_copy_to_the_models_loss():
-    from dgating_surgery.distill import Distiller
+    from dgating_surgery.training.distill import Distiller
 
     batch = token_batches()[0]
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import dgating_surgery as dg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-from dgating_surgery.training import gated_parameters
+from dgating_surgery.training.regularizer import gated_parameters
 from models import MLP
 
 LAM = 0.01

@@ -405,7 +405,7 @@ def test_a_width_set_that_cannot_keep_one_width_is_refused_naming_the_layer_and_
     the cut is refused, naming the layer, its size, the width asked and the set, and the model stays gated."""
     from torch import nn
 
-    from dgating_surgery import constraints
+    from dgating_surgery.engine import constraints
 
     class Blocks(nn.Module):
         def __init__(self):

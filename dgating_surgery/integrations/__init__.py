@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..distill import Distiller
-from ..gates import gate_set
-from ..report import sparsity, uniform_cost
-from ..schedule import LambdaScheduler, dgating_groups
-from ..training import LAM_KEY, optimizer_problems
-from ..wrappers import unwrap, unwrap_optimizer, warn_user
+from ..training.distill import Distiller
+from ..engine.gates import gate_set
+from ..engine.report import sparsity, uniform_cost
+from ..training.schedule import LambdaScheduler, dgating_groups
+from ..training.regularizer import LAM_KEY, optimizer_problems
+from ..engine.wrappers import unwrap, unwrap_optimizer, warn_user
 
 PREFIX = "dgating/"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..training import param_groups
+from ..training.regularizer import param_groups
 from . import CallbackCore, CoreView, find_gated, missing_model_message
 
 
@@ -113,8 +113,8 @@ def from_pretrained_gated(path, recipe, example_inputs=None, example_kwargs=None
     the weights; a weight it does not find, or one it has no place for, is an error."""
     import transformers
 
-    from ..gates import gate_model
-    from ..inputs import default_inputs
+    from ..engine.gates import gate_model
+    from ..checkpoints.inputs import default_inputs
     config = transformers.AutoConfig.from_pretrained(path)
     if model_class is None:
         name = (getattr(config, "architectures", None) or [None])[0]

@@ -1,7 +1,9 @@
 """Optional-library plugins: op rules and attribute fixers for the layers of libraries this
-package does not depend on (transformers, timm). A plugin is imported only once its library has
-been imported by the user's code, so that dgating-surgery itself never imports them; a plugin's
-``refresh()``, if it has one, runs at every ``load`` (to register classes imported since)."""
+package does not depend on (transformers, timm). Each registers a loader with the engine
+(``engine.extensions``) when this package is imported; the engine runs it, importing the plugin,
+only once the user's code has imported its library, so that dgating-surgery itself never imports
+them; a plugin's ``refresh()``, if it has one, runs at every load (to register classes imported
+since)."""
 from __future__ import annotations
 
 import importlib
@@ -9,17 +11,23 @@ import importlib.abc
 import importlib.util
 import sys
 
+from ..engine.extensions import register_library
+
 PLUGINS = ("transformers", "timm")  # each names both the library and the plugin module here
 
 
-def load() -> None:
-    """Import the plugin of every supported library the process has imported, and refresh it."""
-    for library in PLUGINS:
-        if library in sys.modules:
-            plugin = importlib.import_module(f"{__name__}.{library}")
-            refresh = getattr(plugin, "refresh", None)
-            if refresh is not None:
-                refresh()
+def _loader(library: str):
+    def load() -> None:
+        """Import the plugin of ``library`` (its rows register on import) and refresh it."""
+        plugin = importlib.import_module(f"{__name__}.{library}")
+        refresh = getattr(plugin, "refresh", None)
+        if refresh is not None:
+            refresh()
+    return load
+
+
+for _library in PLUGINS:
+    register_library(_library, _loader(_library))
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -12,11 +12,11 @@ import sys
 
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
-from ..fixers import MODULE_FIXERS, register_module_fixer
-from ..kinds import Role
-from ..labels import Labels
-from ..rules import RuleContext, register_module_rule, unknown
-from ..tensors import along
+from ..engine.fixers import MODULE_FIXERS, register_module_fixer
+from ..engine.kinds import Role
+from ..engine.labels import Labels
+from ..engine.rules import RuleContext, register_module_rule, unknown
+from ..engine.tensors import along
 
 
 def std_conv(ctx: RuleContext, node):

@@ -20,14 +20,14 @@ from torch import nn
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
-from ..branches import ZeroBranch, register_layer_dropper, register_zero_branch, replaced_layers
-from ..centering import SWAPPED_ATTR, register_writer
-from ..constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
-from ..fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
-from ..kinds import ATTRIBUTE_ROLES
+from ..engine.branches import ZeroBranch, register_layer_dropper, register_zero_branch, replaced_layers
+from ..engine.centering import SWAPPED_ATTR, register_writer
+from ..engine.constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
+from ..engine.fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
+from ..engine.gates import GATES_ATTR, gate_set, primary
+from ..engine.kinds import ATTRIBUTE_ROLES
+from ..engine.tensors import owner, replace_tensor, tied_holders
 from ..errors import CheckpointError, GatingError
-from ..gates import GATES_ATTR, gate_set, primary
-from ..tensors import owner, replace_tensor, tied_holders
 
 
 def _conv1d(m: Conv1D) -> None:
@@ -434,8 +434,8 @@ def restore_widths(model, path="config.json") -> None:
     spec = getattr(model.config, CONFIG_KEY, None)
     if not spec:
         return
-    from ..checkpoint import _replay_branches, _replay_centering, _set_cut_attributes
-    from ..manifest import check_config_key
+    from ..checkpoints.checkpoint import _replay_branches, _replay_centering, _set_cut_attributes
+    from ..checkpoints.manifest import check_config_key
     spec = check_config_key(spec, path, CONFIG_KEY)
     where = dict(path=path, source="config field")
     branches = _own_names(model, spec.get("branches", {}), f"{CONFIG_KEY}.branches", path)
