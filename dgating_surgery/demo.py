@@ -32,6 +32,7 @@ from .checkpoints.models import ModelRef, Origin
 from .engine.report import model_params, sparsity
 from .engine.shrink import shrink
 from .training.regularizer import param_groups
+from .training.schedule import LambdaScheduler
 
 # lambda and epochs chosen so that most hidden neurons die while test accuracy stays at the dense
 # level (seed 0: 98.0%); 2*lam/D decay on the gated weights, 5e-4 on the rest (see param_groups)
@@ -97,9 +98,11 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run_demo(out: str | Path | None = None, epochs: int = EPOCHS, lam: float = RECIPE["lam"], seed: int = 0,
-             console: Console | None = None) -> DemoResult:
+             console: Console | None = None, target: float | None = None, metric: str = "params") -> DemoResult:
     """Run the journey; the slim checkpoint goes to ``out`` (a directory; default: a temporary
-    one, removed afterwards). Raises ``CheckpointError`` if the reloaded model differs."""
+    one, removed afterwards). ``target``: the fraction of ``metric`` ("params", "macs" or "groups")
+    the cut should remove, reached within the run by ``LambdaScheduler.for_run`` (``lam`` is then
+    only its starting value). Raises ``CheckpointError`` if the reloaded model differs."""
     console = console or display.console()
     if out is not None and not Path(out).is_dir():
         raise CheckpointError(f"--out directory '{out}' does not exist (create it first)")
@@ -107,19 +110,20 @@ def run_demo(out: str | Path | None = None, epochs: int = EPOCHS, lam: float = R
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batches of 64 x 256: threads cost more than they give, on any machine
     try:
-        return _journey(out, epochs, lam, seed, console, start)
+        return _journey(out, epochs, lam, seed, console, start, target, metric)
     finally:
         torch.set_num_threads(threads)
 
 
-def _journey(out, epochs, lam, seed, console, start) -> DemoResult:
+def _journey(out, epochs, lam, seed, console, start, target, metric) -> DemoResult:
     torch.manual_seed(seed)
     Xtr, ytr, Xte, yte = digits()
     console.print(f"[bold]dgate demo[/]: a 64-256-128-10 MLP on scikit-learn digits ({len(Xtr)} train, {len(Xte)} "
-                  f"test), D-Gating of the hidden neurons (D={RECIPE['D']}, lambda={lam:g})")
+                  f"test), D-Gating of the hidden neurons (D={RECIPE['D']}, lambda={lam:g}"
+                  + (f", size target: remove {target:.0%} of the {metric})" if target is not None else ")"))
     gated = gate_model(DigitsMLP(), {**RECIPE, "lam": lam}, Xtr[:1])
     gated.dgate_origin = Origin(ModelRef("factory", "dgating_surgery.demo:DigitsMLP"), InputSpec.of(Xtr[:1]), RECIPE)
-    _train(gated, Xtr, ytr, Xte, yte, epochs, lam, seed, console)
+    _train(gated, Xtr, ytr, Xte, yte, epochs, lam, seed, console, target, metric)
 
     report = sparsity(gated)
     console.print(display.sparsity_table(report, "after training: groups per gate"))
@@ -157,9 +161,12 @@ def _journey(out, epochs, lam, seed, console, start) -> DemoResult:
     return result
 
 
-def _train(model, Xtr, ytr, Xte, yte, epochs, lam, seed, console) -> None:
-    """Plain SGD with momentum; the D-Gating penalty is weight decay via ``param_groups``."""
+def _train(model, Xtr, ytr, Xte, yte, epochs, lam, seed, console, target=None, metric="params") -> None:
+    """Plain SGD with momentum; the D-Gating penalty is weight decay via ``param_groups``; with a
+    size target, ``LambdaScheduler.for_run`` steers lambda and holds the chosen groups at zero."""
     opt = torch.optim.SGD(param_groups(model, lam, weight_decay=WEIGHT_DECAY), lr=LR, momentum=0.9)
+    steps = epochs * -(-len(Xtr) // BATCH)
+    lam_schedule = LambdaScheduler.for_run(opt, model, target, steps, metric=metric) if target is not None else None
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.75 * epochs)], 0.1)
     gen = torch.Generator().manual_seed(seed)
     columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -175,6 +182,8 @@ def _train(model, Xtr, ytr, Xte, yte, epochs, lam, seed, console) -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if lam_schedule is not None:
+                    lam_schedule.step()
             sched.step()
             if epoch % 5 == 4 or epoch == epochs - 1:
                 rep = sparsity(model)

@@ -151,6 +151,20 @@ def test_demo_in_python_removes_neurons_and_keeps_accuracy(tmp_path):
     assert result.seconds < 120
 
 
+def test_demo_size_target_lands_on_the_fraction_asked(tmp_path):
+    """`dgate demo --target 0.8 --metric macs`: the size is asked for, not found by tuning lambda; the
+    cut removes 80% of the MACs within 3 points, exactly (the reloaded checkpoint equals the slim model)."""
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--epochs", "30", "--target", "0.8",
+                                           "--metric", "macs"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps lines at the terminal's width
+    assert "size target: remove 80% of the macs" in text and "outputs identical" in text
+    slim = dg.load_slim(tmp_path / "digits_slim.safetensors")
+    removed = 1 - dg.macs(slim, (torch.randn(1, 64),)) / 50_432  # the dense 64-256-128-10 MLP's MACs per sample
+    assert abs(removed - 0.8) <= 0.03, removed
+    assert CliRunner().invoke(main, ["demo", "--target", "1.5"]).exit_code == 2  # a fraction, refused by click
+
+
 def test_console_script_demo_and_errors(tmp_path):
     done = shell("demo", "--out", tmp_path)
     assert done.returncode == 0, done.stderr
