@@ -2,8 +2,9 @@
 (parameters, MACs, features), one line per method, the mean over seeds with the seeds' standard
 deviation as error bars.
 
-A benchmark passes rows ``{"method": str, "x": size kept, "y": figure, "seed": int}`` to ``plot``,
-or writes them with ``write_json`` and plots later:
+A benchmark passes rows ``{"method": str, "x": size kept, "y": figure, "seed": int}`` (optionally
+``"setting"``: the size asked, when the size reached varies by seed) to ``plot``, or writes them
+with ``write_json`` and plots later:
 
     python benchmarks/plots.py rows.json docs/img/figure.png
 
@@ -20,16 +21,24 @@ import sys
 
 
 def _series(rows, method) -> list[tuple[float, float, float]]:
-    """(x, mean y, std y over seeds) per x of one method, sorted by x."""
-    by_x: dict[float, list[float]] = {}
+    """(mean x, mean y, std y over seeds) per setting of one method (a row's ``setting``, else its
+    x: sizes reached within a group of the target still make one point), sorted by x."""
+    by_setting: dict[object, list[dict]] = {}
     for r in rows:
         if r["method"] == method:
-            by_x.setdefault(r["x"], []).append(r["y"])
-    return [(x, statistics.mean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0) for x, ys in sorted(by_x.items())]
+            by_setting.setdefault(r.get("setting", r["x"]), []).append(r)
+    points = []
+    for sel in by_setting.values():
+        ys = [r["y"] for r in sel]
+        points.append((statistics.mean(r["x"] for r in sel), statistics.mean(ys),
+                       statistics.stdev(ys) if len(ys) > 1 else 0.0))
+    return sorted(points)
 
 
-def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False) -> None:
-    """Write a PNG of ``rows`` to ``path`` (matplotlib, the ``bench`` extra; a note without it)."""
+def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False, spread=0.006) -> None:
+    """Write a PNG of ``rows`` to ``path`` (matplotlib, the ``bench`` extra; a note without it).
+    ``spread``: methods at the same x are drawn this fraction of the x range apart, so that their
+    error bars do not hide each other."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -39,12 +48,15 @@ def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False) -> None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [m for m in methods if m != hline]
+    width = spread * ((max(r["x"] for r in rows) - min(r["x"] for r in rows)) or 1.0)
     for i, method in enumerate(methods):
         series = _series(rows, method)
         if method == hline:
             ax.axhline(statistics.mean(y for _, y, _ in series), color="gray", linestyle=":", label=method)
             continue
         xs, ys, sd = zip(*series)
+        xs = [x + (lines.index(method) - (len(lines) - 1) / 2) * width for x in xs]
         dashed = "no recovery" in method or "scratch" in method
         ax.errorbar(xs, ys, yerr=sd, marker="o", ms=4, capsize=3, label=method, linestyle="--" if dashed else "-",
                     color=f"C{i}")
