@@ -31,7 +31,7 @@ only a run that reaches its size early gets steps after it):
   from a fresh init for all the steps;
 - dense: the 13-32-3 MLP, all the steps.
 
-    python benchmarks/paper_target_wine.py --plot docs/img/wine_target.png    # 10 seeds (~15 min idle)
+    python benchmarks/paper_target_wine.py --plot docs/img/wine_target.png    # 10 seeds (~10 min idle)
     python benchmarks/paper_target_wine.py --seeds 0,1,2,3,4 --rows a.json &    # or in two processes,
     python benchmarks/paper_target_wine.py --seeds 5,6,7,8,9 --rows b.json; wait   # then the tables:
     python benchmarks/paper_target_wine.py --merge a.json b.json --plot docs/img/wine_target.png
@@ -60,7 +60,7 @@ import paper_target
 from paper_common import MLP, REST_WD, frozen_ones, group_scale_, plain_groups, run_prox, setup
 
 N_FEATURES = 13
-STEPS, BATCH = 1000, 16
+STEPS, BATCH = 600, 16
 LRS = (0.02, 0.05, 0.1)
 KEPT = (8, 5, 3, 2)
 SEEDS = 10
