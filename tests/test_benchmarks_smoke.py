@@ -1,0 +1,46 @@
+"""The size-target benchmarks run end to end on a few steps: every method lands on the size asked,
+the tables print, and the plots are PNG files (benchmarks/plots.py, directly and from JSON)."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_wine_one_cell_every_method_at_k_features(tmp_path, capsys, one_thread):
+    pytest.importorskip("sklearn")
+    import paper_target_wine
+    import plots
+
+    rows_json, png = tmp_path / "wine.json", tmp_path / "wine.png"
+    paper_target_wine.main(["--seeds", "0", "--steps", "5", "--kept", "4", "--no-gap", "--json", str(rows_json)])
+    out = capsys.readouterr().out
+    assert "Runs that did not end at exactly k features: none" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 4 | "))
+    assert len(row.split("|")) == 2 + 1 + len(paper_target_wine.METHODS) + 1  # k, every method, scratch
+    data = json.loads(rows_json.read_text())
+    assert {r["method"] for r in data["rows"]} == {"dense", "scratch", *paper_target_wine.METHODS}
+    assert {r["x"] for r in data["rows"] if r["method"] != "dense"} == {4}
+    pytest.importorskip("matplotlib")
+    plots.main([str(rows_json), str(png)])
+    assert png.read_bytes()[:8] == PNG
+
+
+def test_gpt2_one_cell_lands_on_the_per_kind_sizes(tmp_path, capsys, one_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    import paper_target_gpt2
+
+    png = tmp_path / "gpt2.png"
+    paper_target_gpt2.main(["--seeds", "0", "--steps", "5", "--heads", "0.5", "--neurons", "0.25",
+                            "--val-windows", "8", "--plot", str(png)])
+    out = capsys.readouterr().out
+    # 8 of 16 heads and 256 of 1024 neurons for both methods: D-Gating by its per-kind targets,
+    # magnitude by the same fraction in every layer
+    assert re.search(r"\| 50% \| 25% \| [^|]+ \| [^|]+ \| [^|]+ \| [01] / 1 \| 8, 256; 8, 256 \|", out), out
+    assert png.read_bytes()[:8] == PNG
