@@ -47,8 +47,8 @@ import torch
 from transformers.utils import logging
 
 import dgating_surgery as dg
-from dgating_surgery.deadness import Hold
-from dgating_surgery.schedule import PENALTY_END_FRACTION, LambdaScheduler
+from dgating_surgery.engine.deadness import Hold
+from dgating_surgery.training.schedule import PENALTY_END_FRACTION, LambdaScheduler
 
 from paper_common import setup
 from paper_heads_gpt2 import batches, load_bytes, lm_loss, make_gpt2, val_loss, val_windows

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 
 import dgating_surgery as dg
-from dgating_surgery.deadness import Hold
-from dgating_surgery.measure import forward
-from dgating_surgery.schedule import DENSE_FRACTION, PENALTY_END_FRACTION, LambdaScheduler
+from dgating_surgery.engine.deadness import Hold
+from dgating_surgery.engine.measure import forward
+from dgating_surgery.training.schedule import DENSE_FRACTION, PENALTY_END_FRACTION, LambdaScheduler
 
 import paper_target
 from paper_common import MLP, REST_WD, frozen_ones, group_scale_, plain_groups, run_prox, setup
