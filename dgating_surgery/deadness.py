@@ -63,6 +63,24 @@ def reference_norms(model: nn.Module) -> dict[str, float]:
         return {key: float(group_sq_sums(model, dgate, dtype=torch.float64).sqrt().max()) for key, dgate in dset.items()}
 
 
+def typical_norms(model: nn.Module, relative: float = RELATIVE) -> dict[str, float]:
+    """Gate key -> the median collapsed norm of its groups that have not collapsed (norm at least
+    ``relative`` times the gate's largest): the scale of a typical surviving group of that layer.
+    ``scores(model, typical_norms(model))`` compares groups across layers by how weak each is
+    within its own layer. The largest norm is no such scale: one strong channel (the one the
+    classifier reads most) makes all the others of its layer look weak, and a layer whose scale
+    the loss ignores (a BatchNorm feeding a conv and another BatchNorm) shrinks as a whole."""
+    relative = check_relative(relative)
+    dset = require_gated(model, "collapsed groups")
+    out = {}
+    with torch.no_grad():
+        for key, dgate in dset.items():
+            norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
+            alive = norm[norm >= relative * norm.max()]
+            out[key] = float(alive.median()) if alive.numel() else 0.0
+    return out
+
+
 def collapsed_groups(model: nn.Module, relative: float = RELATIVE) -> dict[str, torch.Tensor]:
     """Per gate key, a bool per group: collapsed (norm below ``relative`` times the largest in its
     gate). The strongest group of a gate is never collapsed (a cut keeps one group per gate)."""
@@ -148,4 +166,4 @@ def hold(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, optimiz
     return Hold(model, collapsed_groups(model, relative) if masks is None else masks, optimizer)
 
 
-__all__ = ["RELATIVE", "collapsed_groups", "scores", "reference_norms", "zeroed", "hold", "Hold"]
+__all__ = ["RELATIVE", "collapsed_groups", "scores", "reference_norms", "typical_norms", "zeroed", "hold", "Hold"]

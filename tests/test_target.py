@@ -195,6 +195,36 @@ def test_adam_collapses_groups_that_hold_turns_into_an_exact_cut():
     assert before - dg.model_params(slim) == removable
 
 
+def test_a_strong_group_does_not_make_the_rest_of_its_layer_the_first_to_go():
+    """Issue 17: the target ranks groups by their norm relative to a typical surviving group of
+    their layer (``dg.typical_norms``), not to its strongest. Two layers with the same spread of
+    norms, one with a single group 100x stronger (on the digits CNN: the channel the classifier
+    reads most): a half-the-groups target held at ``by_step`` takes half of each layer; relative
+    to the largest, every other group of the first layer would look weaker than all of the
+    second's, and the first layer would be gutted."""
+    from dgating_surgery.deadness import typical_norms
+    from dgating_surgery.gates import scale_groups_
+
+    X, _ = digits(8)
+    torch.manual_seed(0)
+    model = dg.gate_model(DigitsMLP(64, (32, 32), 10), {"D": 3, "groups": [{"kind": "neurons"}]}, X[:4])
+    spread = torch.linspace(1.0, 2.0, 32, dtype=torch.float64)
+    for i, (key, norm) in enumerate(dg.group_norms(model).items()):
+        wanted = spread[torch.randperm(32)]
+        wanted[wanted.argmax()] *= 100.0 if i == 0 else 1.0
+        scale_groups_(model, model.dgates[key], wanted / norm.detach().double())
+    norms = {key: norm.detach() for key, norm in dg.group_norms(model).items()}
+    assert typical_norms(model) == pytest.approx({"fc1": 1 + 15 / 31, "fc2": 1 + 15 / 31}, rel=1e-5)  # the median
+    sched = dg.LambdaScheduler(None, 1e-3, model=model, target=0.5, metric="groups", start_step=0, by_step=2)
+    sched.step()
+    sched.step()
+    assert sched.recovering
+    assert {key: int(mask.sum()) for key, mask in sched.held_masks.items()} == {"fc1": 16, "fc2": 16}
+    for key, mask in sched.held_masks.items():  # the weakest half of each layer, now exactly zero
+        assert set(mask.nonzero().flatten().tolist()) == set(norms[key].argsort()[:16].tolist())
+        assert torch.count_nonzero(model.dgates[key].factors.detach()[:, mask]) == 0
+
+
 def test_per_kind_lambda_reaches_the_optimizer_and_the_penalty():
     """A recipe's per-kind lam: one param group per kind with 2*lam/D decay, the penalty weighs each
     kind's parameters with its own lambda, and a per-kind target drives each group separately."""
