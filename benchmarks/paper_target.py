@@ -21,6 +21,7 @@ slimmed model on the fixed 30% test split.
 
     python benchmarks/paper_target.py                # the table (5 seeds, about 20 minutes on one core)
     python benchmarks/paper_target.py --task cnn     # the digits CNN, MACs kept (filter-norm magnitude)
+    python benchmarks/paper_target.py --task cnn --kept 0.25 0.1   # some of the size rows (run rows in parallel)
     python benchmarks/paper_target.py --splits       # the measurement behind the default split
 """
 from __future__ import annotations
@@ -221,7 +222,7 @@ def splits(seeds=(0, 1, 2)):
                   f"{mean_std([100 * r['kept'] for r in rows])} |", flush=True)
 
 
-def table(seeds=SEEDS):
+def table(seeds=SEEDS, kept_rows=KEPT):
     data = digits(TASK.images)
     started = time.time()
     print(f"{TASK.name}, {TASK.steps} SGD steps per method, {TASK.metric} kept, test accuracy % (mean ± std over "
@@ -229,7 +230,7 @@ def table(seeds=SEEDS):
     print(f"| {TASK.metric} kept | D-Gating target | magnitude uniform | magnitude, D-Gating's layers | scratch, D-Gating's "
           "layers | D-Gating - magnitude uniform (paired) | wins / seeds |")
     print("|---|---|---|---|---|---|---|")
-    for kept in KEPT:
+    for kept in kept_rows:
         rows = {"dg": [], "mag": [], "mag_layers": [], "scratch": []}
         for seed in seeds:
             d = dgating(data, kept, seed)
@@ -237,6 +238,8 @@ def table(seeds=SEEDS):
             rows["mag"].append(magnitude(data, kept, seed))
             rows["mag_layers"].append(magnitude(data, kept, seed, d["widths"]))
             rows["scratch"].append(scratch(data, d["widths"], seed))
+            print(f"<!-- {kept:.0%} seed {seed}: " + ", ".join(f"{k} {100 * v[-1]['acc']:.2f}" for k, v in rows.items())
+                  + " -->", flush=True)
         cells = []
         for key in ("dg", "mag", "mag_layers", "scratch"):
             accs = [100 * r["acc"] for r in rows[key]]
@@ -256,6 +259,7 @@ def main(argv=None):
     parser.add_argument("--splits", action="store_true", help="measure the dense/penalty/recovery split")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, or 3 for --splits)")
     parser.add_argument("--task", choices=sorted(TASKS), default="mlp")
+    parser.add_argument("--kept", type=float, nargs="+", default=KEPT, help="the size rows (fractions kept)")
     args = parser.parse_args(argv)
     global TASK
     TASK = TASKS[args.task]
@@ -263,7 +267,7 @@ def main(argv=None):
     if args.splits:
         splits(tuple(range(args.seeds or 3)))
     else:
-        table(tuple(range(args.seeds or len(SEEDS))))
+        table(tuple(range(args.seeds or len(SEEDS))), tuple(args.kept))
 
 
 if __name__ == "__main__":

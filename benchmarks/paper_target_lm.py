@@ -5,7 +5,7 @@ without distillation from the model at the penalty's start (``distill.Distiller`
 pruning + fine-tune at equal steps (heads and neurons with the smallest norms held at zero at the
 step D-Gating holds, per kind the same fraction). Validation loss in nats per byte of the slim model.
 
-    python benchmarks/paper_target_lm.py [--steps 600] [--seeds 2]
+    python benchmarks/paper_target_lm.py [--steps 600] [--seeds 2] [--methods D-Gating magnitude]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from uniform import stdlib_bytes
 TARGETS = {"heads": 0.5, "neurons": 0.7}
 SEQ, BATCH = 64, 16
 RECIPE = {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]}
+METHODS = ("D-Gating", "D-Gating + distill", "magnitude")
 
 
 def make(seed):
@@ -89,13 +90,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     opts = parser.parse_args()
     torch.set_num_threads(1)
     data = stdlib_bytes(600_000)
     train, val = data[:500_000], data[500_000:]
     results = {}
     for seed in range(opts.seeds):
-        for method in ("D-Gating", "D-Gating + distill", "magnitude"):
+        for method in opts.methods:
             results.setdefault(method, []).append(run(method, train, val, opts.steps, seed))
             print(method, seed, results[method][-1], flush=True)
     print(f"\n| method ({opts.steps} Adam steps, targets {TARGETS}) | val loss nats/byte | params kept |")

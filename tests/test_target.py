@@ -195,6 +195,41 @@ def test_adam_collapses_groups_that_hold_turns_into_an_exact_cut():
     assert before - dg.model_params(slim) == removable
 
 
+def test_a_strong_group_does_not_make_the_rest_of_its_layer_the_first_to_go():
+    """Issue 17: the target ranks groups by their norm relative to the root mean square norm of
+    their layer's surviving groups (``typical_norms``), not to the layer's strongest. Two layers
+    with the same spread of norms, one with a group 3x the median (as the digits CNN's last conv
+    layer, whose strongest channel the classifier reads most): a half-the-groups target held at
+    ``by_step`` takes about half of each layer; relative to the strongest, every other group of
+    the first layer would look weaker than all of the second's (31 of its 32 would go)."""
+    from dgating_surgery.engine.deadness import typical_norms
+    from dgating_surgery.engine.gates import scale_groups_
+
+    X, _ = digits(8)
+    torch.manual_seed(0)
+    model = dg.gate_model(DigitsMLP(64, (32, 32), 10), {"D": 3, "groups": [{"kind": "neurons"}]}, X[:4])
+    spread = torch.linspace(1.0, 2.0, 32, dtype=torch.float64)
+    for i, (key, norm) in enumerate(dg.group_norms(model).items()):
+        wanted = spread[torch.randperm(32)]
+        wanted[wanted.argmax()] = 4.5 if i == 0 else 2.0
+        scale_groups_(model, model.dgates[key], wanted / norm.detach().double())
+    norms = {key: norm.detach().double() for key, norm in dg.group_norms(model).items()}
+    rms = {key: float(norm.pow(2).mean().sqrt()) for key, norm in norms.items()}  # none has collapsed
+    assert typical_norms(model) == pytest.approx(rms, rel=1e-6)
+    sched = dg.LambdaScheduler(None, 1e-3, model=model, target=0.5, metric="groups", start_step=0, by_step=2)
+    sched.step()
+    sched.step()
+    assert sched.recovering
+    ranked = sorted((float(n / rms[key]), key, j) for key, norm in norms.items()
+                    for j, n in enumerate(norm) if j != int(norm.argmax()))[:32]
+    held = sched.held_masks
+    assert {key: set(mask.nonzero().flatten().tolist()) for key, mask in held.items()} == {
+        key: {j for _, k, j in ranked if k == key} for key in norms}
+    assert 12 <= int(held["fc1"].sum()) <= 20  # about half of each layer
+    for key, mask in held.items():
+        assert torch.count_nonzero(model.dgates[key].factors.detach()[:, mask]) == 0
+
+
 def test_per_kind_lambda_reaches_the_optimizer_and_the_penalty():
     """A recipe's per-kind lam: one param group per kind with 2*lam/D decay, the penalty weighs each
     kind's parameters with its own lambda, and a per-kind target drives each group separately."""
