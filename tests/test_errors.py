@@ -65,7 +65,7 @@ def test_recipe_without_any_match():
 def test_unknown_kind():
     with pytest.raises(dg.RecipeError) as err:
         dg.gate_model(M.MLP(), {"D": 3, "groups": [{"kind": "filters"}]}, torch.randn(2, 10))
-    assert "groups[0].kind" in str(err.value) and "channels, neurons, heads, hidden, features" in str(err.value)
+    assert "groups[0].kind" in str(err.value) and "channels, neurons, heads, query_heads, hidden, features, blocks" in str(err.value)
 
 
 def test_already_gated_and_not_gated():
