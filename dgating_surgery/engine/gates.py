@@ -166,7 +166,8 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
                               "every set).")
         if of_kind:
             warn_user(message)
-    chosen.sort(key=lambda s: plan.sets.index(s))
+    order = {id(s): i for i, s in enumerate(plan.sets)}  # by identity: == on sets compares their arrays
+    chosen.sort(key=lambda s: order[id(s)])
     return chosen
 
 
