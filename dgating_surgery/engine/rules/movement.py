@@ -216,6 +216,26 @@ def _indexed_dims(ctx: RuleContext, node):
     return dims
 
 
+def take_along(ctx: RuleContext, node):
+    """torch.gather(x, dim, index): each output entry is an entry of x at the same position but along
+    ``dim``, where the index picks it (DeBERTa's relative positions). Exact for groups that do not
+    run along ``dim`` and whose dims the index keeps whole; an index that carries groups, or one that
+    picks positions of a grouped dim, fixes positions the cut would move."""
+    x, index = node.args[0], arg(node, 2, "index")
+    lab = ctx.labels(x)
+    if lab is None and ctx.labels(index) is None:
+        return None
+    if lab is None or ctx.labels(index) is not None:
+        return unknown(ctx, node)
+    src, dst = ctx.shape(x), ctx.shape(node)
+    dim = arg(node, 1, "dim") % len(src)
+    changed = [d for d in range(len(src)) if d == dim or src[d] != dst[d]]
+    if set(changed) & set(lab.varying_dims()):
+        ctx.taint(lab.ids, f"{ctx.where(node)} gathers positions of a grouped dim that the index fixes")
+        return None
+    return lab.reduced(changed).compressed()
+
+
 def check_index(ctx: RuleContext, node, out):
     lab = ctx.labels(node.args[0])
     if set(_indexed_dims(ctx, node)) & set(lab.varying_dims()):
