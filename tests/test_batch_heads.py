@@ -157,3 +157,31 @@ def test_a_merge_that_fixes_the_head_count_is_refused(kept_head_count):
     assert len(heads) == 1 and not heads[0].removable.any()
     assert {r for r in heads[0].reasons} == {"the forward code fixes the size of a grouped dim to [8] at method "
                                              "'.reshape()' at node 'reshape', so it cannot shrink"}
+
+
+class MixedBatchHeads(BatchHeads):
+    """Merges heads into the batch dim as h * B + b, then splits it back as if it were b * H + h:
+    each output slot reads a head of another batch element, and which depends on the batch size."""
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, D).transpose(1, 2).transpose(0, 1).reshape(-1, T, D)
+                   for p in (self.q, self.k, self.v))
+        o = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v).view(B, self.num_heads, T, D)
+        return self.out(o.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_a_split_that_mixes_heads_with_batch_elements_is_refused(monkeypatch):
+    """Tying the heads the example's batch pairs up would cut exactly at that batch size only (a slim
+    model 0.4 of the output off at batch 3 after examples of batch 2): refused, with the reason."""
+    monkeypatch.setitem(fixers.MODULE_FIXERS, MixedBatchHeads, lambda m: setattr(m, "num_heads", m.q.weight.shape[0] // D))
+    monkeypatch.setitem(fixers.KEPT, MixedBatchHeads, ("num_heads",))
+    model = nn.Sequential(nn.Linear(E, E), MixedBatchHeads(), nn.Linear(E, 3)).eval()
+    for batch in (2, 3):
+        x = torch.randn(batch, 5, E, generator=torch.Generator().manual_seed(0))
+        heads = [s for s in dg.analyze(model, (x,)).sets if s.kind == "heads"]
+        assert heads and not any(s.removable.any() for s in heads)
+        assert {r for s in heads for r in s.reasons} == {
+            "method '.view()' at node 'view_3' splits a dim that holds each group once per batch element (heads "
+            "merged into the batch dim) at other factors than it was merged by, so which groups it mixes depends "
+            "on the batch size"}
