@@ -43,7 +43,7 @@ def _rows(layer) -> int:
 # An attention layer's head counts, by what they mean (the names transformers' attention classes use);
 # each is re-derived from the projections' widths after a cut. A name the layer lacks is skipped.
 HEAD_SIZE = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
-QUERY, KEY = ("q_proj", "query", "q", "q_lin"), ("k_proj", "key", "k", "k_lin")
+QUERY, KEY = ("q_proj", "query", "q", "q_lin", "query_proj"), ("k_proj", "key", "k", "k_lin", "key_proj")
 OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin")  # reads the heads as its input columns
 HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")

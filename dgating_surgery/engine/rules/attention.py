@@ -26,7 +26,7 @@ from .context import RuleContext, unknown
 from .elementwise import _is_zero
 from .movement import reshape_groups
 from .names import op_name
-from .structural import arg
+from .structural import addmm, arg
 
 ATTENTION = {"scaled_dot_product_attention"}
 _SAME_DIMS = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "dropout", "alias", "detach",
@@ -63,8 +63,10 @@ def _attention_operands(node, values) -> list:
     if name in ATTENTION:
         return [(a, len(values[a].shape) - 3) for a in node.args[:3] if _is_activation(a, values)
                 and len(values[a].shape) >= 4]
-    if name in ("matmul", "bmm") and len(node.args) >= 2 and all(_is_activation(a, values) for a in node.args[:2]):
-        return [(a, len(values[a].shape) - 3) for a in node.args[:2] if len(values[a].shape) >= 4]
+    operands = node.args[1:3] if name == "baddbmm" else node.args[:2]
+    if name in ("matmul", "bmm", "baddbmm") and len(operands) == 2 and all(_is_activation(a, values) for a in operands):
+        # (..., heads, T, D), or (batch * heads, T, D): heads merged into the batch dim (BLOOM, DeBERTa)
+        return [(a, max(len(values[a].shape) - 3, 0)) for a in operands if len(values[a].shape) >= 3]
     return []
 
 
@@ -110,11 +112,19 @@ def _trace_head_dim(node, dim, values):
                 if len(big_in) == 1 and len(big_out) > 1:
                     return node.name, dim  # the split that makes the heads
                 if len(big_in) >= 1 and len(big_out) == 1:
-                    dim = big_in[0]  # a merge (grouped-query attention's repeat): follow the outermost
-                    break
+                    # a merge (grouped-query attention's repeat, heads merged into the batch dim): the one
+                    # merged dim that traces back to a split (a repeat's copies or the batch trace to none)
+                    hits = {hit for i in big_in if (hit := _trace_head_dim(args[0], i, values)) is not None}
+                    return hits.pop() if len(hits) == 1 else None
                 return None
             else:
                 return None
+        elif name == "repeat":  # tiled copies along a dim keep its entries' order (DeBERTa's position keys)
+            extra = len(values[node].shape) - len(values[args[0]].shape)
+            if dim < extra:
+                return None
+            node, dim = args[0], dim - extra
+            continue
         elif name == "cat" and isinstance(args[0], (list, tuple)) and args[0]:
             if arg(node, 1, "dim", 0) % len(values[node].shape) == dim:
                 return None
@@ -269,13 +279,15 @@ def _query_heads(ctx: RuleContext, node, operands, hdim: int, heads: int, kv_hea
     return Labels(along(ids[:heads], hdim, nd), along(none, hdim, nd), along(none, hdim, nd)).compressed()
 
 
-def matmul(ctx: RuleContext, node):
+def matmul(ctx: RuleContext, node, operands=None):
     """A product of two activations A @ B (an activation times a parameter is a linear layer:
     ``structural.weight_matmul``, which the table asks first): a group may run along the batch dims
-    (both operands meet there entry by entry: attention heads), along A's rows, or along B's
-    columns, and along the contracted dim (mixed: it must arrive as zeros, from either side); two of
-    these at once would put an entry in two groups, and is blocked. A parameter here has no rule."""
-    a, b = node.args[0], node.args[1]
+    (both operands meet there entry by entry: attention heads, also when merged into the batch dim
+    of a 3-D product, which then holds each head's ids once per batch element), along A's rows, or
+    along B's columns, and along the contracted dim (mixed: it must arrive as zeros, from either
+    side); two of these at once would put an entry in two groups, and is blocked. A parameter here
+    has no rule. ``operands``: (A, B) when they are not the node's first two arguments."""
+    a, b = operands or node.args[:2]
     if ctx.fqn(a) is not None or ctx.fqn(b) is not None or not (ctx.is_tensor(a) and ctx.is_tensor(b)):
         return unknown(ctx, node)
     if ctx.labels(a) is None and ctx.labels(b) is None:
@@ -311,11 +323,36 @@ def matmul(ctx: RuleContext, node):
         if nd >= 4 and nd - 3 in (va | vb):
             line = _line(la, nd - 3) if nd - 3 in va else _line(lb, nd - 3)
             ctx.tie(_heads(ctx, node, out[nd - 3]).numpy(), line.expand(out[nd - 3]).numpy(), node)
+        if nd == 3 and 0 in (va | vb):  # (batch * heads, T, D): one entry per distinct head of the merged dim
+            line = (_line(la, 0) if 0 in va else _line(lb, 0)).expand(out[0])
+            distinct, position = torch.unique(line, return_inverse=True)
+            ctx.tie(_heads(ctx, node, distinct.numel())[position].numpy(), line.numpy(), node)
     for lab, keep in ((la, [*batch, nd - 2]), (lb, [*batch, nd - 1])):
         part = _project(lab, keep, nd, out)
         ids = torch.where(ids >= 0, ids, part.ids)
         zaff, zall = zaff | part.zaff, zall | part.zall
     return Labels(ids, zaff, zall).compressed()
+
+
+def baddbmm(ctx: RuleContext, node):
+    """bias + A @ B: a weight B is a linear (``structural.addmm``); two activations are attention
+    scores (``matmul``) plus a bias. A bias that carries no group but varies along the dims the
+    product's groups run along (BLOOM's ALiBi: per-head slopes computed from the head count, outside
+    the layer) cannot shrink with them; one that carries groups has no rule."""
+    bias, a, b = node.args[:3]
+    if ctx.weight(b) is not None or not (ctx.is_tensor(a) and ctx.is_tensor(b)):
+        return addmm(ctx, node)
+    if ctx.labels(bias) is not None:
+        return unknown(ctx, node)
+    out = matmul(ctx, node, (a, b))
+    if out is None or not ctx.is_tensor(bias):
+        return out
+    size = (1,) * (out.ids.ndim - len(ctx.shape(bias))) + tuple(ctx.shape(bias))
+    if any(size[d] > 1 for d in out.varying_dims()):
+        ctx.taint(out.ids, f"{ctx.where(node)} adds a tensor that carries no group along the heads (a bias built "
+                           "outside the layer from the head count, such as ALiBi's per-head slopes), which cannot "
+                           "shrink with them")
+    return out.not_zero()
 
 
 def _aligned(ctx: RuleContext, x, nd: int) -> tuple[Labels, tuple]:

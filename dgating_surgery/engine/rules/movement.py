@@ -100,10 +100,31 @@ def _check_reshape(ctx: RuleContext, node, out, sizes):
             ctx.taint(lab.ids, f"the forward code fixes the head count at {ctx.where(node)} (a literal, or an "
                                "attribute no fixer keeps up to date), so heads cannot be removed")
             continue
+        if _mixes_copies(full, outs, [d for d in big if d != carrier]):
+            ctx.taint(lab.ids, f"{ctx.where(node)} splits a dim that holds each group once per batch element (heads "
+                               "merged into the batch dim) at other factors than it was merged by, so which groups "
+                               "it mixes depends on the batch size")
+            continue
         for d in big:
             if d != carrier:
                 for k in range(1, dst[d]):
                     ctx.tie(full.select(d, 0).numpy(), full.select(d, k).numpy(), node)
+
+
+def _mixes_copies(full: torch.Tensor, outs: list[int], tied: list[int]) -> bool:
+    """Whether the split dims ``outs`` of a reshape's output ids hold some group more than once (the
+    copies of a merge with the batch: ``(batch * heads)``) and the ties across ``tied`` would join
+    different ids: the split then regroups the copies, and its groups follow the batch size."""
+    line = full
+    for d in range(full.ndim):
+        if d not in outs:
+            line = line.narrow(d, 0, 1)
+    line = line.reshape(-1)
+    line = line[line >= 0]
+    if line.unique().numel() == line.numel():
+        return False
+    return any(bool(((a != b) & (a >= 0) & (b >= 0)).any())
+               for d in tied for a, b in [(full.select(d, 0), full.select(d, k)) for k in range(1, full.shape[d])])
 
 
 def _view_sizes(ctx: RuleContext, node) -> list:
@@ -214,6 +235,26 @@ def _indexed_dims(ctx: RuleContext, node):
             dims.append(d)
         d += 1
     return dims
+
+
+def take_along(ctx: RuleContext, node):
+    """torch.gather(x, dim, index): each output entry is an entry of x at the same position but along
+    ``dim``, where the index picks it (DeBERTa's relative positions). Exact for groups that do not
+    run along ``dim`` and whose dims the index keeps whole; an index that carries groups, or one that
+    picks positions of a grouped dim, fixes positions the cut would move."""
+    x, index = node.args[0], arg(node, 2, "index")
+    lab = ctx.labels(x)
+    if lab is None and ctx.labels(index) is None:
+        return None
+    if lab is None or ctx.labels(index) is not None:
+        return unknown(ctx, node)
+    src, dst = ctx.shape(x), ctx.shape(node)
+    dim = arg(node, 1, "dim") % len(src)
+    changed = [d for d in range(len(src)) if d == dim or src[d] != dst[d]]
+    if set(changed) & set(lab.varying_dims()):
+        ctx.taint(lab.ids, f"{ctx.where(node)} gathers positions of a grouped dim that the index fixes")
+        return None
+    return lab.reduced(changed).compressed()
 
 
 def check_index(ctx: RuleContext, node, out):

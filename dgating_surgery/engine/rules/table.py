@@ -17,7 +17,7 @@ from .context import RuleContext, unknown
 from .elementwise import (add, clamp, clamp_min_max, compare, div, glu, like, masked_fill, mul, power, prelu,
                           unary, where)
 from .movement import (check_as, check_cat, check_chunk, check_index, check_pixel_shuffle, check_roll, check_split,
-                       check_unflatten, check_view, getitem, movement, pack, pad)
+                       check_unflatten, check_view, getitem, movement, pack, pad, take_along)
 from .names import op_name
 from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm_call,
                             group_norm_module, layer_norm_call, layer_norm_module, register_rms_norm,
@@ -25,7 +25,7 @@ from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_m
 from .pooling import reduction, spatial, top_k
 from .shapes import numel, shape_only, size
 from .branches import residual_branches
-from .attention import created, head_splits, matmul, multihead_attention, sdpa
+from .attention import baddbmm, created, head_splits, matmul, multihead_attention, sdpa
 from .structural import (addmm, conv_call, conv_module, convolution_call, einsum, embedding, gather, linear_call,
                          linear_module, param_view, weight_matmul)
 
@@ -94,7 +94,7 @@ NAME_RULES = {
     "conv1d": conv_call, "conv2d": conv_call, "conv3d": conv_call, "convolution": convolution_call,
     "conv_transpose1d": partial(conv_call, transposed=True), "conv_transpose2d": partial(conv_call, transposed=True),
     "conv_transpose3d": partial(conv_call, transposed=True),
-    "linear": linear_call, "addmm": addmm, "baddbmm": addmm, "einsum": einsum,
+    "linear": linear_call, "addmm": addmm, "baddbmm": baddbmm, "gather": take_along, "einsum": einsum,
     **{name: partial(weight_matmul, otherwise=matmul) for name in ("mm", "matmul", "bmm")},
     # x @ W[e] for each row's expert e (the rows sorted by expert, ``offs`` their ends): a linear per expert
     **{name: partial(weight_matmul, otherwise=unknown) for name in ("_grouped_mm", "grouped_mm_fallback")},
