@@ -185,3 +185,19 @@ def test_a_split_that_mixes_heads_with_batch_elements_is_refused(monkeypatch):
             "method '.view()' at node 'view_3' splits a dim that holds each group once per batch element (heads "
             "merged into the batch dim) at other factors than it was merged by, so which groups it mixes depends "
             "on the batch size"}
+
+
+def test_a_batch_of_one_cannot_show_the_order_and_is_refused(monkeypatch):
+    """At a batch of 1 the mixed merge above looks like plain heads (each head once along the merged
+    dim): a cut tied from it would be exact at batch 1 only. Refused, asking for a larger batch; the
+    ordinary order is refused alike (the same evidence), and cut at batch 2 (the test above)."""
+    for cls in (MixedBatchHeads, BatchHeads):
+        monkeypatch.setitem(fixers.MODULE_FIXERS, cls, lambda m: setattr(m, "num_heads", m.q.weight.shape[0] // D))
+        monkeypatch.setitem(fixers.KEPT, cls, ("num_heads",))
+        model = nn.Sequential(nn.Linear(E, E), cls(), nn.Linear(E, 3)).eval()
+        x = torch.randn(1, 5, E, generator=torch.Generator().manual_seed(0))
+        sets = dg.analyze(model, (x,)).sets
+        assert not any(s.kind == "heads" for s in sets)
+        refused = [s for s in sets if any("at a batch of 1 the order of batch and heads cannot be seen: give example "
+                                          "inputs with a batch of 2 or more" in str(r) for r in s.reasons)]
+        assert len(refused) == 1 and len(refused[0].removable) == 4 and not refused[0].removable.any()

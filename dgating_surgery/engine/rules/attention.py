@@ -326,7 +326,12 @@ def matmul(ctx: RuleContext, node, operands=None):
         if nd == 3 and 0 in (va | vb):  # (batch * heads, T, D): one entry per distinct head of the merged dim
             line = (_line(la, 0) if 0 in va else _line(lb, 0)).expand(out[0])
             distinct, position = torch.unique(line, return_inverse=True)
-            ctx.tie(_heads(ctx, node, distinct.numel())[position].numpy(), line.numpy(), node)
+            if distinct.numel() == line.numel():  # a batch of 1 hides the order of batch and heads
+                ctx.taint(line, f"{ctx.where(node)} multiplies heads merged into the batch dim, and at a batch "
+                                "of 1 the order of batch and heads cannot be seen: give example inputs with a "
+                                "batch of 2 or more")
+            else:
+                ctx.tie(_heads(ctx, node, distinct.numel())[position].numpy(), line.numpy(), node)
     for lab, keep in ((la, [*batch, nd - 2]), (lb, [*batch, nd - 1])):
         part = _project(lab, keep, nd, out)
         ids = torch.where(ids >= 0, ids, part.ids)
