@@ -21,19 +21,22 @@ from .slim_layers import SlimMultiheadAttention
 Fixer = Callable[[nn.Module], None]
 MODULE_FIXERS: dict[type, Fixer] = {}
 MODEL_FIXERS: dict[type, Fixer] = {}
-KEPT: dict[type, tuple[str, ...]] = {}  # class -> the attributes its fixer keeps (absent: every int attribute)
+# class -> the attributes its fixer keeps, or a function of the layer giving them (absent: every int attribute)
+KEPT: dict[type, "tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]"] = {}
 
 
-def register_module_fixer(cls: type, fix: Fixer, keeps: tuple[str, ...] | None = None) -> None:
+def register_module_fixer(cls: type, fix: Fixer,
+                          keeps: "tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] | None" = None) -> None:
     """``fix(module)`` re-derives the shape attributes that layers of class ``cls`` add to those of
     their base classes (whose fixers run first) from their tensors. ``keeps``: the attributes it
     re-derives, when not all of the layer's int attributes (an attention layer's head counts, not
-    its head size): only those may follow a cut where the forward uses them as sizes."""
+    its head size), or a function of the layer giving them (those it can re-derive on that layer):
+    only those may follow a cut where the forward uses them as sizes."""
     MODULE_FIXERS[cls] = fix
     if keeps is None:
         KEPT.pop(cls, None)
     else:
-        KEPT[cls] = tuple(keeps)
+        KEPT[cls] = keeps if callable(keeps) else tuple(keeps)
 
 
 def register_model_fixer(cls: type, fix: Fixer) -> None:
@@ -47,6 +50,7 @@ def kept_sizes(module: nn.Module) -> set[int]:
     for cls in type(module).__mro__:
         if cls in MODULE_FIXERS:
             names = KEPT.get(cls, vars(module))
+            names = names(module) if callable(names) else names
             sizes |= {v for v in (getattr(module, n, None) for n in names) if type(v) is int}
     return sizes
 

@@ -50,24 +50,34 @@ KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEADS_WIDTH = ("all_head_size", "inner_dim")  # heads x head size
 
 
-def _attention_counts(m) -> None:
+def _attention_values(m) -> dict[str, int]:
     """Any attention layer with an int head size: its head and key/value head counts, the query
     heads per key/value head and the heads' width from the projections' widths (the query's rows,
     else, for a fused qkv projection, the output projection's columns; one rule for the families,
-    not a row per class). A layer with neither (a wrapper) is left as it is."""
+    not a row per class), for the names the layer has. Empty for a layer with neither (a wrapper):
+    nothing of it can follow a cut."""
     size = next((v for v in (getattr(m, n, None) for n in HEAD_SIZE) if type(v) is int), None)
     query, key, out = (next((c for c in (getattr(m, n, None) for n in names) if isinstance(c, (nn.Linear, Conv1D))),
                             None) for names in (QUERY, KEY, OUTPUT))
     if size is None or query is None and out is None:
-        return
+        return {}
     heads = _rows(query) // size if query is not None else out.weight.shape[0 if isinstance(out, Conv1D) else 1] // size
     values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(HEADS_WIDTH, heads * size)}
     if key is not None:  # (a fused projection's key/value heads are not counted here)
         kv_heads = _rows(key) // size
         values.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads), num_key_value_groups=heads // max(kv_heads, 1))
-    for name, value in values.items():
-        if type(getattr(m, name, None)) is int:
-            setattr(m, name, value)
+    return {name: value for name, value in values.items() if type(getattr(m, name, None)) is int}
+
+
+def _attention_counts(m) -> None:
+    for name, value in _attention_values(m).items():
+        setattr(m, name, value)
+
+
+def _attention_kept(m) -> tuple[str, ...]:
+    """The counts ``_attention_counts`` re-derives on this layer: only those may follow a cut (a
+    layer whose projections it cannot find keeps its counts as written, so they fix the heads)."""
+    return tuple(_attention_values(m))
 
 
 def _gpt2(m) -> None:
@@ -118,8 +128,7 @@ def refresh() -> None:
             register_module_fixer(cls, fix)
     for cls in _attention_classes():
         if cls not in MODULE_FIXERS:
-            register_module_fixer(cls, _attention_counts, keeps=HEAD_COUNT + KV_HEAD_COUNT + HEADS_WIDTH
-                                  + ("num_key_value_groups",))
+            register_module_fixer(cls, _attention_counts, keeps=_attention_kept)
 
 
 _SCANNED: set[str] = set()  # modeling modules whose attention classes are registered
