@@ -37,8 +37,9 @@ SIDES = ("auto", "weight", "output")
 
 
 class GateScale(nn.Module):
-    """Parametrization ``theta -> theta * gate`` for one parameter. ``index`` maps every entry to
-    its group's position in the concatenated gates of ``sources`` (-1: not gated). When one gate
+    """Parametrization ``theta -> theta * gate`` for one parameter (``sources``: the ``DGate`` modules
+    it reads). ``index`` maps every entry to its group's position in the concatenated gates of
+    ``sources`` (-1: not gated). When one gate
     owns every entry in order (a BatchNorm after its conv, the usual case) the gate vector is used
     as it is: no concatenation or gather in the training step.
 
@@ -46,7 +47,7 @@ class GateScale(nn.Module):
     whose gate may act on the layer's output instead it is ``"auto"``, ``"weight"`` or ``"output"``
     (``gate_modes``; ``bias_gated``: the bias shares this gate)."""
 
-    def __init__(self, sources: list[DGate], index: torch.Tensor):
+    def __init__(self, sources: list[nn.Module], index: torch.Tensor):
         super().__init__()
         self.sources = list(sources)  # a plain list: the gates are registered once, under model.dgates
         flat = index.reshape(-1)
