@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dgating_surgery as dg
+from dgating_surgery.engine.shrink import select_features
 import random_arch as R
 
 IMG = torch.randn(2, 4, 4, 5, generator=torch.Generator().manual_seed(1))
@@ -280,3 +281,35 @@ def test_failure_class(name, make, x, layer, expect):
         assert outcome.kind in ("exact", "nothing gated"), f"{name}: {outcome}"
     if expect == "cut":
         assert outcome.kind == "exact"
+
+
+def _cat_chunk_swap(m, v):
+    a, b = torch.chunk(torch.cat([v, m.f(v)], 1), 2, dim=1)
+    return m.head(torch.cat([b, a], 1))
+
+
+def test_input_features_in_two_gates_are_all_cut():
+    """Fuzzer seed 2478: ``cat([x, f(x)])`` chunked in two ties input feature j to the entry 5 further
+    on, so x's features fall in two sets (pairs of features; a feature tied to a neuron of f) and get
+    two gates. The slim model takes the input without the features of either; the kept features were
+    once taken from the last gate alone, and the slim model did not run on them."""
+    def make():
+        model = Net(_cat_chunk_swap, f=nn.Linear(7, 3), head=nn.Linear(10, 2))
+        R._randomize(model, torch.Generator().manual_seed(0))
+        return model.double().eval()
+    x = torch.randn(2, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    feature_sets = [s for s in dg.analyze(make(), x).sets if s.kind == "features"]
+    assert [s.positions for s in feature_sets] == [[[0, 5], [1, 6]], [[2], [3], [4]]]
+    assert all(s.removable.all() for s in feature_sets)
+    gated = dg.gate_model(make(), {"D": 3, "groups": [{"kind": "features"}]}, (x,))
+    with torch.no_grad():
+        for g in dg.gates(gated):
+            g.factors[0, 0] = 0.0  # features 0 and 5 in the first gate, feature 2 (and f's neuron 0) in the second
+        want = gated(x)
+    slim = dg.shrink(gated, example_inputs=(x,))  # verifies the slim model on the input it takes
+    assert slim.kept_input_features["x"].tolist() == [1, 3, 4, 6]
+    assert (slim.f.in_features, slim.f.out_features, slim.head.in_features) == (4, 2, 6)
+    args, _ = select_features(slim, (x,))
+    torch.testing.assert_close(slim(*args), want, rtol=0, atol=1e-12)
+    for seed in range(3):
+        assert R.check_case(make(), (x,), seed).kind == "exact"

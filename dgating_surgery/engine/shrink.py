@@ -56,6 +56,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
     check_not_meta(model, "shrink (and every sparsity figure)", error=ShrinkError)
     threshold = dset.recipe.threshold if threshold is None else float(threshold)
     dead, norms, removed, kept_inputs, attributes = {}, {}, {}, {}, {}
+    gone_inputs: dict[str, tuple[int, set[int]]] = {}  # input name -> (width, positions some gate removes)
     for key, dgate in dset.items():
         with torch.no_grad():
             norm = group_sq_sums(model, dgate, dtype=torch.float64).sqrt()
@@ -70,8 +71,9 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
     for key, dgate in dset.items():
         is_dead = dead[key]
         gone = {p for owned, d in zip(dgate.positions or [], is_dead.tolist()) if d for p in owned}
-        if gone:
-            kept_inputs[dgate.modules[0]] = [p for p in range(dgate.width) if p not in gone]
+        if gone:  # one input may have several feature gates (a tie splits its features in sets): all of them cut it
+            width, before = gone_inputs.get(dgate.modules[0], (dgate.width, set()))
+            gone_inputs[dgate.modules[0]] = (width, before | gone)
         for cut in dgate.cuts:
             if cut.role in ATTRIBUTE_ROLES:
                 attributes[cut.fqn] = cut.role
@@ -81,6 +83,8 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
             gone = (along >= 0) & is_dead[along.clamp(min=0)]
             per_dim = removed.setdefault(cut.fqn, {})
             per_dim[cut.dim] = per_dim.get(cut.dim, torch.zeros_like(gone)) | gone
+    for name, (width, gone) in gone_inputs.items():
+        kept_inputs[name] = [p for p in range(width) if p not in gone]
     return CutPlan(dead, norms, removed, kept_inputs, attributes)
 
 
