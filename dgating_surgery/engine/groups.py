@@ -43,6 +43,8 @@ class GroupSet:
     # kind query_heads: per group, the index of the key/value group a query head reads (-1: the group is a
     # key/value group; -2: its key/value head is in no group and stays, as in multi-query attention)
     kv_of: list | None = None
+    # why removing its groups is only approximate (a LayerNorm's statistics, opt-in); None: exact
+    approximate: str | None = None
 
     @property
     def name(self) -> str:
@@ -83,16 +85,19 @@ def profile(index: np.ndarray, att: Attachment, dim: int | None = None) -> tuple
 
 
 # -- the walk ---------------------------------------------------------------------------------------
-def discover(capture: Capture, split_policy: dict | None = None, query_heads: bool = False) -> Plan:
+def discover(capture: Capture, split_policy: dict | None = None, query_heads: bool = False,
+             approximate_layernorm: bool = False) -> Plan:
     """Group discovery over a captured model. ``split_policy``: node name -> a key of
     ``rules.SPLIT_POLICIES`` (or an output dim) for reshapes whose carrier dim the pre-passes
     (``rules.PREPASSES``, e.g. the attention heads) should not decide. ``query_heads``: split
     grouped-query attention into query heads and key/value groups (kind ``query_heads``) instead of
-    whole key/value groups (kind ``heads``); one partition or the other, so a recipe chooses."""
+    whole key/value groups (kind ``heads``); one partition or the other, so a recipe chooses.
+    ``approximate_layernorm``: a LayerNorm's statistics do not block the stream it normalizes; its
+    channels form ``hidden`` sets labelled approximate (``GroupSet.approximate``)."""
     directed = {}
     for prepass in PREPASSES:
         directed.update(prepass(capture.gm, capture.values))
-    ctx = RuleContext(capture, {**directed, **(split_policy or {})}, query_heads)
+    ctx = RuleContext(capture, {**directed, **(split_policy or {})}, query_heads, approximate_layernorm)
     for node in capture.gm.graph.nodes:
         ctx.env[node] = _apply(ctx, node)
     for graph_pass in GRAPH_PASSES:  # groups no op rule makes: residual branches
@@ -184,6 +189,7 @@ class _Facts:
     """What resolution knows per group root (arrays indexed by root id)."""
 
     reason: dict  # root -> why it is not exactly removable (first reason found wins)
+    approximate: dict  # root -> why its removal is approximate (opt-in; ``RuleContext.approximate``)
     has_role: dict  # Role -> bool array: some slice of that role is attached
     zero: dict  # Labels flag name -> bool array: exactly zero at every mixing op when that policy gates it
     # flag name (None: no entry zero) -> {root: the first mixing op without a parameter slice (which a
@@ -199,10 +205,13 @@ class _Facts:
 def resolve(ctx: RuleContext) -> Plan:
     """Turn the walk's records into group sets with a reason or a gating policy per group."""
     root_of = ctx.uf.roots()
-    facts = _Facts({}, {role: np.zeros(root_of.size, bool) for role in Role},
+    facts = _Facts({}, {}, {role: np.zeros(root_of.size, bool) for role in Role},
                    {"zaff": np.ones(root_of.size, bool), "zall": np.ones(root_of.size, bool)},
                    {flag: {} for flag in ("zaff", "zall", None)}, {})
     _blocked_by_taints(ctx, root_of, facts)
+    for ids, why in ctx.approximations:
+        for r in np.unique(root_of[ids]).tolist():
+            facts.approximate.setdefault(r, why)
     _roles_present(ctx, root_of, facts)
     _zero_at_mixing_ops(ctx, root_of, facts)
     spaces_of, first_elem = _spaces_of_groups(ctx, root_of)
@@ -313,9 +322,10 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
         if first.entries is not None:  # entries from different layers (residual branches): named one by one
             entries = [first.entries[first_elem[r] - first.start] for r in roots]
             modules, types, branches = (list(column) for column in zip(*entries))
+        approximate = next((facts.approximate[r] for r in roots if r in facts.approximate), None)
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
                              [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width,
-                             max(1, first.size // len(roots)), branches, kv_of))
+                             max(1, first.size // len(roots)), branches, kv_of, approximate))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
 
