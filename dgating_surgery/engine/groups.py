@@ -164,17 +164,34 @@ def _input(ctx: RuleContext, node):
     return Labels.fresh(along(ids, 1, len(info.shape)), zaff=False, zall=False)
 
 
+SLICE_ROLES = (Role.PRODUCER, Role.AFFINE, Role.STAT, Role.CONSUMER, Role.CUT_ONLY)  # a tensor's positions, one by one
+
+
 def _tie_reused_parameters(ctx: RuleContext) -> None:
     """A layer called twice produces (or reads) the same parameter slices twice: the slices must be
-    one cut, so their groups are tied. A position that one call reads with no group (an input that
-    carries none there, padding) is needed whole: the groups other calls tie to it are blocked."""
+    one cut, so their groups are tied. So must two uses of one tensor in different roles along the
+    same dim (a tied weight: an embedding's columns are the stream it writes, the output layer's the
+    features it reads). A position that one call reads with no group (an input that carries none
+    there, padding) is needed whole: the groups other calls tie to it are blocked."""
     calls: dict[tuple, list[Attachment]] = {}
     for att in ctx.attachments:
         calls.setdefault((att.fqn, att.role, att.dim), []).append(att)
-    for (fqn, _, _), atts in calls.items():
+    roles_along: dict[tuple, list[Attachment]] = {}  # one use per role along a dim suffices: the others are tied above
+    for (fqn, role, dim), atts in calls.items():
+        if dim is not None and role in SLICE_ROLES:
+            roles_along.setdefault((fqn, dim), []).append(atts[0])
+    for key, atts in roles_along.items():
+        if len(atts) > 1:
+            calls[(*key, "roles")] = atts
+    for (fqn, *_), atts in calls.items():
         if len(atts) < 2:
             continue
-        ids = torch.broadcast_tensors(*(att.ids for att in atts))
+        try:
+            ids = torch.broadcast_tensors(*(att.ids for att in atts))
+        except RuntimeError:  # uses that do not line up position by position: none of their groups can go
+            for att in atts:
+                ctx.taint(att.ids, f"'{fqn}' is used in ways whose entries do not line up, so it cannot lose any")
+            continue
         for other in ids[1:]:
             ctx.union(ids[0].numpy(), other.numpy())
         needed = torch.stack([i < 0 for i in ids]).any(0)

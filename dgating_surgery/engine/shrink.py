@@ -220,7 +220,7 @@ def describe_approximate(record: dict) -> str:
     norms = record["layer_norms"]
     change = record.get("output_change") or {}
     measured = ", ".join(f"{v:.3g} on the {k.replace('_', ' ')}" if v is not None else f"not measured on {k}"
-                         for k, v in change.items()) or "not measured (no example inputs)"
+                         for k, v in change.items()) or "not measured (verify=False, or no example inputs)"
     return (f"approximate cut (opt-in layernorm: approximate) of {', '.join(record['sets']) or 'the stream'}: "
             f"{len(norms)} LayerNorms now normalize over fewer channels; the slim model's output differs from the "
             f"gated one's by {measured} (of the largest output); recorded in model.{APPROXIMATE_ATTR}")
