@@ -200,3 +200,27 @@ def test_hugging_face_layernorm_streams_are_cut_approximately(build, norms, sets
     loaded = dg.load_slim(tmp_path / "slim.safetensors", model=build())
     assert loaded.approximate_cut == record
     assert torch.equal(loaded(UNSEEN_IDS, **kwargs).logits, slim(UNSEEN_IDS, **kwargs).logits)
+
+
+class TiedDecoder(nn.Module):
+    """An output layer sharing the embedding's weight, reading a hidden layer's neurons: the weight's columns are
+    the embedding's outputs in one use and the hidden neurons in the other, so the two sets are one."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj, self.dec = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.dec(torch.relu(self.proj(self.emb(ids))))
+
+
+def test_a_weight_tied_across_two_sets_ties_them():
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    gated = dg.gate_model(TiedDecoder(), {"D": 3, "groups": [{"kind": "neurons"}]}, (ids,))
+    (only,) = dg.gates(gated)  # on main: two sets, whose cuts of emb.weight's columns disagree
+    assert only.modules == ["emb", "proj"]
+    dg.kill_random_groups(gated, 0.3)
+    before = gated(ids)
+    slim = dg.shrink(gated)
+    assert slim.emb.weight.shape == (50, 16 - 4) and dg.max_rel_diff(before, slim(ids)) < 1e-5
