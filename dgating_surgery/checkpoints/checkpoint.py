@@ -41,7 +41,7 @@ from .inputs import DTYPES, InputSpec
 from .manifest import FORMAT_VERSION, available_memory, cut_attribute_problem, digest, parse, size
 from .models import ModelRef, Origin, as_reference, build, dumps, mismatch, reference_of
 from ..engine.recipe import load_recipe
-from ..engine.shrink import plan_cut, set_cut_attributes
+from ..engine.shrink import APPROXIMATE_ATTR, plan_cut, set_cut_attributes
 from ..engine.tensors import owner, replace_tensor, tied_holders
 from .trust import named_file, outside
 from ..engine.wrappers import accepts_wrapped
@@ -124,6 +124,8 @@ def save_slim(model: nn.Module, path, reference=None, example_inputs=None, examp
                 "cut_attributes": getattr(model, "cut_attributes", {}),
                 "centered_layernorms": getattr(model, centering.SWAPPED_ATTR, []),
                 "removed_branches": replaced_layers(model)}
+    if getattr(model, APPROXIMATE_ATTR, None):  # an approximate cut (opt-in): a loader must know (``shrink``)
+        manifest["approximate_cut"] = getattr(model, APPROXIMATE_ATTR)
     return _write(path, state, manifest, replace)
 
 
@@ -158,6 +160,8 @@ def load_slim(path, model: nn.Module | None = None, reference=None, allow_pickle
         _check_kept_features(model, manifest["kept_input_features"], inputs, path)
         model.kept_input_features = {k: torch.tensor(v, dtype=torch.long)
                                      for k, v in manifest["kept_input_features"].items()}
+    if manifest.get("approximate_cut"):
+        setattr(model, APPROXIMATE_ATTR, manifest["approximate_cut"])
     if ref is not None:
         model.dgate_origin = Origin(ref, inputs, manifest["recipe"])
     return model.eval()

@@ -198,6 +198,28 @@ def _centered_layernorms(value, field, manifest, state):
         _dotted(name, f"{field}[{i}]", "a LayerNorm's dotted name")
 
 
+def _approximate_cut(value, field, manifest, state):
+    """What a cut removed approximately (``shrink.APPROXIMATE_ATTR``): the sets, each narrowed LayerNorm's
+    width before and after, and the output change measured (null where not measured)."""
+    _object(value, field, ("sets", "layer_norms", "output_change"))
+    sets = value.get("sets")
+    if not isinstance(sets, list) or not all(isinstance(n, str) for n in sets):
+        raise FieldError(f"{field}.sets", f"must be a list of group set names, not {_show(sets)}")
+    for i, name in enumerate(sets):
+        _text(name, f"{field}.sets[{i}]", 200)
+    for name, sizes in _object(value.get("layer_norms"), f"{field}.layer_norms").items():
+        _dotted(name, f"{field}.layer_norms.{name}", "a LayerNorm's dotted name")
+        if not isinstance(sizes, list) or len(sizes) != 2:
+            raise FieldError(f"{field}.layer_norms.{name}", f"must be [width, kept], not {_show(sizes)}")
+        for i, n in enumerate(sizes):
+            _count(n, f"{field}.layer_norms.{name}[{i}]", 1, 1 << 24)
+    change = value.get("output_change")
+    for name, v in (_object(change, f"{field}.output_change", ("example_inputs", "fresh_inputs")) if change is not None
+                    else {}).items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise FieldError(f"{field}.output_change.{name}", f"must be a finite number >= 0 or null, not {_show(v)}")
+
+
 def _shapes(value, field, manifest, state):
     """Tensor name -> the shape the cut left it (at most MAX_NDIM sizes; the model bounds them)."""
     for name, shape in _object(value, field).items():
@@ -238,8 +260,11 @@ FIELDS = {
     "slim": {**COMMON, "recipe": (_recipe, True), "inputs": (_inputs, True), "kept_groups": (_kept_groups, True),
              "kept_input_features": (_kept_input_features, False), "cut_attributes": (_cut_attributes, False),
              "centered_layernorms": (_centered_layernorms, False),  # LayerNorms swapped for CenteredLayerNorm
-             "removed_branches": (_removed_branches, False)},  # layers of removed residual branches (``branches``)
+             "removed_branches": (_removed_branches, False),  # layers of removed residual branches (``branches``)
+             "approximate_cut": (_approximate_cut, False)},  # only after an approximate cut (``OPTIONAL``)
 }
+# fields a file may leave out: written only when they say something (a file without one reads as before)
+OPTIONAL = {"approximate_cut"}
 # The key a slim Hugging Face config.json carries (``plugins.transformers.CONFIG_KEY``): field -> check,
 # the manifest's own where a field means what a manifest field means.
 CONFIG_KEY_FIELDS = {"shapes": _shapes, "attributes": _cut_attributes, "centered_layernorms": _centered_layernorms,
@@ -278,6 +303,8 @@ def parse(text: str, state: dict[str, torch.Tensor], path, expected: str | None)
             if name not in fields:
                 raise FieldError(name, f"unknown field for a {kind} checkpoint (known: {', '.join(sorted(fields))})")
         for name, (check, nullable) in fields.items():
+            if name not in manifest and name in OPTIONAL:
+                continue
             if name not in manifest:
                 raise FieldError(name, "is missing")
             if name not in HEADER and not (nullable and manifest[name] is None):

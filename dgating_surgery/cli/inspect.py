@@ -41,7 +41,8 @@ def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
         why = Counter(r for r in gset.reasons if r is not None)
         rows.append({"name": gset.name, "kind": gset.kind, "modules": gset.modules, "groups": len(gset.reasons),
                      "removable": removable, "gated": selected, "params_covered": covered[k] if selected else 0,
-                     "not_removable": [{"groups": c, "reason": r} for r, c in why.items()]})
+                     "not_removable": [{"groups": c, "reason": r} for r, c in why.items()],
+                     "approximate": gset.approximate})  # opt-in (layernorm: approximate): why the cut is not exact
     data = {"model": str(ref), "inputs": str(inputs), "recipe": rec.to_dict(), "sets": rows,
             "gated_sets": len(chosen), "gated_groups": sum(r["removable"] for r in rows if r["gated"]),
             "params_total": total, "params_covered": total_covered}
@@ -53,7 +54,8 @@ def inspect(model_spec, recipe, input_shape, input_dtype, weights, factory_args,
     for r, gset in zip(rows, plan.sets):
         why = "; ".join(f"{w['groups']}: {w['reason']}" for w in r["not_removable"])
         gated = "[green]yes[/]" if r["gated"] else ("[dim]no[/]" if r["removable"] else "[red]-[/]")
-        table.add_row(r["name"], r["kind"], display.groups(gset.kind, r["groups"], gset.per_group),
+        kind = f"{r['kind']} (approximate)" if gset.approximate else r["kind"]
+        table.add_row(r["name"], kind, display.groups(gset.kind, r["groups"], gset.per_group),
                       display.n(r["removable"]), gated,
                       display.n(r["params_covered"]) if r["gated"] else "", why, style=None if r["gated"] else "dim")
     summary = (f"[bold]{data['gated_sets']}[/] group sets, [bold]{display.n(data['gated_groups'])}[/] groups gated; "

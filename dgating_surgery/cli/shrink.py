@@ -40,7 +40,7 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, e
     from ..checkpoints.checkpoint import kept_groups, load_gated, save_slim
     from ..engine.measure import collapsed, compare_latency, macs
     from ..engine.report import model_params, sparsity
-    from ..engine.shrink import shrink
+    from ..engine.shrink import APPROXIMATE_ATTR, describe_approximate, shrink
     also = [_export_target(output, f) for f in exports]
     out = check_output(output, force, inputs=(gated_path,), also=also)
     model = load_gated(gated_path, allow_pickle, reference, trust_code=trust_code)
@@ -83,6 +83,10 @@ def shrink_cmd(gated_path, output, threshold, rtol, verify, round_to, uniform, e
     note = (f"cut {display.n(dead)} groups; slim model checked against the gated one on {inputs}"
             f"{'; reloaded from disk: outputs identical' if verify else ''}. Wrote {', '.join(written)}. "
             f"Load it with dg.load_slim({str(out)!r}).")
+    approximate = getattr(slim, APPROXIMATE_ATTR, None)
+    if approximate:  # opt-in (layernorm: approximate): the slim model computes a slightly different function
+        data["approximate_cut"] = approximate
+        note += f" Not exact: {describe_approximate(approximate)}."
     if uniform:
         note += (f" Uniform widths kept {display.n(data['uniform_cost']['params'])} parameters and "
                  f"{display.n(data['uniform_cost']['macs'])} MACs more than the per-layer cut.")

@@ -25,6 +25,7 @@ from .kinds import KINDS, POLICY, Role
 from .precision import LOW_PRECISION, balanced_split
 from .recipe import Recipe, load_recipe
 from .rules import has_module_rule
+from .rules.normalization import LAYERNORM_OPT_INS
 from .tensors import along, get_tensor, owner, tied_holders
 from .wrappers import PEFT_ORDER, accepts_wrapped, check_gateable, warn_user
 
@@ -53,7 +54,8 @@ class DGate(nn.Module):
 
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
                  D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None,
-                 per_group: int = 1, branches: list | None = None, kv_of: list | None = None):
+                 per_group: int = 1, branches: list | None = None, kv_of: list | None = None,
+                 approximate: str | None = None):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
@@ -64,6 +66,8 @@ class DGate(nn.Module):
         self.per_group = per_group  # entries of the first layer per group (query heads per kv group)
         self.branches = branches  # kind blocks: per group, the layers removing it replaces (``branches.Branch``)
         self.kv_of = kv_of  # kind query_heads: per group, its kv group's index (-1: a kv group; ``GroupSet.kv_of``)
+        # why cutting its groups changes the function (a LayerNorm's statistics, opt-in): shrink measures it
+        self.approximate = approximate
 
     @property
     def D(self) -> int:
@@ -87,7 +91,8 @@ class DGate(nn.Module):
         return gate
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, kind={self.kind}, groups={self.num_groups}, D={self.D}"
+        approximate = ", approximate" if self.approximate else ""
+        return f"{self.name!r}, kind={self.kind}{approximate}, groups={self.num_groups}, D={self.D}"
 
 
 class DGateSet(nn.ModuleDict):
@@ -132,9 +137,11 @@ def analyze(model: nn.Module, example_inputs=None, example_kwargs=None, recipe=N
     one the plan is for, when it changes discovery (kind ``query_heads`` splits grouped-query
     attention into query heads and key/value groups: ``groups.discover``)."""
     extensions.load()  # rules for the layers of optional libraries the user's code imported
-    query_heads = recipe is not None and any(g.kind == "query_heads" for g in load_recipe(recipe).groups)
+    specs = load_recipe(recipe).groups if recipe is not None else ()
+    query_heads = any(g.kind == "query_heads" for g in specs)
+    approximate = any(g.layernorm == "approximate" for g in specs)  # LayerNorm streams cut approximately (opt-in)
     return groups_mod.discover(tracing.capture(model, example_inputs, example_kwargs, is_leaf=has_module_rule),
-                               query_heads=query_heads)
+                               query_heads=query_heads, approximate_layernorm=approximate)
 
 
 def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model") -> list[groups_mod.GroupSet]:
@@ -147,14 +154,18 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
     """
     chosen, unmatched = [], []
     for i, spec in enumerate(recipe.groups):
-        hits = [s for s in plan.sets if spec.matches(s.kind, s.modules, s.module_types) and s.removable.any()]
+        hits = [s for s in plan.sets if spec.matches(s.kind, s.modules, s.module_types) and s.removable.any()
+                and (s.approximate is None or spec.layernorm == "approximate")]  # approximate: only when asked
         if not hits:
             unmatched.append((i, spec))
         chosen.extend(s for s in hits if not any(s is c for c in chosen))
     for i, spec in unmatched:
         of_kind = [s for s in plan.sets if s.kind == spec.kind]
-        available = [s.name for s in of_kind if s.removable.any()]
+        available = [s.name for s in of_kind if s.removable.any() and (s.approximate is None or spec.layernorm)]
         why = next(((s.name, r) for s in of_kind for r in s.reasons if r is not None), None)
+        if why is None and spec.kind == "hidden" and not spec.layernorm and not spec.center_layernorm:
+            why = ("its residual stream", "a hidden set is made by the RMS norms reading the stream; under LayerNorm "
+                                          f"a recipe may opt in with {LAYERNORM_OPT_INS}")
         hint = (f"exactly removable {spec.kind} sets here: {', '.join(available[:8])}"
                 f"{' ...' if len(available) > 8 else ''}" if available else
                 f"{model_name} has no exactly removable {spec.kind}"
@@ -404,7 +415,7 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
             modules, types, branches = ([v for v, ok in zip(column, gset.removable) if ok]
                                         for column in (modules, types, branches))
         built[key] = DGate(gset.name, gset.kind, modules, types, int(gset.removable.sum()), D, cuts[k], positions,
-                           gset.width, gset.per_group, branches, gset.kv_of)
+                           gset.width, gset.per_group, branches, gset.kv_of, gset.approximate)
     return built
 
 

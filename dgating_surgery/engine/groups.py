@@ -43,6 +43,8 @@ class GroupSet:
     # kind query_heads: per group, the index of the key/value group a query head reads (-1: the group is a
     # key/value group; -2: its key/value head is in no group and stays, as in multi-query attention)
     kv_of: list | None = None
+    # why removing its groups is only approximate (a LayerNorm's statistics, opt-in); None: exact
+    approximate: str | None = None
 
     @property
     def name(self) -> str:
@@ -83,16 +85,19 @@ def profile(index: np.ndarray, att: Attachment, dim: int | None = None) -> tuple
 
 
 # -- the walk ---------------------------------------------------------------------------------------
-def discover(capture: Capture, split_policy: dict | None = None, query_heads: bool = False) -> Plan:
+def discover(capture: Capture, split_policy: dict | None = None, query_heads: bool = False,
+             approximate_layernorm: bool = False) -> Plan:
     """Group discovery over a captured model. ``split_policy``: node name -> a key of
     ``rules.SPLIT_POLICIES`` (or an output dim) for reshapes whose carrier dim the pre-passes
     (``rules.PREPASSES``, e.g. the attention heads) should not decide. ``query_heads``: split
     grouped-query attention into query heads and key/value groups (kind ``query_heads``) instead of
-    whole key/value groups (kind ``heads``); one partition or the other, so a recipe chooses."""
+    whole key/value groups (kind ``heads``); one partition or the other, so a recipe chooses.
+    ``approximate_layernorm``: a LayerNorm's statistics do not block the stream it normalizes; its
+    channels form ``hidden`` sets labelled approximate (``GroupSet.approximate``)."""
     directed = {}
     for prepass in PREPASSES:
         directed.update(prepass(capture.gm, capture.values))
-    ctx = RuleContext(capture, {**directed, **(split_policy or {})}, query_heads)
+    ctx = RuleContext(capture, {**directed, **(split_policy or {})}, query_heads, approximate_layernorm)
     for node in capture.gm.graph.nodes:
         ctx.env[node] = _apply(ctx, node)
     for graph_pass in GRAPH_PASSES:  # groups no op rule makes: residual branches
@@ -159,17 +164,34 @@ def _input(ctx: RuleContext, node):
     return Labels.fresh(along(ids, 1, len(info.shape)), zaff=False, zall=False)
 
 
+SLICE_ROLES = (Role.PRODUCER, Role.AFFINE, Role.STAT, Role.CONSUMER, Role.CUT_ONLY)  # a tensor's positions, one by one
+
+
 def _tie_reused_parameters(ctx: RuleContext) -> None:
     """A layer called twice produces (or reads) the same parameter slices twice: the slices must be
-    one cut, so their groups are tied. A position that one call reads with no group (an input that
-    carries none there, padding) is needed whole: the groups other calls tie to it are blocked."""
+    one cut, so their groups are tied. So must two uses of one tensor in different roles along the
+    same dim (a tied weight: an embedding's columns are the stream it writes, the output layer's the
+    features it reads). A position that one call reads with no group (an input that carries none
+    there, padding) is needed whole: the groups other calls tie to it are blocked."""
     calls: dict[tuple, list[Attachment]] = {}
     for att in ctx.attachments:
         calls.setdefault((att.fqn, att.role, att.dim), []).append(att)
-    for (fqn, _, _), atts in calls.items():
+    roles_along: dict[tuple, list[Attachment]] = {}  # one use per role along a dim suffices: the others are tied above
+    for (fqn, role, dim), atts in calls.items():
+        if dim is not None and role in SLICE_ROLES:
+            roles_along.setdefault((fqn, dim), []).append(atts[0])
+    for key, atts in roles_along.items():
+        if len(atts) > 1:
+            calls[(*key, "roles")] = atts
+    for (fqn, *_), atts in calls.items():
         if len(atts) < 2:
             continue
-        ids = torch.broadcast_tensors(*(att.ids for att in atts))
+        try:
+            ids = torch.broadcast_tensors(*(att.ids for att in atts))
+        except RuntimeError:  # uses that do not line up position by position: none of their groups can go
+            for att in atts:
+                ctx.taint(att.ids, f"'{fqn}' is used in ways whose entries do not line up, so it cannot lose any")
+            continue
         for other in ids[1:]:
             ctx.union(ids[0].numpy(), other.numpy())
         needed = torch.stack([i < 0 for i in ids]).any(0)
@@ -184,6 +206,7 @@ class _Facts:
     """What resolution knows per group root (arrays indexed by root id)."""
 
     reason: dict  # root -> why it is not exactly removable (first reason found wins)
+    approximate: dict  # root -> why its removal is approximate (opt-in; ``RuleContext.approximate``)
     has_role: dict  # Role -> bool array: some slice of that role is attached
     zero: dict  # Labels flag name -> bool array: exactly zero at every mixing op when that policy gates it
     # flag name (None: no entry zero) -> {root: the first mixing op without a parameter slice (which a
@@ -199,10 +222,13 @@ class _Facts:
 def resolve(ctx: RuleContext) -> Plan:
     """Turn the walk's records into group sets with a reason or a gating policy per group."""
     root_of = ctx.uf.roots()
-    facts = _Facts({}, {role: np.zeros(root_of.size, bool) for role in Role},
+    facts = _Facts({}, {}, {role: np.zeros(root_of.size, bool) for role in Role},
                    {"zaff": np.ones(root_of.size, bool), "zall": np.ones(root_of.size, bool)},
                    {flag: {} for flag in ("zaff", "zall", None)}, {})
     _blocked_by_taints(ctx, root_of, facts)
+    for ids, why in ctx.approximations:
+        for r in np.unique(root_of[ids]).tolist():
+            facts.approximate.setdefault(r, why)
     _roles_present(ctx, root_of, facts)
     _zero_at_mixing_ops(ctx, root_of, facts)
     spaces_of, first_elem = _spaces_of_groups(ctx, root_of)
@@ -313,9 +339,10 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
         if first.entries is not None:  # entries from different layers (residual branches): named one by one
             entries = [first.entries[first_elem[r] - first.start] for r in roots]
             modules, types, branches = (list(column) for column in zip(*entries))
+        approximate = next((facts.approximate[r] for r in roots if r in facts.approximate), None)
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
                              [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width,
-                             max(1, first.size // len(roots)), branches, kv_of))
+                             max(1, first.size // len(roots)), branches, kv_of, approximate))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
 

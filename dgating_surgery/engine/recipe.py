@@ -35,6 +35,9 @@ class GroupSpec:
     # hidden only: centre a pre-LayerNorm residual stream and swap its LayerNorms for RMS norms first
     # (exact; dgating_surgery.engine.centering), so that its channels can be gated
     center_layernorm: bool = False
+    # hidden only: "approximate" cuts the stream's channels under LayerNorm (its statistics then run over
+    # the kept channels: an approximate cut, labelled, whose output change shrink measures); None: refused
+    layernorm: str | None = None
 
     def matches(self, kind: str, module_names: list[str], module_types: list[str]) -> bool:
         """True when a group set of ``kind`` produced by these modules is selected by this spec."""
@@ -55,6 +58,8 @@ class GroupSpec:
                 parts.append(f"{name}: {list(getattr(self, name))}")
         if self.lam is not None:
             parts.append(f"lam: {self.lam:g}")
+        if self.layernorm is not None:
+            parts.append(f"layernorm: {self.layernorm}")
         return "{" + ", ".join(parts) + "}"
 
 
@@ -86,6 +91,8 @@ class Recipe:
                 entry["lam"] = g.lam
             if g.center_layernorm:
                 entry["center_layernorm"] = True
+            if g.layernorm is not None:
+                entry["layernorm"] = g.layernorm
             groups.append(entry)
         out: dict[str, Any] = {"D": self.D, "lam": self.lam, "init": self.init,
                                "threshold": self.threshold, "round_to": self.round_to, "groups": groups}
@@ -152,7 +159,8 @@ def _number(value):
 
 
 _TOP_FIELDS = {"D", "groups", "lam", "init", "threshold", "round_to", "name", "description"}
-_GROUP_FIELDS = {"kind", "modules", "names", "exclude", "lam", "center_layernorm"}
+_GROUP_FIELDS = {"kind", "modules", "names", "exclude", "lam", "center_layernorm", "layernorm"}
+LAYERNORM_MODES = ("approximate",)  # groups[].layernorm
 
 
 def recipe_dir() -> Path:
@@ -298,7 +306,13 @@ def _from_dict(data: dict, source: str, lines: dict[str, int] | None = None) -> 
         if not isinstance(center, bool) or (center and kind != "hidden"):
             fail(f"{where}.center_layernorm", "true or false, and only in a {kind: hidden} entry (it centres the "
                                               "residual stream so that its LayerNorms become RMS norms)")
-        specs.append(GroupSpec(kind=kind, **lists, lam=lam, center_layernorm=center))
+        layernorm = entry.get("layernorm")
+        if (layernorm is not None or "layernorm" in entry) and (layernorm not in LAYERNORM_MODES or kind != "hidden"
+                                                                  or center):
+            fail(f"{where}.layernorm", "'approximate', only in a {kind: hidden} entry and not with center_layernorm "
+                                       "(it cuts the stream under LayerNorm approximately, its output change measured; "
+                                       f"center_layernorm is the exact route), got {layernorm!r}")
+        specs.append(GroupSpec(kind=kind, **lists, lam=lam, center_layernorm=center, layernorm=layernorm))
     kwargs["groups"] = tuple(specs)
     return Recipe(**kwargs)
 

@@ -25,11 +25,14 @@ class GateRow:
     all_dead: bool = False  # every group is below the threshold: the strongest is kept (zero), so the layer keeps a width
     collapsed: int = 0  # groups below deadness.RELATIVE of the gate's largest norm (dead or not: Adam leaves them ~1e-3)
     per_group: int = 1  # entries of the first layer per group (query heads per kv group: ``display.groups``)
+    approximate: str | None = None  # why cutting its groups changes the function (opt-in; ``DGate.approximate``)
 
     @property
     def label(self) -> str:
-        """The gate's name, noting when all its groups died and the strongest is kept."""
-        return f"{self.name} (all dead: strongest kept)" if self.all_dead else self.name
+        """The gate's name, noting when all its groups died and the strongest is kept, and when its cut
+        is approximate."""
+        label = f"{self.name} (all dead: strongest kept)" if self.all_dead else self.name
+        return f"{label} (approximate)" if self.approximate else label
 
     @property
     def alive(self) -> int:
@@ -112,7 +115,7 @@ def sparsity(model: nn.Module, threshold: float | None = None, uniform: bool = F
         all_dead = bool((norms < report.threshold).all())
         collapsed = int((norms < RELATIVE * norms.max()).sum()) if norms.max() > 0 else 0
         report.rows.append(GateRow(key, dgate.name, dgate.kind, dgate.num_groups, int(dead.sum()), own, all_dead,
-                                   collapsed, dgate.per_group))
+                                   collapsed, dgate.per_group, getattr(dgate, "approximate", None)))
     return report
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils import _pytree as pytree
 
 from . import constraints
 from .branches import narrowed, remove_branches
@@ -110,18 +112,122 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
     plan = plan_cut(model, threshold, round_to, uniform)
     check_threshold(rtol, "rtol")
     check = _verification(model, example_inputs, example_kwargs) if verify else None
+    approximate = approximate_norms(model, plan)  # LayerNorms a cut narrows (opt-in): the cut changes the function
+    fresh = _fresh_check(model, check) if approximate and check is not None else None
+    sets = [d.name for key, d in gate_set(model).items() if d.approximate and bool(plan.dead[key].any())]
     cut_by = sets_by_layer(model)
     before = _Snapshot(model)
     try:
         _cut(model, plan)
+        change = {}
         if check is not None:
             args, kwargs, reference = check
-            _verify(reference, _run_slim(model, args, kwargs, cut_by), rtol)
+            with full_width(model, approximate):  # their statistics as before the cut: every set is verified exactly
+                _verify(reference, _run_slim(model, args, kwargs, cut_by), rtol)
+            if approximate:  # then the approximate part, measured
+                change["example_inputs"] = output_diff(reference, _run_slim(model, args, kwargs, cut_by))
+                change["fresh_inputs"] = None if fresh is None else output_diff(fresh[2], _run_slim(model, *fresh[:2],
+                                                                                                     cut_by))
     except BaseException:
         before.restore()  # a failed cut or verification leaves the gated model as it was
         raise
+    if approximate:
+        _label_approximate(model, sets, approximate, change)
     retire_replaced(before.parameters, model)  # an optimizer built before the cut now refuses to step
     return model
+
+
+# -- the approximate LayerNorm cut (opt-in: {kind: hidden, layernorm: approximate}) ---------------------
+APPROXIMATE_ATTR = "approximate_cut"  # on a slim model: what was cut approximately and the output change measured
+
+
+def approximate_norms(model: nn.Module, plan: CutPlan) -> dict[str, tuple[int, int]]:
+    """The LayerNorms (name -> (width, kept)) whose channels this cut removes: their statistics then
+    run over fewer channels, so the slim model differs from the gated one (``rules.normalization.
+    approximate_layer_norm``). Empty: the cut is exact."""
+    found = {}
+    for fqn, role in plan.attributes.items():
+        module, _ = owner(model, fqn)
+        gone = plan.removed[fqn][0]
+        cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)  # a gated layer's own
+        if role == Role.RESCALE and cls is nn.LayerNorm and bool(gone.any()):
+            found[fqn.rpartition(".")[0]] = (gone.numel(), int((~gone).sum()))
+    return found
+
+
+@contextmanager
+def full_width(model: nn.Module, norms: dict[str, tuple[int, int]]):
+    """While inside, each of these cut LayerNorms computes its statistics over its width before the
+    cut (the removed channels counted as the zeros they were) with its weight and epsilon as before
+    the rescale: what the gated model computed, so that the verification of a cut with approximate
+    sets stays exact (a wrong channel removed anywhere, in these sets too, still shows)."""
+    for name, (width, kept) in norms.items():
+        module = model.get_submodule(name)
+        module.forward = _full_width_forward(module, width, kept)
+    try:
+        yield
+    finally:
+        for name in norms:
+            vars(model.get_submodule(name)).pop("forward", None)
+
+
+def _full_width_forward(module: nn.LayerNorm, width: int, kept: int):
+    ratio = width / kept
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = x.double()
+        mean = h.sum(-1, keepdim=True) / width
+        var = ((h - mean) ** 2).sum(-1, keepdim=True) / width + (width - kept) / width * mean ** 2
+        y = (h - mean) / torch.sqrt(var + module.eps / ratio) * (module.weight.double() / ratio ** 0.5)
+        if module.bias is not None:
+            y = y + module.bias.double()
+        return y.to(x.dtype)
+    return forward
+
+
+def _fresh_check(model: nn.Module, check) -> tuple | None:
+    """(args, kwargs, the gated model's output) on fresh random inputs like the example inputs (floats
+    with their mean and spread, integers in their range, anything else as it is), to measure an
+    approximate cut on inputs it was not verified on; None when the gated model does not run on them."""
+    generator = torch.Generator().manual_seed(0)
+
+    def like(t):
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.numel() == 0:
+            return t
+        if t.is_floating_point():
+            std = float(t.float().std()) if t.numel() > 1 else 1.0
+            new = torch.randn(t.shape, generator=generator) * (std or 1.0) + float(t.float().mean())
+        elif not t.is_complex():
+            new = torch.randint(int(t.min()), int(t.max()) + 1, t.shape, generator=generator)
+        else:
+            return t
+        return new.to(dtype=t.dtype, device=t.device)
+    args, kwargs, _ = check
+    args, kwargs = pytree.tree_map(like, (args, kwargs))
+    try:
+        reference = run(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - inputs the model does not take (an id out of a range it checks)
+        return None
+    return (args, kwargs, reference) if describe_mismatch(reference, reference) is None else None
+
+
+def _label_approximate(model: nn.Module, sets: list[str], norms: dict, change: dict) -> None:
+    """Record on the slim model (and in its checkpoints) that its cut was approximate, with the output
+    change measured, and say so."""
+    model.approximate_cut = {"sets": sets, "layer_norms": {k: list(v) for k, v in norms.items()},
+                             "output_change": change or None}
+    warn_user(f"dg.shrink: {describe_approximate(model.approximate_cut)}")
+
+
+def describe_approximate(record: dict) -> str:
+    """One line on an approximate cut (``model.approximate_cut``): where, and the output change measured."""
+    norms = record["layer_norms"]
+    change = record.get("output_change") or {}
+    measured = ", ".join(f"{v:.3g} on the {k.replace('_', ' ')}" if v is not None else f"not measured on {k}"
+                         for k, v in change.items()) or "not measured (verify=False, or no example inputs)"
+    return (f"approximate cut (opt-in layernorm: approximate) of {', '.join(record['sets']) or 'the stream'}: "
+            f"{len(norms)} LayerNorms now normalize over fewer channels; the slim model's output differs from the "
+            f"gated one's by {measured} (of the largest output); recorded in model.{APPROXIMATE_ATTR}")
 
 
 def _verification(model: nn.Module, example_inputs, example_kwargs):
@@ -258,12 +364,26 @@ def set_cut_attributes(model: nn.Module, values: dict) -> None:
         model.cut_attributes = {**getattr(model, "cut_attributes", {}), **values}
 
 
+def _rescale_layer_norm(module: nn.LayerNorm, width: int, kept: int) -> float:
+    """A LayerNorm cut approximately (opt-in): with the removed channels zero, the mean of squares over
+    the kept ones is width/kept times the one over all, as under an RMS norm, so the RMS rescale
+    (weight * sqrt(width/kept), epsilon * width/kept) keeps the output where the stream's mean is zero;
+    the mean itself also grows by width/kept, which no rescale of the weight can undo (the change the
+    cut measures). Returns the new epsilon."""
+    weight = module.weight.detach()
+    if kept != width:
+        replace_tensor(module, "weight", (weight.double() * (width / kept) ** 0.5).to(weight.dtype))
+    return module.eps * width / kept
+
+
 def _rescale_rms_norm(model: nn.Module, fqn: str, width: int, kept: int) -> float:
     """An RMS norm whose mean of squares now runs over ``kept`` of ``width`` entries (the removed ones
     were exactly zero): its weight and epsilon rescaled by its formula (``rules.normalization.RMS_FORMULAS``;
     w * x / sqrt(S/width + eps) == (w * sqrt(width/kept)) * x / sqrt(S/kept + eps * width/kept)), it
     computes what it did. (A norm without a weight is never cut.) Returns the new epsilon."""
     module, attr = owner(model, fqn)
+    if type(module) is nn.LayerNorm:  # an approximate cut (opt-in: rules.normalization.approximate_layer_norm)
+        return _rescale_layer_norm(module, width, kept)
     found = rms_norm_of(module)
     if isinstance(found, str):  # the rule found it an RMS norm on the same module: only a changed module gets here
         raise ShrinkError(f"layer '{fqn.rpartition('.')[0]}' is no longer an RMS norm a cut can rescale: {found}")

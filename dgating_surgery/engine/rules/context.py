@@ -10,7 +10,9 @@ It records what it learns only through these methods:
 - ``union``: these ids must be removed together;
 - ``taint``: these ids cannot be removed exactly, and why (the reason the user reads);
 - ``visit``: an op that mixes entries (a conv's input, a sum) reads these ids; when gated they
-  must reach it as exact zeros, which resolution checks with the labels' zero flags.
+  must reach it as exact zeros, which resolution checks with the labels' zero flags;
+- ``approximate``: these ids are removable only approximately (a LayerNorm's statistics, opt-in:
+  ``approximate_layernorm``), and why: their set is labelled so, and shrink measures its change.
 
 A rule that raises is not fatal: the walk taints every group reaching the node with the error, so
 a rule can be written for the common spelling of an op and stay safe on the rare one.
@@ -107,7 +109,8 @@ SPLIT_POLICIES = {
 class RuleContext:
     """What the walk knows about the graph so far, and what the rules have recorded."""
 
-    def __init__(self, capture: Capture, split_policy: dict[str, str] | None = None, query_heads: bool = False):
+    def __init__(self, capture: Capture, split_policy: dict[str, str] | None = None, query_heads: bool = False,
+                 approximate_layernorm: bool = False):
         self.capture = capture
         self.gm = capture.gm
         self.frontend = capture.frontend  # "fx" or "export": export graphs have no literal view sizes
@@ -123,6 +126,9 @@ class RuleContext:
         self.env: dict[torch.fx.Node, object] = {}  # node -> its Labels, list of Labels, ParamRef or None
         self.split_policy = dict(split_policy or {})  # node name -> SPLIT_POLICIES key, or a directed output dim
         self.query_heads = query_heads  # grouped-query attention split into query heads and kv groups (opt-in)
+        # a LayerNorm's statistics do not block the channels it normalizes (opt-in, ``rules.normalization``)
+        self.approximate_layernorm = approximate_layernorm
+        self.approximations: list[tuple[np.ndarray, str]] = []  # (ids, why their removal is approximate)
         self._params = dict(capture.model.named_parameters())
         self._tensors = {**dict(capture.model.named_buffers()), **self._params}
         # tied weights (GPT-2's lm_head and wte) are one tensor under several names: its first name
@@ -274,6 +280,13 @@ class RuleContext:
         flat = flat[flat >= 0]
         if flat.size:
             self.taints.append((flat, reason))
+
+    def approximate(self, ids, reason: str) -> None:
+        """These ids are removable, but not exactly (``reason`` says why); their set is labelled."""
+        flat = np.asarray(torch.as_tensor(ids).reshape(-1))
+        flat = flat[flat >= 0]
+        if flat.size:
+            self.approximations.append((flat, reason))
 
     def taint_inputs(self, node, reason: str) -> None:
         """Taint every group reaching ``node`` through any argument."""

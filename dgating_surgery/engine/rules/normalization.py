@@ -60,29 +60,86 @@ def batch_norm_functional(ctx: RuleContext, node):  # F.batch_norm(input, runnin
     return batch_norm_call(ctx, node, w=3, b=4, rm=1, rv=2)
 
 
-def normalization(ctx: RuleContext, node, x, dims, what):
+def normalization(ctx: RuleContext, node, x, dims, what, hint: str = ""):
     """A normalization whose statistics run over ``dims``: removing an entry there changes every
-    other entry's value, so groups along those dims are only approximately removable."""
+    other entry's value, so groups along those dims are only approximately removable. ``hint``: what
+    the user may do about it (a LayerNorm: the opt-ins)."""
     lab = ctx.labels(x)
     if lab is None:
         return None
     nd = lab.ids.ndim
     if any(d % nd in lab.varying_dims() for d in dims):
         ctx.taint(lab.ids, f"normalized by {what} at {ctx.where(node)}: removing a channel there changes the "
-                           "statistics of the others (approximate; not gated)")
+                           f"statistics of the others (approximate; not gated){hint}")
     return lab.not_zero()
 
 
 def layer_norm_module(ctx: RuleContext, node):
     m = ctx.module(node)
-    return normalization(ctx, node, node.args[0], list(range(-len(m.normalized_shape), 0)), type(m).__name__)
+    if type(m) is nn.LayerNorm and ctx.approximate_layernorm:
+        out = approximate_layer_norm(ctx, node, node.target, m, ctx.fqn_of(node, "weight"), ctx.fqn_of(node, "bias"))
+        if out is not None:
+            return out
+    return normalization(ctx, node, node.args[0], list(range(-len(m.normalized_shape), 0)), type(m).__name__,
+                         _opt_in_hint(ctx, m))
+
+
+def _opt_in_hint(ctx: RuleContext, m) -> str:
+    """The opt-ins that cut a stream under this LayerNorm, when the recipe took neither."""
+    if type(m) is not nn.LayerNorm or len(m.normalized_shape) != 1 or ctx.approximate_layernorm:
+        return ""
+    return f"; a recipe may opt in with {LAYERNORM_OPT_INS}"
 
 
 def layer_norm_call(ctx: RuleContext, node):
     """F.layer_norm / F.rms_norm, and aten.native_layer_norm, which also returns its statistics."""
     shape = arg(node, 1, "normalized_shape")
-    out = normalization(ctx, node, node.args[0], list(range(-len(shape), 0)), ctx.op_name(node))
+    out = None
+    path, m = ctx.owner_module(node)
+    if type(m) is nn.LayerNorm and ctx.approximate_layernorm and ctx.op_name(node) in ("layer_norm", "native_layer_norm"):
+        weight, bias = ctx.fqn(arg(node, 2, "weight")), ctx.fqn(arg(node, 3, "bias"))
+        if (weight, bias) == (ctx.tensor_name(f"{path}.weight"), ctx.tensor_name(f"{path}.bias")):  # its own call
+            out = approximate_layer_norm(ctx, node, path, m, weight, bias)
+    if out is None:
+        out = normalization(ctx, node, node.args[0], list(range(-len(shape), 0)), ctx.op_name(node),
+                            _opt_in_hint(ctx, m) if ctx.op_name(node) != "rms_norm" else "")
     return [out, None, None] if ctx.op_name(node) == "native_layer_norm" else out
+
+
+LAYERNORM_OPT_INS = ("{kind: hidden, center_layernorm: true} (exact, pre-LayerNorm streams) or {kind: hidden, "
+                     "layernorm: approximate} (approximate, its output change measured by shrink)")
+
+
+def approximate_layer_norm(ctx: RuleContext, node, path: str, m: nn.LayerNorm, weight, bias):
+    """An ``nn.LayerNorm`` over the last dim when the recipe opts in to the approximate cut
+    (``{kind: hidden, layernorm: approximate}``): a channel that arrives as exact zeros may go, as under
+    an RMS norm (``rms_statistics``), but the LayerNorm's mean and variance then run over the kept
+    channels. With the removed channels zero, over d' of d channels mean' = r * mean and
+    var' + mean'^2 = r * (var + mean^2) (r = d/d'); shrink rescales weight by sqrt(r) and epsilon by r
+    (``shrink._rescale_layer_norm``), which is exact where the stream's mean is zero and otherwise off
+    by terms of order (r - 1) * mean / std. The channels form ``hidden`` groups labelled approximate.
+    Returns None when this LayerNorm does not qualify (the caller refuses as usual)."""
+    lab = ctx.labels(node.args[0])
+    if lab is None or len(m.normalized_shape) != 1 or (lab.ids.ndim - 1) not in lab.varying_dims():
+        return None
+    line = ctx.per_dim(node.args[0], -1, node)
+    if line is None:
+        return lab.not_zero()
+    if weight is None:
+        ctx.taint(line.ids, f"{ctx.where(node)} is a LayerNorm without a weight: a smaller width changes its output, "
+                            "and only a weight could take the rescale")
+        return lab.not_zero()
+    ctx.visit(line, node)
+    flat = line.ids.reshape(-1)
+    ids = ctx.new_space(flat.numel(), "hidden", f"{path}.eps", node)
+    ctx.tie(ids.numpy(), flat.numpy(), node)
+    ctx.attach(f"{path}.eps", Role.RESCALE, flat, 0)
+    for fqn in (weight, bias):
+        if fqn is not None:
+            ctx.attach(fqn, Role.AFFINE, flat, 0)
+    ctx.approximate(flat, f"normalized by the LayerNorm '{path}', whose mean and variance then run over the kept "
+                          "channels only")
+    return Labels.fresh(lab.ids, zaff=True, zall=True)
 
 
 def group_norm_module(ctx: RuleContext, node):
