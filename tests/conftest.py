@@ -1,9 +1,13 @@
+import os
 import warnings
 
 import pytest
 import torch
 
 import dgating_surgery as dg
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: each on one thread, not two contending
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

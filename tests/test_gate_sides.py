@@ -133,6 +133,7 @@ def test_torch_compile_fullgraph_forward_and_backward(side):
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # inductor's compile is most of a minute; the fullgraph tests above cover the graph
 def test_torch_compile_inductor_on_the_auto_side(one_thread):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
     x = torch.randn(8, 32)

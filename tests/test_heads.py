@@ -61,6 +61,10 @@ def _others(name):
         return SelfAttentionNet(), (torch.randn(2, 5, 8),), {}
     if name.startswith("timm/"):
         return timm.create_model(name[5:]), (torch.randn(1, 3, 224, 224),), {}
+    if name == "torchvision/VisionTransformer":  # vit_b_16's classes and nn.MultiheadAttention, two layers
+        vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                   hidden_dim=32, mlp_dim=64)
+        return vit, (torch.randn(2, 3, 32, 32),), {}
     return torchvision.models.get_model(name[12:]), (torch.randn(1, 3, 224, 224),), {}
 
 
@@ -87,7 +91,8 @@ def test_transformers_heads_and_neurons_cut_exactly(name, heads_per_layer, layer
 @pytest.mark.parametrize("name, min_heads", [
     ("timm/vit_tiny_patch16_224", 12 * 3), ("timm/deit_tiny_patch16_224", 12 * 3),
     ("timm/swin_tiny_patch4_window7_224", 2 * 3 + 2 * 6 + 6 * 12 + 2 * 24),
-    ("torchvision/vit_b_16", 12 * 12), ("nn.MultiheadAttention", 4),
+    ("torchvision/VisionTransformer", 2 * 4), pytest.param("torchvision/vit_b_16", 12 * 12, marks=pytest.mark.slow),
+    ("nn.MultiheadAttention", 4),
 ])
 def test_vision_and_torch_attention_heads(name, min_heads):
     model, args, kwargs = _others(name)

@@ -75,7 +75,11 @@ def _assert_only_adds(model, args, kwargs, remove) -> None:
     assert any(any(r) for r in with_fixers.values())
 
 
-@pytest.mark.parametrize("row", _rows(), ids=lambda row: row[1])
+FAST_ROWS = {"GPT2Attention", "LlamaMLP", "Qwen3MLP", "MixtralExperts"}  # the rest: python -m pytest -m slow
+
+
+@pytest.mark.parametrize("row", [r if r[1] in FAST_ROWS else pytest.param(r, marks=pytest.mark.slow) for r in _rows()],
+                         ids=lambda row: row[1])
 def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
     """Each attribute-fixer row of the transformers plugin, both ways: every group removable without
     it is removable with it (a row may only add: GPT-2's lets its views follow the head count).
@@ -99,7 +103,8 @@ def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
 ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo", "persimmon"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "bert", "t5", "falcon", *ROW_LESS])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "t5", "opt", *(pytest.param(f, marks=pytest.mark.slow) for f in
+                                    ["bert", "falcon", *ROW_LESS[1:]])])
 def test_the_attention_count_rule_never_makes_a_model_less_cuttable(family, monkeypatch):
     """The one attention fixer (head counts from the projections' widths), registered for every
     ``*Attention`` class, both ways on families with and without their own row."""

@@ -105,7 +105,8 @@ def images(n=256):
     return [(X[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)]
 
 
-@pytest.mark.parametrize("opt_kind, lam", [("sgd", 1e-4), ("adam", 1e-2), ("sgd", 1e-1)])
+@pytest.mark.parametrize("opt_kind, lam", [pytest.param("sgd", 1e-4, marks=pytest.mark.slow),
+                                           pytest.param("adam", 1e-2, marks=pytest.mark.slow), ("sgd", 1e-1)])
 def test_torchvision_cnn_lands_on_a_macs_target(opt_kind, lam):
     batches = images()
     torch.manual_seed(0)
