@@ -74,13 +74,22 @@ def _read_elsewhere(ctx: RuleContext, fqn: str) -> bool:
             while frontier:
                 current = frontier.pop()
                 for user in current.users:
-                    if id(user) in products:
+                    if id(user) in products or _reads_shape(ctx, user):
                         continue
                     if ctx.weight(user) is not None and ctx.weight(user).fqn == fqn:  # a view, a gather
                         frontier.append(user)
                         continue
                     return True
     return False
+
+
+def _reads_shape(ctx: RuleContext, node) -> bool:
+    """A read of a tensor's shape (``W.shape``, ``W.size(0)``), not of its values."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = ctx.op_name(node)
+    return name in ("size", "sym_size", "dim", *SHAPE_ONLY_FN) or (
+        name == "getattr" and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))
 
 
 def _rows_kept(ctx: RuleContext, product: ExpertProduct, consumers: dict[int, ExpertProduct]) -> bool:
@@ -96,7 +105,7 @@ def _rows_kept(ctx: RuleContext, product: ExpertProduct, consumers: dict[int, Ex
             consumer = consumers.get(id(user))
             if consumer is not None and consumer.x is node:  # read as the input of a product of the same key
                 continue
-            if user.op in ("call_function", "call_method") and ctx.op_name(user) in SHAPE_ONLY_FN:
+            if _reads_shape(ctx, user):
                 continue  # a check of its metadata, nothing computed
             if not _keeps_rows(ctx, user, seen, rows, product.rows):
                 return False
