@@ -80,8 +80,9 @@ def check(family: str, uniform: bool = False) -> dict:
     plan = dg.analyze(model, args, kwargs)
     for kind in KINDS:
         sets = [s for s in plan.sets if s.kind == kind]
-        removable = sum(int(s.removable.sum()) for s in sets)
-        row[kind] = f"{removable}/{sum(len(s.removable) for s in sets)}" if sets else "0/0"
+        # per-expert neurons (mixture-of-experts layers): one group per expert and neuron
+        removable = sum(int(s.removable.sum()) * (s.experts or 1) for s in sets)
+        row[kind] = f"{removable}/{sum(len(s.removable) * (s.experts or 1) for s in sets)}" if sets else "0/0"
         if not removable:
             row[f"{kind} reason"] = first_reason(plan, kind) if sets else "none in the model"
     kinds = [k for k in KINDS if not row[k].startswith("0/")]

@@ -1879,6 +1879,8 @@ def _check_dead(gated, inputs, plan, gated_out, scale, params_before, fail, rng)
         for dim, gone in per_dim.items():
             shape = [1] * t.ndim
             shape[dim] = -1
+            if gone.ndim == 2:  # per expert: row e the positions of expert e's matrix (dim 0)
+                shape[0] = gone.shape[0]
             mask |= gone.reshape(shape).expand(t.shape)
         if not mask.any():
             continue

@@ -99,14 +99,16 @@ class WidthContext:
         return self._sizes[fqn, dim]
 
     def cuts_on(self, fqn: str, dim: int) -> list[tuple[str, torch.Tensor]]:
-        """(gate key, positions each of its groups has along the slot) of every gate cutting it."""
+        """(gate key, positions each of its groups has along the slot) of every gate cutting it; for
+        a per-expert cut (``gates.Cut.lead``) one row per expert matrix (a plain cut: one row)."""
         if self._on is None:
             self._on = {}
             for key, dgate in self.gates.items():
                 for cut in dgate.cuts:
                     if cut.role not in ATTRIBUTE_ROLES:
-                        along = cut.index.expand(self.size(cut.fqn, cut.dim))
-                        per_group = torch.bincount(along[along >= 0], minlength=dgate.num_groups)
+                        plane = cut.plane(_primary(self, cut.fqn).shape)
+                        per_group = torch.stack([torch.bincount(row[row >= 0], minlength=dgate.num_groups)
+                                                 for row in plane.reshape(-1, plane.shape[-1])])
                         self._on.setdefault((cut.fqn, cut.dim), []).append((key, per_group))
         return self._on.get((fqn, dim), [])
 
@@ -124,11 +126,13 @@ class WidthContext:
         """The slot's width as this gate alone leaves it: positions of its kept groups plus the
         positions no group of this gate owns."""
         per_group = next(n for k, n in self.cuts_on(*slot) if k == key)
-        return self.size(*slot) - int(per_group[dead].sum())
+        return self.size(*slot) - int(per_group[:, dead].sum(-1).min())
 
     def width(self, fqn: str, dim: int, dead: dict[str, torch.Tensor]) -> int:
-        """The slot's width after a cut with these dead masks (every gate cutting it counted)."""
-        return self.size(fqn, dim) - sum(int(n[dead[key]].sum()) for key, n in self.cuts_on(fqn, dim))
+        """The slot's width after a cut with these dead masks (every gate cutting it counted); of
+        per-expert matrices, the widest expert's (``experts`` gives them all that width)."""
+        removed = sum((n[:, dead[key]].sum(-1) for key, n in self.cuts_on(fqn, dim)), torch.zeros(1, dtype=torch.long))
+        return self.size(fqn, dim) - int(removed.min())
 
 
 Constraint = Callable[[WidthContext, dict], dict]
@@ -182,14 +186,25 @@ def apply_constraints(ctx: WidthContext, dead: dict[str, torch.Tensor], constrai
 
 
 def experts(ctx: WidthContext, dead: dict) -> dict:
-    """Fused expert tensors (one matrix per expert: ``(E, out, in)``, more than 2 dims) need rows of
-    whole 16 bytes: grouped matrix multiplication (``torch.nn.functional.grouped_mm``, which
-    transformers' experts call) refuses other strides. A gate that cuts the last
-    dim of such a tensor cuts expert matrices (a conv weight's last dim is its kernel, never cut); it
-    keeps its strongest dead groups until every matrix width it cuts is a multiple of 16 bytes (a
-    width whose full size is not one is left alone: the model runs without aligned rows there).
-    Every expert keeps the same width by construction: a neuron is the same row of every expert's
-    matrix (``rules.structural.linear``)."""
+    """Fused expert tensors (one matrix per expert: ``(E, out, in)``, more than 2 dims) stay
+    rectangular, and their rows whole 16 bytes.
+
+    Per-expert neurons (``DGate.experts``: group e * J + j is neuron j of expert e) die expert by
+    expert, but every expert's matrix keeps one width: the expert that keeps the most neurons sets
+    it, and every other expert keeps its strongest dead neurons up to it (exactly zero, so the cut
+    stays exact). An expert whose neurons all died keeps that many too: no expert is ever removed
+    whole, since that changes what the router's softmax and top-k pick (the router is never cut).
+
+    Then grouped matrix multiplication (``torch.nn.functional.grouped_mm``, which transformers'
+    experts call) refuses rows that are not whole 16 bytes. A gate that cuts the last dim of such a
+    tensor cuts expert matrices (a conv weight's last dim is its kernel, never cut); it keeps its
+    strongest dead groups (per expert: every expert's, to one width) until every matrix width it cuts
+    is a multiple of 16 bytes (a width whose full size is not one is left alone: the model runs
+    without aligned rows there). Neurons shared by every expert (``rules.structural.linear``) keep
+    every expert at one width by construction."""
+    for key, mask in dead.items():
+        if getattr(ctx.gates[key], "experts", None):
+            dead[key] = _equal_experts(ctx, key, mask)
     for key, mask in dead.items():
         slots = list(dict.fromkeys((c.fqn, c.dim) for c in ctx.gates[key].cuts if c.role not in ATTRIBUTE_ROLES))
         tensors = {fqn: _primary(ctx, fqn) for fqn, _ in slots}
@@ -198,10 +213,28 @@ def experts(ctx: WidthContext, dead: dict) -> dict:
         fused = [(fqn, dim, 16 // tensors[fqn].element_size()) for fqn, dim in slots
                  if tensors[fqn].ndim > 2 and dim >= tensors[fqn].ndim - 2]
         fused = [(fqn, dim, m) for fqn, dim, m in fused if ctx.size(fqn, dim) % m == 0]
+        if getattr(ctx.gates[key], "experts", None):
+            full = mask.numel() // ctx.gates[key].experts
+            width = next((w for w in range(int((~mask).reshape(ctx.gates[key].experts, -1).sum(-1).max()), full + 1)
+                          if all(ctx.width(fqn, dim, {**dead, key: _equal_experts(ctx, key, mask, w)}) % multiple == 0
+                                 for fqn, dim, multiple in fused)), None)
+            dead[key] = mask if width is None else _equal_experts(ctx, key, mask, width)
+            continue
         aligned = revive(ctx.norms[key], mask, lambda m: all(
             ctx.width(fqn, dim, {**dead, key: m}) % multiple == 0 for fqn, dim, multiple in fused))
         dead[key] = mask if aligned is None else aligned
     return dead
+
+
+def _equal_experts(ctx: WidthContext, key: str, mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """A per-expert gate's dead mask with every expert keeping ``width`` neurons (None: as many as the
+    expert that keeps the most), each its strongest dead ones first."""
+    E = ctx.gates[key].experts
+    rows, norms = mask.reshape(E, -1).clone(), ctx.norms[key].reshape(E, -1)
+    width = int((~rows).sum(-1).max()) if width is None else width
+    for e in range(E):
+        rows[e] = revive(norms[e], rows[e], lambda m: int((~m).sum()) >= width, monotone=True)
+    return rows.reshape(-1)
 
 
 def _primary(ctx: WidthContext, fqn: str) -> torch.Tensor:

@@ -36,13 +36,38 @@ GATES_ATTR = "dgates"
 class Cut:
     """One parameter/buffer slice a gate is tied to: ``index[i]`` is the group (or -1) of position
     i along ``dim``; ``scale[i]`` the same where the gate scales that slice (else -1). Both are 1-D
-    (length 1 when one group owns the whole dim)."""
+    (length 1 when one group owns the whole dim). A per-expert cut (``lead``, the dim of a stack of
+    expert matrices, before ``dim``) has 2-D ones: ``index[e, i]``, position i of expert e's matrix."""
 
     fqn: str
     role: Role
     dim: int
     index: torch.Tensor
     scale: torch.Tensor
+    lead: int | None = None
+
+    def plane(self, shape, of: torch.Tensor | None = None) -> torch.Tensor:
+        """``index`` (or ``of``, shaped like it) expanded to the tensor's ``shape`` along the cut's
+        dims: (size,), or (experts, size) for a per-expert cut."""
+        t = self.index if of is None else of
+        return t.expand(shape[self.dim]) if self.lead is None else t.expand(shape[self.lead], shape[self.dim])
+
+    def placed(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``values`` over the cut's dims (shaped as ``plane``'s) viewed to broadcast over the tensor."""
+        return placed(values, self.dim, ndim, self.lead)
+
+    def entries_per_position(self, shape) -> int:
+        """Tensor entries per position of the plane (the entries a group's position owns)."""
+        return torch.Size(shape).numel() // (shape[self.dim] * (1 if self.lead is None else shape[self.lead]))
+
+
+def placed(values: torch.Tensor, dim: int, ndim: int, lead: int | None = None) -> torch.Tensor:
+    """A 1-D vector along ``dim`` (or a 2-D one along ``lead`` and ``dim``) viewed in ``ndim`` dims."""
+    if lead is None:
+        return along(values, dim, ndim)
+    shape = [1] * ndim
+    shape[lead], shape[dim] = values.shape
+    return values.reshape(shape)
 
 
 class DGate(nn.Module):
@@ -55,7 +80,7 @@ class DGate(nn.Module):
     def __init__(self, name: str, kind: str, modules: list[str], module_types: list[str], num_groups: int,
                  D: int, cuts: list[Cut], positions: list[list[int]] | None = None, width: int | None = None,
                  per_group: int = 1, branches: list | None = None, kv_of: list | None = None,
-                 approximate: str | None = None):
+                 approximate: str | None = None, experts: int | None = None):
         super().__init__()
         self.factors = nn.Parameter(torch.ones(D - 1, num_groups))
         self.name, self.kind = name, kind
@@ -68,6 +93,8 @@ class DGate(nn.Module):
         self.kv_of = kv_of  # kind query_heads: per group, its kv group's index (-1: a kv group; ``GroupSet.kv_of``)
         # why cutting its groups changes the function (a LayerNorm's statistics, opt-in): shrink measures it
         self.approximate = approximate
+        # per-expert neurons: E experts, group e * (num_groups // E) + j is neuron j of expert e (``GroupSet.experts``)
+        self.experts = experts
 
     @property
     def D(self) -> int:
@@ -390,6 +417,8 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
             for role in POLICY[pol].scales:
                 scaled[role][r] = True
     cuts: list[list[Cut]] = [[] for _ in chosen]
+    experts = [gset.experts for gset in chosen]
+    gset_sizes = [int(gset.removable.sum()) for gset in chosen]
     for att in plan.attachments:
         roots = plan.roots(att.ids)
         valid = roots >= 0
@@ -401,6 +430,10 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
             index = np.where(mine, group_of[safe], -1)
             dim, index_along = groups_mod.profile(index, att)
             _, scale_along = groups_mod.profile(np.where(mine & scaled[att.role][safe], index, -1), att, dim)
+            if experts[k] is not None:  # group j of every expert: e * J + j along the experts' dim 0
+                _add_cut(cuts[k], Cut(att.fqn, att.role, dim, *(_per_expert(t, experts[k], int(gset_sizes[k]))
+                                                               for t in (index_along, scale_along)), lead=0))
+                continue
             _add_cut(cuts[k], Cut(att.fqn, att.role, dim, index_along, scale_along))
     built, used = {}, set()
     for k, gset in enumerate(chosen):
@@ -414,19 +447,25 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
         if branches:  # a set named group by group (residual branches): the gated groups' names
             modules, types, branches = ([v for v, ok in zip(column, gset.removable) if ok]
                                         for column in (modules, types, branches))
-        built[key] = DGate(gset.name, gset.kind, modules, types, int(gset.removable.sum()), D, cuts[k], positions,
-                           gset.width, gset.per_group, branches, gset.kv_of, gset.approximate)
+        built[key] = DGate(gset.name, gset.kind, modules, types, int(gset.removable.sum()) * (gset.experts or 1), D,
+                           cuts[k], positions, gset.width, gset.per_group, branches, gset.kv_of,
+                           approximate=gset.approximate, experts=gset.experts)
     return built
+
+
+def _per_expert(along_dim: torch.Tensor, experts: int, groups: int) -> torch.Tensor:
+    """A per-position group index (j or -1) as one row per expert: e * groups + j (or -1)."""
+    offsets = torch.arange(experts).unsqueeze(1) * groups
+    return torch.where(along_dim >= 0, along_dim.unsqueeze(0) + offsets, -1)
 
 
 def _add_cut(cuts: list[Cut], new: Cut) -> None:
     """A layer called twice attaches the same slices twice; tied, they are one cut."""
     for i, cut in enumerate(cuts):
-        if (cut.fqn, cut.role, cut.dim) == (new.fqn, new.role, new.dim):
-            n = max(cut.index.numel(), new.index.numel())
-            index, scale = (torch.where(a.expand(n) >= 0, a.expand(n), b.expand(n))
-                            for a, b in ((cut.index, new.index), (cut.scale, new.scale)))
-            cuts[i] = Cut(cut.fqn, cut.role, cut.dim, index, scale)
+        if (cut.fqn, cut.role, cut.dim, cut.lead) == (new.fqn, new.role, new.dim, new.lead):
+            index, scale = (torch.where(a >= 0, a, b) for a, b in
+                            (torch.broadcast_tensors(cut.index, new.index), torch.broadcast_tensors(cut.scale, new.scale)))
+            cuts[i] = Cut(cut.fqn, cut.role, cut.dim, index, scale, cut.lead)
             return
     cuts.append(new)
 
@@ -449,10 +488,10 @@ def group_sq_sums(model: nn.Module, dgate: DGate, of: str = "weights", dtype=Non
         if not (cut.scale >= 0).any():
             continue
         value = primary(model, cut.fqn) if of == "theta" else get_tensor(model, cut.fqn)
-        other = [d for d in range(value.ndim) if d != cut.dim]
+        other = [d for d in range(value.ndim) if d not in (cut.dim, cut.lead)]
         per_pos = value.to(acc.dtype).pow(2)
         per_pos = per_pos.sum(dim=other) if other else per_pos
-        scale = cut.scale.to(per_pos.device).expand(per_pos.shape)
+        scale = cut.plane(value.shape, cut.scale).to(per_pos.device)
         keep = scale >= 0
         acc = acc.index_add(0, scale[keep], per_pos[keep])
     return acc
@@ -465,7 +504,7 @@ def scale_groups_(model: nn.Module, dgate: DGate, factor: torch.Tensor) -> None:
         for cut in dgate.cuts:
             if (cut.scale >= 0).any():
                 theta = primary(model, cut.fqn)
-                theta.mul_(along(per_group[cut.scale + 1], cut.dim, theta.ndim).to(theta.dtype))
+                theta.mul_(cut.placed(per_group[cut.scale + 1], theta.ndim).to(theta.dtype))
 
 
 def _balance(model: nn.Module, dgates: list[DGate], D: int, exact: Sequence[DGate] = (), undoable: bool = False):
@@ -515,20 +554,21 @@ def _register_scales(model: nn.Module, dgates) -> None:
         module, attr = owner(model, fqn)
         shape = getattr(module, attr).shape
         tied = holders.get(id(primary(model, fqn)), [(module, attr)])
-        index = torch.full((shape[dim],), -1, dtype=torch.long)
+        lead = next((cut.lead for _, cut in entries if cut.lead is not None), None)
+        index = torch.full((shape[dim],) if lead is None else (shape[lead], shape[dim]), -1, dtype=torch.long)
         sources, offsets = [], {}
         for dgate, cut in entries:
             if id(dgate) not in offsets:
                 offsets[id(dgate)] = sum(s.num_groups for s in sources)
                 sources.append(dgate)
-            scale = cut.scale.expand(shape[dim])
+            scale = cut.scale.expand(index.shape)
             here = scale >= 0
             if (index[here] >= 0).any():
                 raise GatingError(f"parameter '{fqn}' is tied to two gated sets ({dgate.name} and another) in ways the "
                                   "engine cannot combine; exclude one of them in the recipe (`dgate inspect` lists "
                                   "the sets)")
             index[here] = scale[here] + offsets[id(dgate)]
-        scale = GateScale(sources, along(index, dim, len(shape)))
+        scale = GateScale(sources, placed(index, dim, len(shape), lead))
         for holder, name in tied:  # a tied weight (embedding and output layer) is gated in every use
             parametrize.register_parametrization(holder, name, scale)
             if holder is not module:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from . import experts as experts_mod
 from .kinds import KINDS, POLICY, Role, set_kind
 from .labels import NONE, Labels
 from .rules import GRAPH_PASSES, PREPASSES, Attachment, ParamRef, RuleContext, output, rule_for
@@ -45,6 +46,9 @@ class GroupSet:
     kv_of: list | None = None
     # why removing its groups is only approximate (a LayerNorm's statistics, opt-in); None: exact
     approximate: str | None = None
+    # kind neurons of a stack of expert matrices (``experts.split_experts``): each group is E groups, one per
+    # expert (the gate's groups expert-major: group e * len(roots) + j is neuron j of expert e)
+    experts: int | None = None
 
     @property
     def name(self) -> str:
@@ -322,6 +326,7 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
         nested = tuple(s for s in key if ctx.spaces[s].kv_of is not None)  # an attention's query heads and kv groups
         by_key.setdefault(nested or key, []).append(r)
     sets = []
+    by_root = experts_mod.attachments_by_root(ctx, ctx.uf.roots()) if ctx.expert_products else {}
     for key, roots in by_key.items():
         roots.sort(key=lambda r: first_elem[r])
         kind = set_kind({ctx.spaces[s].kind for s in key})
@@ -340,9 +345,13 @@ def _sets(ctx: RuleContext, spaces_of: dict, first_elem: dict, facts: _Facts, po
             entries = [first.entries[first_elem[r] - first.start] for r in roots]
             modules, types, branches = (list(column) for column in zip(*entries))
         approximate = next((facts.approximate[r] for r in roots if r in facts.approximate), None)
+        experts = None
+        if kind == "neurons" and kv_of is None and first.entries is None and by_root:
+            attached = list({id(a): a for r in roots for a in by_root.get(r, [])}.values())
+            experts = experts_mod.split_experts(ctx, key, attached)
         sets.append(GroupSet(kind, modules, types, np.array(roots, dtype=np.int64),
                              [facts.reason.get(r) for r in roots], [policy.get(r) for r in roots], positions, width,
-                             max(1, first.size // len(roots)), branches, kv_of, approximate))
+                             max(1, first.size // len(roots)), branches, kv_of, approximate=approximate, experts=experts))
     sets.sort(key=lambda s: first_elem[int(s.roots[0])])
     return sets
 

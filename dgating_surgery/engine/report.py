@@ -139,8 +139,8 @@ def group_params(model: nn.Module, dgate, params: set[str] | None = None) -> tor
     for cut in dgate.cuts:
         if cut.fqn in params:
             shape = get_tensor(model, cut.fqn).shape
-            idx = cut.index.expand(shape[cut.dim])
-            own += torch.bincount(idx[idx >= 0].cpu(), minlength=dgate.num_groups) * (shape.numel() // shape[cut.dim])
+            idx = cut.plane(shape).reshape(-1)
+            own += torch.bincount(idx[idx >= 0].cpu(), minlength=dgate.num_groups) * cut.entries_per_position(shape)
     return own
 
 

@@ -36,13 +36,15 @@ class CutPlan:
 
     dead: dict[str, torch.Tensor]  # gate key -> bool per group
     norms: dict[str, torch.Tensor]  # gate key -> collapsed L2 norm per group
-    removed: dict[str, dict[int, torch.Tensor]]  # tensor (or layer attribute) name -> dim -> bool per position
+    # tensor (or layer attribute) name -> dim -> bool per position; (experts, positions) for a per-expert cut
+    # (``gates.Cut.lead``): row e the positions of expert e's matrix (dim 0), every row removing as many
+    removed: dict[str, dict[int, torch.Tensor]]
     kept_inputs: dict[str, list[int]]  # input name -> feature positions (dim 1) kept, where some go
     attributes: dict[str, Role]  # names in ``removed`` that are layer attributes (COUNT, RESCALE), not tensors
 
     def kept_shape(self, fqn: str, shape) -> tuple[int, ...]:
         drop = self.removed.get(fqn, {})
-        return tuple(int(size - drop[d].sum()) if d in drop else size for d, size in enumerate(shape))
+        return tuple(int(size - drop[d].sum(-1).max()) if d in drop else size for d, size in enumerate(shape))
 
 
 @accepts_wrapped(gather=True)
@@ -81,7 +83,7 @@ def plan_cut(model: nn.Module, threshold: float | None = None, round_to: int | N
                 attributes[cut.fqn] = cut.role
                 along = cut.index
             else:
-                along = cut.index.expand(get_tensor(model, cut.fqn).shape[cut.dim])
+                along = cut.plane(get_tensor(model, cut.fqn).shape)
             gone = (along >= 0) & is_dead[along.clamp(min=0)]
             per_dim = removed.setdefault(cut.fqn, {})
             per_dim[cut.dim] = per_dim.get(cut.dim, torch.zeros_like(gone)) | gone
@@ -453,6 +455,13 @@ def _sliced(tensor: torch.Tensor, drop: dict[int, torch.Tensor], like: torch.Ten
     """``tensor`` without the positions ``drop`` marks along each dim, in ``like``'s memory format."""
     new = tensor
     for dim, gone in sorted(drop.items()):
+        if gone.ndim == 2:  # per expert (dim 0 never cut): each expert's matrix keeps its own positions
+            kept = [(~row).nonzero().reshape(-1) for row in gone]
+            if len({k.numel() for k in kept}) > 1 or 0 in drop:
+                raise ShrinkError(f"a per-expert cut left experts of unequal widths along dim {dim} "
+                                  f"({[k.numel() for k in kept]}): the fused tensor cannot stay rectangular")
+            new = torch.stack([new[e].index_select(dim - 1, k.to(new.device)) for e, k in enumerate(kept)])
+            continue
         new = new.index_select(dim, (~gone).nonzero().reshape(-1))
     # channels_last stays; no second copy when index_select already gave the format (a copy per tensor
     # of a large model fragments the heap: freed blocks of uneven sizes that are never reused)

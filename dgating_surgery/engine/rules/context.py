@@ -40,12 +40,14 @@ class ParamRef:
     yet, or a view of one that a hand-written linear multiplies by (``W.T``, ``W.t().expand(B, -1,
     -1)``): ``transposed``, its last two dims swapped; ``lead``, leading dims added in front of it
     (a batch it is broadcast over); ``gathered``, its dim 0 indexed by a tensor (``W[expert_ids]``:
-    each row's expert matrix), so that an entry's position along it is data."""
+    each row's expert matrix), so that an entry's position along it is data; ``by``, the index
+    node that chose them (the same node for two products: the same expert per row)."""
 
     fqn: str
     transposed: bool = False
     lead: int = 0
     gathered: bool = False
+    by: object = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,22 @@ class Space:
     # a ``query_heads`` space (``rules.attention``): per entry, the entry of the key/value group a query
     # head reads (-1: a key/value head that is no entry of the space), or the entry itself for a kv group
     kv_of: list | None = None
+
+
+@dataclass
+class ExpertProduct:
+    """A product of activations with a stack of expert matrices (``(E, out, in)``): the rows of its
+    output (its first ``rows`` dims) each belong to one expert, chosen by ``key``: the node of the
+    ends of each expert's rows (grouped matmul's ``offs``), the index node of ``W[expert_ids]``, or
+    ``"batch"`` (a batched matmul whose batch index is the expert). Two products with one key give
+    a row the same expert (``groups._per_expert``)."""
+
+    node: torch.fx.Node
+    x: torch.fx.Node
+    weight: str
+    key: object
+    experts: int
+    rows: int
 
 
 @dataclass
@@ -120,6 +138,8 @@ class RuleContext:
         self.attachments: list[Attachment] = []
         self.visits: list[Visit] = []
         self.taints: list[tuple[np.ndarray, str]] = []
+        self.expert_products: dict[int, ExpertProduct] = {}  # space index -> the expert product making it
+        self.expert_weights: dict[str, set] = {}  # weight name -> the keys of the expert products reading it
         # node -> (sizes of the grouped dims it summed over, their ids): a later number equal to such a
         # size may be that size read as data (``pooling.reduction``, ``elementwise.size_literals``)
         self.summed_over: dict[torch.fx.Node, tuple[list[int], torch.Tensor]] = {}

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..kinds import Role
 from ..labels import NONE, Labels
 from ..tensors import along
-from .context import ParamRef, RuleContext, unknown
+from .context import ExpertProduct, ParamRef, RuleContext, unknown
 
 
 def arg(node, pos, name, default=None):
@@ -80,12 +81,14 @@ def convolution_call(ctx: RuleContext, node):  # aten.convolution(x, w, b, strid
                 transposed=node.args[6])
 
 
-def linear(ctx: RuleContext, node, x, weight, bias, transposed=False, features=-1):
+def linear(ctx: RuleContext, node, x, weight, bias, transposed=False, features=-1, experts=None):
     """Linear over the last dim: consumes input features, produces fresh neurons. ``transposed``:
     the weight is stored (in, out), as in ``x @ W`` or Hugging Face's GPT-2 ``Conv1D``. A weight
-    of more than 2 dims holds one matrix per expert (``(E, out, in)``): a neuron is the same row
-    of every expert's matrix, so the fused tensor stays rectangular. ``features``: the dim of the
-    input and of the output that carries them (-2 for ``W @ x``)."""
+    of more than 2 dims holds one matrix per expert (``(E, out, in)``): a neuron here is the same
+    row of every expert's matrix; ``experts`` (key, rows: see ``ExpertProduct``) says which expert
+    each output row used, so that resolution may split a neuron into one group per expert
+    (``groups._per_expert``). ``features``: the dim of the input and of the output that carries
+    them (-2 for ``W @ x``)."""
     if weight is None:
         return unknown_weights(ctx, node)
     out_shape = ctx.shape(node)
@@ -95,6 +98,10 @@ def linear(ctx: RuleContext, node, x, weight, bias, transposed=False, features=-
     w_in, w_out = (wndim - 2, wndim - 1) if transposed else (wndim - 1, wndim - 2)
     ctx.consume(weight, w_in, wndim, ctx.per_dim(x, features - nd + len(ctx.shape(x)), node), node)
     out = ctx.new_space(out_shape[features], "neurons", weight, node)
+    if experts is not None and wndim == 3:
+        key, rows = experts
+        ctx.expert_products[len(ctx.spaces) - 1] = ExpertProduct(node, x, weight, key, ctx.param_shape(weight)[0], rows)
+        ctx.expert_weights.setdefault(weight, set()).add(key)
     ctx.attach(weight, Role.PRODUCER, along(out, w_out, wndim), w_out)
     if bias is not None:
         bndim = len(ctx.param_shape(bias))
@@ -112,7 +119,7 @@ def _plain(ctx: RuleContext, arg) -> str | None:
     return ref.fqn if ref is not None and not ref.transposed and not ref.lead else None
 
 
-def _times_weight(ctx: RuleContext, node, x, w, bias=None, stored_out_in=False):
+def _times_weight(ctx: RuleContext, node, x, w, bias=None, stored_out_in=False, experts=None):
     """``x`` times a weight argument ``w`` read as (in, out) (``stored_out_in``: as (out, in), the
     convention of ``F.linear``), plus an optional bias: the linear it is, whatever view of the
     parameter the code multiplies by; ``unknown_weights`` when ``w`` is no parameter, ``unknown``
@@ -123,7 +130,7 @@ def _times_weight(ctx: RuleContext, node, x, w, bias=None, stored_out_in=False):
     if bias is not None and _plain(ctx, bias) is None:
         return unknown(ctx, node)
     return linear(ctx, node, x, ref.fqn, None if bias is None else _plain(ctx, bias),
-                  transposed=ref.transposed == stored_out_in)
+                  transposed=ref.transposed == stored_out_in, experts=experts)
 
 
 def linear_call(ctx: RuleContext, node):
@@ -146,12 +153,30 @@ def weight_matmul(ctx: RuleContext, node, otherwise):
     two activations is ``otherwise``'s (attention)."""
     a, b = node.args[0], node.args[1]
     if ctx.weight(b) is not None and ctx.weight(a) is None and ctx.is_tensor(a):
-        return _times_weight(ctx, node, a, b)
+        return _times_weight(ctx, node, a, b, experts=_expert_rows(ctx, node, ctx.weight(b)))
     ref = ctx.weight(a)
     if ref is not None and ctx.weight(b) is None and ctx.is_tensor(b) and len(ctx.shape(b)) >= 2 \
             and len(ctx.param_shape(ref.fqn)) >= 2:
-        return linear(ctx, node, b, ref.fqn, None, transposed=ref.transposed, features=-2)
+        return linear(ctx, node, b, ref.fqn, None, transposed=ref.transposed, features=-2,
+                      experts=_expert_rows(ctx, node, ref))
     return otherwise(ctx, node)
+
+
+def _expert_rows(ctx: RuleContext, node, ref: ParamRef) -> tuple | None:
+    """(key, rows) of a product with a stack of expert matrices (see ``ExpertProduct``), or None:
+    grouped matmul over rows sorted by expert (``offs`` the key, one row dim); ``W[expert_ids] @ x``
+    (the index node, one row dim); a batched matmul of ``(E, B, in)`` by the stack (``"batch"``,
+    the expert and B the row dims)."""
+    if len(ctx.param_shape(ref.fqn)) != 3 or ref.lead or not ctx.is_tensor(node):
+        return None
+    if ctx.op_name(node) in ("_grouped_mm", "grouped_mm_fallback", "grouped_mm"):
+        offs = arg(node, 2, "offs")
+        return (offs, 1) if isinstance(offs, torch.fx.Node) and len(ctx.shape(node)) == 2 else None
+    if ref.gathered:
+        return (ref.by, 1) if isinstance(ref.by, torch.fx.Node) else None
+    if ctx.op_name(node) == "bmm" and len(ctx.shape(node)) == 3:
+        return ("batch", 2)
+    return None
 
 
 def gather(ctx: RuleContext, node, otherwise):
@@ -162,7 +187,7 @@ def gather(ctx: RuleContext, node, otherwise):
     indices = index if isinstance(index, (list, tuple)) else [index]
     if ref is not None and ref == ParamRef(ref.fqn) and len(ctx.param_shape(ref.fqn)) > 2 and len(indices) == 1 \
             and ctx.is_tensor(indices[0]) and ctx.labels(indices[0]) is None:
-        return ParamRef(ref.fqn, gathered=True)
+        return ParamRef(ref.fqn, gathered=True, by=indices[0])
     return otherwise(ctx, node)
 
 
