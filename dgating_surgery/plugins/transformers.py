@@ -45,10 +45,11 @@ def _rows(layer) -> int:
 # each is re-derived from the projections' widths after a cut. A name the layer lacks is skipped.
 HEAD_SIZE = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 QUERY, KEY = ("q_proj", "query", "q", "q_lin", "query_proj", "q_attn"), ("k_proj", "key", "k", "k_lin", "key_proj")
-OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin")  # reads the heads as its input columns
+OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin", "c_proj")  # reads the heads as its input columns
 HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEADS_WIDTH = ("all_head_size", "inner_dim")  # heads x head size
+FUSED_WIDTHS = ("embed_dim", "kv_dim")  # a fused projection's query and key widths (GPT-BigCode splits at them)
 
 
 FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")  # one projection for queries, keys and values
@@ -62,17 +63,25 @@ def _heads_of(m) -> tuple[int, int | None, int | None]:
     heads' rows (queries, keys, values): its key/value heads are half what the rows leave after the
     queries, where that is a whole number."""
     size = next((v for v in (getattr(m, n, None) for n in HEAD_SIZE) if type(v) is int), None)
-    query, key, out, fused = (next((c for c in (getattr(m, n, None) for n in names)
-                                    if isinstance(c, (nn.Linear, Conv1D))), None) for names in (QUERY, KEY, OUTPUT, FUSED))
+    query, key, out = (next((c for c in (getattr(m, n, None) for n in names) if isinstance(c, (nn.Linear, Conv1D))),
+                            None) for names in (QUERY, KEY, OUTPUT))
+    fused = _fused(m)
     if size is None or query is None and out is None:
         return size, None, None
     heads = _rows(query) // size if query is not None else out.weight.shape[0 if isinstance(out, Conv1D) else 1] // size
     if key is not None:
         return size, heads, _rows(key) // size
-    if query is None and fused is not None and _rows(fused) % size == 0 and (_rows(fused) // size - heads) % 2 == 0 \
+    if fused is not None and _rows(fused) % size == 0 and (_rows(fused) // size - heads) % 2 == 0 \
             and _rows(fused) // size > heads:
         return size, heads, (_rows(fused) // size - heads) // 2
     return size, heads, None
+
+
+def _fused(m):
+    """The layer's fused query/key/value projection (where it has no separate query projection), or None."""
+    if any(isinstance(getattr(m, n, None), (nn.Linear, Conv1D)) for n in QUERY):
+        return None
+    return next((c for c in (getattr(m, n, None) for n in FUSED) if isinstance(c, (nn.Linear, Conv1D))), None)
 
 
 def _attention_values(m) -> dict[str, int]:
@@ -87,13 +96,29 @@ def _attention_values(m) -> dict[str, int]:
     values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(HEADS_WIDTH, heads * size)}
     if kv_heads is not None:
         values.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads), num_key_value_groups=heads // max(kv_heads, 1))
+        if _fused(m) is not None:
+            values.update(zip(FUSED_WIDTHS, (heads * size, kv_heads * size)))
     return {name: value for name, value in values.items() if type(getattr(m, name, None)) is int}
 
 
 def _attention_counts(m) -> None:
+    described = _config_describes(m)  # (read before the layer's own counts change)
     for name, value in _attention_values(m).items():
         setattr(m, name, value)
-    _layer_config(m)
+    _layer_config(m, described)
+
+
+def _stated(m, names) -> list[int]:
+    return [v for v in (getattr(m, n, None) for n in names) if type(v) is int]
+
+
+def _config_describes(m) -> dict[tuple[str, ...], bool]:
+    """Per meaning (heads, key/value heads): whether the config's fields of it state this layer's
+    count, i.e. the layer has no attribute of that meaning or its attributes agree with the config
+    (GPT-BigCode's config may carry a key/value head count its multi-query layers do not use)."""
+    config = _base_config(m)
+    return {names: all(v == getattr(config, n, None) for v in _stated(m, names) for n in names
+                       if type(getattr(config, n, None)) is int) for names in (HEAD_COUNT, KV_HEAD_COUNT)}
 
 
 def _attention_kept(m) -> tuple[str, ...]:
@@ -107,14 +132,14 @@ def _fused_parts(m) -> set[int]:
     keeps them: after the queries (heads x head size) and after the keys; empty where it cannot count
     the key/value heads (``fixers.register_part_boundaries``)."""
     size, heads, kv_heads = _heads_of(m)
-    if heads is None or kv_heads is None or not any(isinstance(getattr(m, n, None), (nn.Linear, Conv1D)) for n in FUSED):
+    if heads is None or kv_heads is None or _fused(m) is None:
         return set()
-    config = _base_config(m)
-    stated = [v for v in (*(getattr(m, n, None) for n in (*HEAD_COUNT, *KV_HEAD_COUNT)),
-                          *(getattr(m.config, n, None) for n in (*HEAD_COUNT, *KV_HEAD_COUNT) if config is not None))
-              if type(v) is int]
-    if not stated or any(v not in (heads, kv_heads) for v in stated):
-        return set()  # the counts the layer states now are not the ones its projections give: no part follows
+    described, config = _config_describes(m), getattr(m, "config", None)
+    stated = [(v, heads) for v in _stated(m, HEAD_COUNT)] + [(v, kv_heads) for v in _stated(m, KV_HEAD_COUNT)]
+    stated += [(v, count) for names, count in ((HEAD_COUNT, heads), (KV_HEAD_COUNT, kv_heads))
+               if described[names] and config is not None for v in _stated(config, names)]
+    if not any(count == kv_heads for _, count in stated) or any(v != count for v, count in stated):
+        return set()  # the layer does not state the counts its projections give: no part follows
     return {heads * size, (heads + kv_heads) * size}
 
 
@@ -149,9 +174,10 @@ def _base_config(m):
     return config._base if isinstance(config, LayerConfig) else config
 
 
-def _layer_config(m) -> None:
+def _layer_config(m, described: dict) -> None:
     """Give an attention layer that holds the model config a ``LayerConfig`` stating its head counts
-    where they differ from the config's (the plain config again where none does)."""
+    where they differ from the config's fields that describe the layer (``_config_describes``; the
+    plain config again where none does)."""
     config = _base_config(m)
     from transformers import PretrainedConfig
     if not isinstance(config, PretrainedConfig):
@@ -159,8 +185,8 @@ def _layer_config(m) -> None:
     size, heads, kv_heads = _heads_of(m)
     if heads is None:
         return
-    counts = dict.fromkeys(HEAD_COUNT, heads)
-    if kv_heads is not None:
+    counts = dict.fromkeys(HEAD_COUNT, heads) if described[HEAD_COUNT] else {}
+    if kv_heads is not None and described[KV_HEAD_COUNT]:
         counts.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads))
     own = {n: v for n, v in counts.items() if type(getattr(config, n, None)) is int and getattr(config, n) != v}
     if own or isinstance(m.config, LayerConfig):

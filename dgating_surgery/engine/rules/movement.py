@@ -195,18 +195,21 @@ def check_chunk(ctx: RuleContext, node, out, dim_pos=2):
 
 def check_split(ctx: RuleContext, node, out):
     """split into parts of a size: like chunk when the size follows the tensor (a graph node, or
-    under torch.export a layer attribute a fixer keeps, see ``ctx.fixed_by_code``); a size written
-    in the code fixes the positions of a grouped dim, which then cannot shrink."""
+    under torch.export a layer attribute a fixer keeps, see ``ctx.fixed_by_code``); unequal parts
+    where the parts of a fused projection meet (``ctx.follows_parts``: GPT-BigCode's
+    ``split((embed_dim, kv_dim, kv_dim))``) each keep their own groups; a size written in the code
+    fixes the positions of a grouped dim, which then cannot shrink."""
     x = node.args[0]
     lab = ctx.labels(x)
     dim = arg(node, 2, "dim", 0) % len(ctx.shape(x))
     if dim not in lab.varying_dims():
         return
     sizes = arg(node, 1, "split_size")
+    if isinstance(sizes, (list, tuple)) and len(set(sizes)) > 1 \
+            and ctx.follows_parts(node, [sum(sizes[:k]) for k in range(1, len(sizes))]):
+        return  # the parts of a fused projection, split where they meet (each part keeps its own groups)
     if not any(ctx.fixed_by_code(node, s) for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes])):
         return check_chunk(ctx, node, out)
-    if isinstance(sizes, (list, tuple)) and ctx.follows_parts(node, [sum(sizes[:k]) for k in range(1, len(sizes))]):
-        return  # the parts of a fused projection, split where they meet (each part keeps its own groups)
     ctx.taint(lab.ids, f"{ctx.where(node)} splits a grouped dim at positions fixed in the code")
 
 
