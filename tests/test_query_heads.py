@@ -295,3 +295,34 @@ def test_query_heads_of_a_fused_qkv_projection_cut_exactly(family, tmp_path):
     slim.save_pretrained(tmp_path)
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)
+
+
+def test_uniform_widths_keep_equal_query_heads_per_kv_group(tmp_path):
+    """``shrink(uniform=True)`` with query heads: layer 0 keeps 2 query heads per kv group (4), layer
+    1 one per group (2). Uniform widths revive layer 1's dead query heads by kv group, one more in
+    each (4 query heads, 2 kv heads, like layer 0), not its two strongest wherever they are (both in
+    kv group 0 would leave the groups unequal, and evening them out then keeps 6, which the config
+    refuses: every layer would keep all 8). The config states the widths: stock from_pretrained
+    reloads it."""
+    model = _lm("llama")
+    example, unseen = _batch(2, 12, 0), _batch(3, 9, 1)
+    gated = _gated(model, example)
+    _kill(dg.gates(gated)[0], {0, 1, 4, 5})
+    _kill(dg.gates(gated)[1], {1, 2, 3, 5, 6, 7})
+    with torch.no_grad():  # layer 1's dead heads: kv group 0's strongest (below the threshold)
+        dg.gates(gated)[1].factors[0, [1, 2, 3, 5, 6, 7]] = torch.tensor([3e-9, 2.5e-9, 2e-9, 1e-9, 0.5e-9, 0.2e-9])
+    plan = dg.plan_cut(gated, uniform=True)
+    assert plan.dead["model_layers_0_self_attn"].tolist() == [True, True, False, False,
+                                                             True, True, False, False, False, False]
+    assert plan.dead["model_layers_1_self_attn"].tolist() == [False, False, True, True,
+                                                             False, False, True, True, False, False]
+    reference = gated(**unseen).logits
+    slim = dg.shrink(gated, example_kwargs=example, uniform=True)
+    assert [(a.q_proj.out_features // HEAD_DIM, a.k_proj.out_features // HEAD_DIM, a.num_key_value_groups)
+            for a in (layer.self_attn for layer in slim.model.layers)] == [(4, 2, 2)] * 2
+    assert slim.config.num_attention_heads == 4 and slim.config.num_key_value_heads == 2
+    assert dg.max_rel_diff(reference, slim(**unseen).logits) < 1e-5
+    slim.save_pretrained(tmp_path)
+    assert "dgating_surgery" not in (tmp_path / "config.json").read_text()
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)
