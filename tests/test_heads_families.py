@@ -1,5 +1,6 @@
 """Heads across Hugging Face families (issue 19): a plugin row never makes a model less cuttable, and
 the attention spellings of transformers 5 cut exactly (tiny configs, random weights)."""
+import copy
 import inspect
 
 import pytest
@@ -96,7 +97,7 @@ def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
 
 
 # attention classes no row names; Persimmon's fused qkv is viewed (B, T, H, 3, Dh) and selected
-ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo", "persimmon"]
+ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo", "persimmon", "codegen"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "bert", "t5", "falcon", *ROW_LESS])
@@ -200,6 +201,10 @@ def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.model.layers[0].self_attn.config.num_attention_heads == 2
     assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)
+    copied = copy.deepcopy(slim)  # the layer's config view copies with the model, onto the copy's config
+    assert type(copied.model.layers[0].self_attn.config) is type(layers[0].config)
+    assert copied.model.layers[0].self_attn.config._base is copied.config
+    assert torch.equal(copied(**unseen).logits, slim(**unseen).logits)
 
 
 def test_phi3_heads_under_a_random_cut_are_exact():

@@ -49,7 +49,9 @@ OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin", "c_proj")  # reads the 
 HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEADS_WIDTH = ("all_head_size", "inner_dim")  # heads x head size
-FUSED_WIDTHS = ("embed_dim", "kv_dim")  # a fused projection's query and key widths (GPT-BigCode splits at them)
+# a fused projection's query and key widths, where a layer states both (GPT-BigCode splits at them; a layer
+# with only an embed_dim may compute other sizes from it: CodeGen's shards, embed_dim // 4, stay as they are)
+FUSED_WIDTHS = ("embed_dim", "kv_dim")
 
 
 FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")  # one projection for queries, keys and values
@@ -96,7 +98,7 @@ def _attention_values(m) -> dict[str, int]:
     values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(HEADS_WIDTH, heads * size)}
     if kv_heads is not None:
         values.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads), num_key_value_groups=heads // max(kv_heads, 1))
-        if _fused(m) is not None:
+        if _fused(m) is not None and all(type(getattr(m, n, None)) is int for n in FUSED_WIDTHS):
             values.update(zip(FUSED_WIDTHS, (heads * size, kv_heads * size)))
     return {name: value for name, value in values.items() if type(getattr(m, name, None)) is int}
 
@@ -154,7 +156,7 @@ class LayerConfig:
         object.__setattr__(self, "_own", dict(own))
 
     def __getattr__(self, name):
-        if name in ("_base", "_own"):
+        if name in ("_base", "_own") or name.startswith("__"):  # (copy and pickle ask for dunders: the view's own)
             raise AttributeError(name)
         own = object.__getattribute__(self, "_own")
         return own[name] if name in own else getattr(object.__getattribute__(self, "_base"), name)
