@@ -448,6 +448,7 @@ def _record_widths(model) -> None:
     data, fresh = _without_drift(model, cls, original, data, set(attributes))
     for name, value in data.items():
         setattr(config, name, value)
+    _prune_layer_configs(model, config)
     full = _shapes(cls, data)
     differ = {k: list(v) for k, v in shapes.items() if k in full and full[k] != v}
     unstated = {k: v for k, v in attributes.items() if getattr(*owner(fresh, k)) != v}
@@ -475,6 +476,17 @@ def _own_config(model, config):
         elif isinstance(getattr(module, "config", None), LayerConfig) and module.config._base is old:
             module.config = LayerConfig(config, module.config._own)  # (a new view: an undone cut restores the old)
     return config
+
+
+def _prune_layer_configs(model, config) -> None:
+    """A layer's ``LayerConfig`` without the counts ``config`` now states alike (a uniform cut rewrote
+    them): the plain config where none is left."""
+    for module in model.modules():
+        view = getattr(module, "config", None)
+        if isinstance(view, LayerConfig) and view._base is config:
+            own = {n: v for n, v in view._own.items() if getattr(config, n, None) != v}
+            if own != view._own:
+                module.config = LayerConfig(config, own) if own else config
 
 
 def _without_drift(model, cls: type, original: dict, data: dict, cut: set[str]):
