@@ -1,5 +1,6 @@
 """Query heads inside key/value groups (issue 19, item 2): grouped-query (8 query heads, 2 kv heads)
-and multi-query (1 kv head) decoders of five Hugging Face families, random weights that expose a
+and multi-query (1 kv head) decoders of five Hugging Face families, and two with one fused
+query/key/value projection (Phi-3, grouped; GPT-BigCode, multi-query), random weights that expose a
 wrong cut. Per seed, ``{kind: query_heads}`` gates each layer's query heads and kv groups, a random
 2 to 7 of the 8 query heads (uneven per kv group) and, at random, a kv group's own gate are zeroed, and
 the cut is checked: widths and removed parameters against the rule (every kept kv group keeps as
@@ -20,15 +21,17 @@ import transformers
 import dgating_surgery as dg
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
-from test_query_heads import FAMILIES, HEADS, QH, _batch, _expected, _lm  # noqa: E402  (the tests' models)
+from test_query_heads import (FAMILIES, HEADS, QH, _batch, _expected, _fused_lm, _fused_widths,  # noqa: E402
+                              _lm)  # (the tests' models)
 
-CASES = [(family, 2) for family in FAMILIES] + [("llama", 1), ("qwen2", 1)]
+FUSED = {"phi3": 2, "gpt_bigcode": 1}  # family -> its kv heads
+CASES = [(family, 2) for family in FAMILIES] + [("llama", 1), ("qwen2", 1)] + list(FUSED.items())
 
 
 def run_case(family: str, kv: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     example, unseen = _batch(2, 12, seed), _batch(3, 9, seed + 100)
-    gated = dg.gate_model(_lm(family, kv), QH, (), example)
+    gated = dg.gate_model(_fused_lm(family) if family in FUSED else _lm(family, kv), QH, (), example)
     dead = []
     with torch.no_grad():
         for gate in dg.gates(gated):
@@ -43,9 +46,9 @@ def run_case(family: str, kv: int, seed: int) -> dict:
     tokens = gated.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     before = sum(p.numel() for p in gated.parameters()) - sum(g.factors.numel() for g in dg.gates(gated))
     slim = dg.shrink(gated, example_kwargs=example)
-    expected = [_expected(kv, q, g, family == "qwen2") for q, g in dead]
-    widths = [(layer.self_attn.q_proj.out_features // 8, layer.self_attn.k_proj.out_features // 8)
-              for layer in slim.model.layers]
+    expected = [_expected(kv, q, g, family in ("qwen2", "gpt_bigcode")) for q, g in dead]  # (biased query rows)
+    widths = _fused_widths(slim, family) if family in FUSED else [
+        (layer.self_attn.q_proj.out_features // 8, layer.self_attn.k_proj.out_features // 8) for layer in slim.model.layers]
     return {"zeroed": sum(len(q) for q, _ in dead), "cut": sum(HEADS - n for n, _ in widths),
             "kv cut": sum(kv - n for _, n in widths), "widths ok": widths == [e[:2] for e in expected],
             "params ok": before - sum(p.numel() for p in slim.parameters()) == sum(e[2] for e in expected),
@@ -58,7 +61,7 @@ def main() -> int:
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
-    header = (f"{'family':8s} {'kv':>3s} {'seeds':>5s} {'q zeroed':>9s} {'q cut':>6s} {'kept by rule':>12s} "
+    header = (f"{'family':11s} {'kv':>3s} {'seeds':>5s} {'q zeroed':>9s} {'q cut':>6s} {'kept by rule':>12s} "
               f"{'kv cut':>7s} {'widths':>7s} {'params':>7s} {'max diff':>9s} {'generate':>9s}")
     print(header)
     print("-" * len(header))
@@ -69,7 +72,7 @@ def main() -> int:
         ok = {k: all(r[k] for r in rows) for k in ("widths ok", "params ok", "generate ok")}
         diff = max(r["diff"] for r in rows)
         failed += not (all(ok.values()) and diff < 1e-5)
-        print(f"{family:8s} {kv:3d} {seeds:5d} {zeroed:9d} {cut:6d} {zeroed - cut:12d} "
+        print(f"{family:11s} {kv:3d} {seeds:5d} {zeroed:9d} {cut:6d} {zeroed - cut:12d} "
               f"{sum(r['kv cut'] for r in rows):7d} {'ok' if ok['widths ok'] else 'WRONG':>7s} "
               f"{'exact' if ok['params ok'] else 'WRONG':>7s} {diff:9.1e} {'same' if ok['generate ok'] else 'DIFF':>9s}")
     print(f"\n{len(CASES) - failed}/{len(CASES)} cases exact ('kept by rule': zeroed query heads the cut kept to "

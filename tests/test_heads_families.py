@@ -1,5 +1,6 @@
 """Heads across Hugging Face families (issue 19): a plugin row never makes a model less cuttable, and
 the attention spellings of transformers 5 cut exactly (tiny configs, random weights)."""
+import copy
 import inspect
 
 import pytest
@@ -100,7 +101,7 @@ def test_a_fixer_row_never_makes_a_model_less_cuttable(row, monkeypatch):
 
 
 # attention classes no row names; Persimmon's fused qkv is viewed (B, T, H, 3, Dh) and selected
-ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo", "persimmon"]
+ROW_LESS = ["opt", "stablelm", "bart", "distilbert", "gptj", "olmo", "persimmon", "codegen"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "t5", "opt", *(pytest.param(f, marks=pytest.mark.slow) for f in
@@ -167,3 +168,54 @@ def test_t5_cross_attention_heads_cut_exactly():
     assert check.groups_cut == 6
     layers = model.decoder.block
     assert [b.layer[1].EncDecAttention.n_heads for b in layers] == [2, 2]
+
+
+def _padded(length: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[0, :3] = 0
+    return {"input_ids": torch.randint(3, 100, (2, length), generator=gen), "attention_mask": mask, "use_cache": False}
+
+
+def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
+    """Phi-3 slices one fused projection at ``query_pos = config.num_attention_heads * head_dim`` and
+    ``query_pos + num_key_value_heads * head_dim``: positions where its parts meet, which the attention
+    fixer keeps (each layer's config view states its own head counts after the cut), so the slices
+    follow the cut and the key/value groups go (layer 0 loses one of two, layer 1 none). Exact on
+    padded inputs it never saw, with the same greedy generation and save/from_pretrained round trip."""
+    model, role = tiny("phi3")
+    dg.expose_weights(model, 1)
+    example, unseen = _padded(12, 0), _padded(9, 1)
+    gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "heads"}]}, (), example)
+    gates = dg.gates(gated)
+    assert [(g.kind, g.num_groups) for g in gates] == [("heads", 2)] * 2
+    with torch.no_grad():
+        gates[0].factors[0, 1] = 0
+    reference = gated(**unseen).logits
+    prompt = {k: example[k] for k in ("input_ids", "attention_mask")}
+    tokens = gated.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+    slim = dg.shrink(gated, example_kwargs=example)
+    layers = [layer.self_attn for layer in slim.model.layers]
+    assert [a.qkv_proj.out_features for a in layers] == [(2 + 2 * 1) * 16, (4 + 2 * 2) * 16]
+    assert [(a.config.num_attention_heads, a.num_key_value_heads, a.num_key_value_groups) for a in layers] == \
+        [(2, 1, 2), (4, 2, 2)]
+    assert slim.config.num_attention_heads == 4 and layers[1].config is slim.config  # the uncut layer reads the model's
+    assert dg.max_rel_diff(reference, slim(**unseen).logits) < 1e-5
+    assert torch.equal(slim.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True), tokens)
+    slim.save_pretrained(tmp_path)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.layers[0].self_attn.config.num_attention_heads == 2
+    assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)
+    copied = copy.deepcopy(slim)  # the layer's config view copies with the model, onto the copy's config
+    assert type(copied.model.layers[0].self_attn.config) is type(layers[0].config)
+    assert copied.model.layers[0].self_attn.config._base is copied.config
+    assert torch.equal(copied(**unseen).logits, slim(**unseen).logits)
+
+
+def test_phi3_heads_under_a_random_cut_are_exact():
+    model, role = tiny("phi3")
+    args, kwargs = example(role)
+    heads = [s for s in dg.analyze(model, args, kwargs).sets if s.kind == "heads"]
+    assert heads and all(s.removable.all() for s in heads), [(s.name, set(s.reasons)) for s in heads]
+    check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
+    assert check.groups_cut >= 1

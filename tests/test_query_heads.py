@@ -247,3 +247,82 @@ def test_the_constraint_only_keeps_dead_groups():
     out = constraints.apply_constraints(ctx, {"attn": dead.clone()}, [equal_query_heads])["attn"]
     # kv 1 serves live heads 4, 5: kept; both groups keep 2, kv 0 takes its strongest dead head (1)
     assert out.tolist() == [True, False, False, True, False, False, True, True, False, False]
+
+
+def _fused_lm(family: str):
+    """8 query heads of width 8 in one fused projection: Phi-3 (grouped, 2 kv heads; sliced at
+    ``config.num_attention_heads * head_dim``) or GPT-BigCode (multi-query, split at ``(embed_dim,
+    kv_dim, kv_dim)``)."""
+    if family == "phi3":
+        model = T.Phi3ForCausalLM(T.Phi3Config(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2,
+                                               num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=96,
+                                               pad_token_id=0))
+    else:
+        model = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=100, n_embd=HIDDEN, n_layer=2, n_head=HEADS,
+                                                           n_inner=96, multi_query=True, n_positions=64))
+    return dg.expose_weights(model.eval(), seed=3)
+
+
+def _fused_widths(slim, family):
+    """(query heads, kv heads) per layer, off the fused projection and the output projection."""
+    layers = [layer.self_attn for layer in slim.model.layers] if family == "phi3" else \
+        [block.attn for block in slim.transformer.h]
+    out = [a.o_proj if family == "phi3" else a.c_proj for a in layers]
+    fused = [a.qkv_proj if family == "phi3" else a.c_attn for a in layers]
+    return [(o.in_features // HEAD_DIM, (f.out_features - o.in_features) // (2 * HEAD_DIM)) for o, f in zip(out, fused)]
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_bigcode"])
+def test_query_heads_of_a_fused_qkv_projection_cut_exactly(family, tmp_path):
+    """Fused query/key/value projections sliced or split where their parts meet: the query heads go
+    one by one (equal per kv group; under multi-query the one kv head stays), exact on padded inputs
+    the cut never saw, the same greedy generation, and save_pretrained + from_pretrained equal."""
+    model = _fused_lm(family)
+    example, unseen = _batch(2, 12, 0), _batch(3, 9, 1)
+    gated = dg.gate_model(model, QH, (), example)
+    kv = 2 if family == "phi3" else 1
+    structure = [HEADS + h // 4 for h in range(HEADS)] + [-1] * 2 if kv == 2 else [-2] * HEADS
+    assert [(g.kind, g.kv_of) for g in dg.gates(gated)] == [("query_heads", structure)] * 2
+    _kill(dg.gates(gated)[0], {0, 1, 4})  # kv 0: 2 alive, kv 1: 3 alive -> 3 each (MQA: 5 query heads)
+    _kill(dg.gates(gated)[1], {4, 5, 6, 7}, {1} if kv == 2 else ())  # kv 1 goes whole (MQA: 4 query heads)
+    reference = gated(**unseen).logits
+    prompt = {k: example[k] for k in ("input_ids", "attention_mask")}
+    tokens = gated.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    slim = dg.shrink(gated, example_kwargs=example)
+    assert _fused_widths(slim, family) == ([(6, 2), (4, 1)] if kv == 2 else [(5, 1), (4, 1)])
+    assert dg.max_rel_diff(reference, slim(**unseen).logits) < 1e-5
+    assert torch.equal(slim.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=True), tokens)
+    slim.save_pretrained(tmp_path)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)
+
+
+def test_uniform_widths_keep_equal_query_heads_per_kv_group(tmp_path):
+    """``shrink(uniform=True)`` with query heads: layer 0 keeps 2 query heads per kv group (4), layer
+    1 one per group (2). Uniform widths revive layer 1's dead query heads by kv group, one more in
+    each (4 query heads, 2 kv heads, like layer 0), not its two strongest wherever they are (both in
+    kv group 0 would leave the groups unequal, and evening them out then keeps 6, which the config
+    refuses: every layer would keep all 8). The config states the widths: stock from_pretrained
+    reloads it."""
+    model = _lm("llama")
+    example, unseen = _batch(2, 12, 0), _batch(3, 9, 1)
+    gated = _gated(model, example)
+    _kill(dg.gates(gated)[0], {0, 1, 4, 5})
+    _kill(dg.gates(gated)[1], {1, 2, 3, 5, 6, 7})
+    with torch.no_grad():  # layer 1's dead heads: kv group 0's strongest (below the threshold)
+        dg.gates(gated)[1].factors[0, [1, 2, 3, 5, 6, 7]] = torch.tensor([3e-9, 2.5e-9, 2e-9, 1e-9, 0.5e-9, 0.2e-9])
+    plan = dg.plan_cut(gated, uniform=True)
+    assert plan.dead["model_layers_0_self_attn"].tolist() == [True, True, False, False,
+                                                             True, True, False, False, False, False]
+    assert plan.dead["model_layers_1_self_attn"].tolist() == [False, False, True, True,
+                                                             False, False, True, True, False, False]
+    reference = gated(**unseen).logits
+    slim = dg.shrink(gated, example_kwargs=example, uniform=True)
+    assert [(a.q_proj.out_features // HEAD_DIM, a.k_proj.out_features // HEAD_DIM, a.num_key_value_groups)
+            for a in (layer.self_attn for layer in slim.model.layers)] == [(4, 2, 2)] * 2
+    assert slim.config.num_attention_heads == 4 and slim.config.num_key_value_heads == 2
+    assert dg.max_rel_diff(reference, slim(**unseen).logits) < 1e-5
+    slim.save_pretrained(tmp_path)
+    assert "dgating_surgery" not in (tmp_path / "config.json").read_text()
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)

@@ -351,8 +351,8 @@ def _settle(ctx: WidthContext, dead: dict, sets: list[WidthSet], floor: dict[str
             for slot in wset.slots:
                 want = _wanted(ctx, wset, slot, targets)
                 for key, _ in ctx.cuts_on(slot.fqn, slot.dim):
-                    widened = revive(ctx.norms[key], dead[key], monotone=True,
-                                     done=lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= want)
+                    widened = _widen(ctx, key, dead[key],
+                                     lambda m: ctx.width(slot.fqn, slot.dim, {**dead, key: m}) >= want)
                     if widened is None:
                         raise ShrinkError(f"uniform widths: {slot.fqn} (dim {slot.dim}) has {ctx.size(slot.fqn, slot.dim)} "
                                           f"positions and cannot reach {want} ({want // slot.unit} units of "
@@ -370,6 +370,42 @@ def _settle(ctx: WidthContext, dead: dict, sets: list[WidthSet], floor: dict[str
                     f"keeps {ctx.width(odd.fqn, odd.dim, dead)} positions, not {_wanted(ctx, wset, odd, targets)} "
                     f"(units of {odd.unit}): the groups that cut it are not whole units; shrink without uniform")
         return targets
+
+
+def _widen(ctx: WidthContext, key: str, dead: torch.Tensor, done: Callable[[torch.Tensor], bool]) -> torch.Tensor | None:
+    """``dead`` with the fewest of its strongest dead groups revived for which ``done(mask)`` (a width
+    reached; None if none reaches it). A ``query_heads`` gate revives by key/value group
+    (``_even_widths``), so that every kept kv group keeps as many query heads as the others."""
+    if getattr(ctx.gates[key], "kv_of", None) is None:
+        return revive(ctx.norms[key], dead, done, monotone=True)
+    return _even_widths(ctx.gates[key].kv_of, ctx.norms[key], dead, done)
+
+
+def _even_widths(kv_of: list, norm: torch.Tensor, dead: torch.Tensor, done) -> torch.Tensor | None:
+    """The widening of a ``query_heads`` gate (see ``equal_query_heads``): its kept kv groups plus the
+    strongest k of its dead ones (k = 0, 1, ...), each with r query heads (r from the most any keeps
+    now: its alive ones, then its strongest dead ones), the choice reviving the fewest groups for which
+    ``done(mask)``; None if none does."""
+    kv_of = torch.tensor(kv_of)
+    groups = (kv_of == -1).nonzero().reshape(-1).tolist() + ([-2] if bool((kv_of == -2).any()) else [])
+    kept = [g for g in groups if g == -2 or not dead[g] or not bool(dead[kv_of == g].all())]
+    spare = sorted((g for g in groups if g not in kept), key=lambda g: -float(norm[g]))
+    start = max([1] + [int((~dead[kv_of == g]).sum()) for g in kept])
+    most = max(int((kv_of == g).sum()) for g in groups)
+    best = None
+    for extra in range(len(spare) + 1):
+        for r in range(start, most + 1):
+            mask = dead.clone()
+            for g in kept + spare[:extra]:
+                if g != -2:
+                    mask[g] = False
+                mine = kv_of == g
+                mask[mine] = revive(norm[mine], mask[mine], lambda m: int((~m).sum()) >= r, monotone=True)
+            if done(mask):
+                if best is None or int((dead & ~mask).sum()) < int((dead & ~best).sum()):
+                    best = mask
+                break  # (more query heads per group only revive more)
+    return best
 
 
 def _wanted(ctx: WidthContext, wset: WidthSet, slot: Slot, targets: dict[str, int]) -> int:

@@ -23,6 +23,9 @@ MODULE_FIXERS: dict[type, Fixer] = {}
 MODEL_FIXERS: dict[type, Fixer] = {}
 # class -> the attributes its fixer keeps, or a function of the layer giving them (absent: every int attribute)
 KEPT: dict[type, "tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]"] = {}
+# class -> the positions along a fused projection's output at which the layer's forward cuts it into parts
+# (Phi-3's ``qkv[..., :query_pos]``: query | key | value), as its fixer re-derives them after a cut
+PARTS: dict[type, Callable[[nn.Module], set[int]]] = {}
 
 
 def register_module_fixer(cls: type, fix: Fixer,
@@ -37,6 +40,23 @@ def register_module_fixer(cls: type, fix: Fixer,
         KEPT.pop(cls, None)
     else:
         KEPT[cls] = keeps if callable(keeps) else tuple(keeps)
+
+
+def register_part_boundaries(cls: type, boundaries: Callable[[nn.Module], set[int]]) -> None:
+    """``boundaries(module)``: the positions along the output of a fused projection of layers of
+    class ``cls`` where its parts meet (a query | key | value projection: after the queries, after
+    the keys), those the layer's fixer keeps up to date after a cut (its head counts times the head
+    size). A slice or split of a grouped dim at such positions follows the cut (``part_boundaries``)."""
+    PARTS[cls] = boundaries
+
+
+def part_boundaries(module: nn.Module) -> set[int]:
+    """The positions ``register_part_boundaries`` gives for this layer (empty: none follows a cut)."""
+    found = set()
+    for cls in type(module).__mro__:
+        if cls in PARTS:
+            found |= set(PARTS[cls](module))
+    return found
 
 
 def register_model_fixer(cls: type, fix: Fixer) -> None:

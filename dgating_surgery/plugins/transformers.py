@@ -23,7 +23,8 @@ from transformers.pytorch_utils import Conv1D
 from ..engine.branches import ZeroBranch, register_layer_dropper, register_zero_branch, replaced_layers
 from ..engine.centering import SWAPPED_ATTR, register_writer
 from ..engine.constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
-from ..engine.fixers import MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer
+from ..engine.fixers import (MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer,
+                             register_part_boundaries)
 from ..engine.gates import GATES_ATTR, gate_set, primary
 from ..engine.kinds import ATTRIBUTE_ROLES
 from ..engine.tensors import owner, replace_tensor, tied_holders
@@ -43,11 +44,46 @@ def _rows(layer) -> int:
 # An attention layer's head counts, by what they mean (the names transformers' attention classes use);
 # each is re-derived from the projections' widths after a cut. A name the layer lacks is skipped.
 HEAD_SIZE = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
-QUERY, KEY = ("q_proj", "query", "q", "q_lin", "query_proj"), ("k_proj", "key", "k", "k_lin", "key_proj")
-OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin")  # reads the heads as its input columns
+QUERY, KEY = ("q_proj", "query", "q", "q_lin", "query_proj", "q_attn"), ("k_proj", "key", "k", "k_lin", "key_proj")
+OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin", "c_proj")  # reads the heads as its input columns
 HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEAD_COUNT = ("num_key_value_heads", "num_kv_heads", "kv_heads")
 HEADS_WIDTH = ("all_head_size", "inner_dim")  # heads x head size
+# a fused projection's query and key widths, where a layer states both (GPT-BigCode splits at them; a layer
+# with only an embed_dim may compute other sizes from it: CodeGen's shards, embed_dim // 4, stay as they are)
+FUSED_WIDTHS = ("embed_dim", "kv_dim")
+
+
+FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")  # one projection for queries, keys and values
+
+
+def _heads_of(m) -> tuple[int, int | None, int | None]:
+    """(head size, heads, key/value heads) of an attention layer from its projections' widths; heads is
+    None when the layer has no int head size or neither a query nor an output projection (a wrapper),
+    key/value heads None when neither a key projection nor a fused query/key/value projection shows
+    them. A fused projection (where the layer has no query projection) holds heads + 2 * kv_heads
+    heads' rows (queries, keys, values): its key/value heads are half what the rows leave after the
+    queries, where that is a whole number."""
+    size = next((v for v in (getattr(m, n, None) for n in HEAD_SIZE) if type(v) is int), None)
+    query, key, out = (next((c for c in (getattr(m, n, None) for n in names) if isinstance(c, (nn.Linear, Conv1D))),
+                            None) for names in (QUERY, KEY, OUTPUT))
+    fused = _fused(m)
+    if size is None or query is None and out is None:
+        return size, None, None
+    heads = _rows(query) // size if query is not None else out.weight.shape[0 if isinstance(out, Conv1D) else 1] // size
+    if key is not None:
+        return size, heads, _rows(key) // size
+    if fused is not None and _rows(fused) % size == 0 and (_rows(fused) // size - heads) % 2 == 0 \
+            and _rows(fused) // size > heads:
+        return size, heads, (_rows(fused) // size - heads) // 2
+    return size, heads, None
+
+
+def _fused(m):
+    """The layer's fused query/key/value projection (where it has no separate query projection), or None."""
+    if any(isinstance(getattr(m, n, None), (nn.Linear, Conv1D)) for n in QUERY):
+        return None
+    return next((c for c in (getattr(m, n, None) for n in FUSED) if isinstance(c, (nn.Linear, Conv1D))), None)
 
 
 def _attention_values(m) -> dict[str, int]:
@@ -56,28 +92,107 @@ def _attention_values(m) -> dict[str, int]:
     else, for a fused qkv projection, the output projection's columns; one rule for the families,
     not a row per class), for the names the layer has. Empty for a layer with neither (a wrapper):
     nothing of it can follow a cut."""
-    size = next((v for v in (getattr(m, n, None) for n in HEAD_SIZE) if type(v) is int), None)
-    query, key, out = (next((c for c in (getattr(m, n, None) for n in names) if isinstance(c, (nn.Linear, Conv1D))),
-                            None) for names in (QUERY, KEY, OUTPUT))
-    if size is None or query is None and out is None:
+    size, heads, kv_heads = _heads_of(m)
+    if heads is None:
         return {}
-    heads = _rows(query) // size if query is not None else out.weight.shape[0 if isinstance(out, Conv1D) else 1] // size
     values = {**dict.fromkeys(HEAD_COUNT, heads), **dict.fromkeys(HEADS_WIDTH, heads * size)}
-    if key is not None:  # (a fused projection's key/value heads are not counted here)
-        kv_heads = _rows(key) // size
+    if kv_heads is not None:
         values.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads), num_key_value_groups=heads // max(kv_heads, 1))
+        if _fused(m) is not None and all(type(getattr(m, n, None)) is int for n in FUSED_WIDTHS):
+            values.update(zip(FUSED_WIDTHS, (heads * size, kv_heads * size)))
     return {name: value for name, value in values.items() if type(getattr(m, name, None)) is int}
 
 
 def _attention_counts(m) -> None:
+    described = _config_describes(m)  # (read before the layer's own counts change)
     for name, value in _attention_values(m).items():
         setattr(m, name, value)
+    _layer_config(m, described)
+
+
+def _stated(m, names) -> list[int]:
+    return [v for v in (getattr(m, n, None) for n in names) if type(v) is int]
+
+
+def _config_describes(m) -> dict[tuple[str, ...], bool]:
+    """Per meaning (heads, key/value heads): whether the config's fields of it state this layer's
+    count, i.e. the layer has no attribute of that meaning or its attributes agree with the config
+    (GPT-BigCode's config may carry a key/value head count its multi-query layers do not use)."""
+    config = _base_config(m)
+    return {names: all(v == getattr(config, n, None) for v in _stated(m, names) for n in names
+                       if type(getattr(config, n, None)) is int) for names in (HEAD_COUNT, KV_HEAD_COUNT)}
 
 
 def _attention_kept(m) -> tuple[str, ...]:
     """The counts ``_attention_counts`` re-derives on this layer: only those may follow a cut (a
     layer whose projections it cannot find keeps its counts as written, so they fix the heads)."""
-    return tuple(_attention_values(m))
+    return tuple(name for name, value in _attention_values(m).items() if getattr(m, name) == value)
+
+
+def _fused_parts(m) -> set[int]:
+    """Where the parts of a layer's fused query/key/value projection meet, as ``_attention_counts``
+    keeps them: after the queries (heads x head size) and after the keys; empty where it cannot count
+    the key/value heads (``fixers.register_part_boundaries``)."""
+    size, heads, kv_heads = _heads_of(m)
+    if heads is None or kv_heads is None or _fused(m) is None:
+        return set()
+    described, config = _config_describes(m), getattr(m, "config", None)
+    stated = [(v, heads) for v in _stated(m, HEAD_COUNT)] + [(v, kv_heads) for v in _stated(m, KV_HEAD_COUNT)]
+    stated += [(v, count) for names, count in ((HEAD_COUNT, heads), (KV_HEAD_COUNT, kv_heads))
+               if described[names] and config is not None for v in _stated(config, names)]
+    if not any(count == kv_heads for _, count in stated) or any(v != count for v, count in stated):
+        return set()  # the layer does not state the counts its projections give: no part follows
+    return {heads * size, (heads + kv_heads) * size}
+
+
+class LayerConfig:
+    """An attention layer's view of its model's config with its own head counts: every field is the
+    model config's (read through, so that ``set_attn_implementation`` and other changes reach it) but
+    the head counts the layer's forward may read from it (Phi-3 slices its fused projection at
+    ``config.num_attention_heads * head_dim``), which after a cut are the layer's own."""
+
+    def __init__(self, base, own: dict):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_own", dict(own))
+
+    def __getattr__(self, name):
+        if name in ("_base", "_own") or name.startswith("__"):  # (copy and pickle ask for dunders: the view's own)
+            raise AttributeError(name)
+        own = object.__getattribute__(self, "_own")
+        return own[name] if name in own else getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        if name in self._own:
+            self._own[name] = value
+        else:
+            setattr(self._base, name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self._own}, of {type(self._base).__name__})"
+
+
+def _base_config(m):
+    config = getattr(m, "config", None)
+    return config._base if isinstance(config, LayerConfig) else config
+
+
+def _layer_config(m, described: dict) -> None:
+    """Give an attention layer that holds the model config a ``LayerConfig`` stating its head counts
+    where they differ from the config's fields that describe the layer (``_config_describes``; the
+    plain config again where none does)."""
+    config = _base_config(m)
+    from transformers import PretrainedConfig
+    if not isinstance(config, PretrainedConfig):
+        return
+    size, heads, kv_heads = _heads_of(m)
+    if heads is None:
+        return
+    counts = dict.fromkeys(HEAD_COUNT, heads) if described[HEAD_COUNT] else {}
+    if kv_heads is not None and described[KV_HEAD_COUNT]:
+        counts.update(dict.fromkeys(KV_HEAD_COUNT, kv_heads))
+    own = {n: v for n, v in counts.items() if type(getattr(config, n, None)) is int and getattr(config, n) != v}
+    if own or isinstance(m.config, LayerConfig):
+        m.config = LayerConfig(config, own) if own else config
 
 
 def _gpt2(m) -> None:
@@ -129,6 +244,7 @@ def refresh() -> None:
     for cls in _attention_classes():
         if cls not in MODULE_FIXERS:
             register_module_fixer(cls, _attention_counts, keeps=_attention_kept)
+            register_part_boundaries(cls, _fused_parts)
 
 
 _SCANNED: set[str] = set()  # modeling modules whose attention classes are registered
@@ -332,6 +448,7 @@ def _record_widths(model) -> None:
     data, fresh = _without_drift(model, cls, original, data, set(attributes))
     for name, value in data.items():
         setattr(config, name, value)
+    _prune_layer_configs(model, config)
     full = _shapes(cls, data)
     differ = {k: list(v) for k, v in shapes.items() if k in full and full[k] != v}
     unstated = {k: v for k, v in attributes.items() if getattr(*owner(fresh, k)) != v}
@@ -356,7 +473,20 @@ def _own_config(model, config):
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = config
+        elif isinstance(getattr(module, "config", None), LayerConfig) and module.config._base is old:
+            module.config = LayerConfig(config, module.config._own)  # (a new view: an undone cut restores the old)
     return config
+
+
+def _prune_layer_configs(model, config) -> None:
+    """A layer's ``LayerConfig`` without the counts ``config`` now states alike (a uniform cut rewrote
+    them): the plain config where none is left."""
+    for module in model.modules():
+        view = getattr(module, "config", None)
+        if isinstance(view, LayerConfig) and view._base is config:
+            own = {n: v for n, v in view._own.items() if getattr(config, n, None) != v}
+            if own != view._own:
+                module.config = LayerConfig(config, own) if own else config
 
 
 def _without_drift(model, cls: type, original: dict, data: dict, cut: set[str]):

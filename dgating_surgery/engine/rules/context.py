@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
-from ..fixers import kept_sizes
+from ..fixers import kept_sizes, part_boundaries
 from ..kinds import PARAM_SPACE, Role
 from ..labels import NONE, Labels, UnionFind
 from ..tensors import along
@@ -245,6 +245,16 @@ class RuleContext:
             return False
         path, module = self.owner_module(node)
         return not (module is not None and value in kept_sizes(module))
+
+    def follows_parts(self, node, positions) -> bool:
+        """Whether every position (an int) where ``node`` slices or splits a grouped dim is where two
+        parts of a fused projection meet in the layer the node comes from, as that layer's fixer
+        keeps it after a cut (``fixers.part_boundaries``: Phi-3's query | key | value offsets)."""
+        positions = list(positions)
+        if not positions or not all(type(p) is int for p in positions):
+            return False
+        _, module = self.owner_module(node)
+        return module is not None and set(positions) <= part_boundaries(module)
 
     def owner_module(self, node) -> tuple[str, torch.nn.Module | None]:
         """The innermost module whose forward ``node`` belongs to (``nn_module_stack``: symbolic

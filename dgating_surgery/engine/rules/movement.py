@@ -195,14 +195,19 @@ def check_chunk(ctx: RuleContext, node, out, dim_pos=2):
 
 def check_split(ctx: RuleContext, node, out):
     """split into parts of a size: like chunk when the size follows the tensor (a graph node, or
-    under torch.export a layer attribute a fixer keeps, see ``ctx.fixed_by_code``); a size written
-    in the code fixes the positions of a grouped dim, which then cannot shrink."""
+    under torch.export a layer attribute a fixer keeps, see ``ctx.fixed_by_code``); unequal parts
+    where the parts of a fused projection meet (``ctx.follows_parts``: GPT-BigCode's
+    ``split((embed_dim, kv_dim, kv_dim))``) each keep their own groups; a size written in the code
+    fixes the positions of a grouped dim, which then cannot shrink."""
     x = node.args[0]
     lab = ctx.labels(x)
     dim = arg(node, 2, "dim", 0) % len(ctx.shape(x))
     if dim not in lab.varying_dims():
         return
     sizes = arg(node, 1, "split_size")
+    if isinstance(sizes, (list, tuple)) and len(set(sizes)) > 1 \
+            and ctx.follows_parts(node, [sum(sizes[:k]) for k in range(1, len(sizes))]):
+        return  # the parts of a fused projection, split where they meet (each part keeps its own groups)
     if not any(ctx.fixed_by_code(node, s) for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes])):
         return check_chunk(ctx, node, out)
     ctx.taint(lab.ids, f"{ctx.where(node)} splits a grouped dim at positions fixed in the code")
@@ -258,9 +263,36 @@ def take_along(ctx: RuleContext, node):
 
 
 def check_index(ctx: RuleContext, node, out):
+    """Indexing a grouped dim fixes the positions it selects, unless it is a slice (step 1) whose
+    ends are where the parts of a fused projection meet, as the layer's fixer keeps them (Phi-3's
+    ``qkv[..., :query_pos]``, ``query_pos = config.num_attention_heads * head_dim``): after the cut
+    each end counts the kept positions before it, so each part keeps its own groups."""
     lab = ctx.labels(node.args[0])
-    if set(_indexed_dims(ctx, node)) & set(lab.varying_dims()):
+    narrowed = set(_indexed_dims(ctx, node)) & set(lab.varying_dims())
+    if narrowed and not _part_slice(ctx, node, narrowed):
         ctx.taint(lab.ids, f"{ctx.where(node)} selects positions of a grouped dim that the code fixes")
+
+
+def _part_slice(ctx: RuleContext, node, narrowed: set[int]) -> bool:
+    """Whether ``node`` is a step-1 slice of the one grouped dim it narrows, its ends inside the dim
+    at positions that follow a cut (``ctx.follows_parts``)."""
+    nd = len(ctx.shape(node.args[0]))
+    if ctx.op_name(node) == "slice":
+        dim, start, end, step = (arg(node, 1, "dim", 0) % nd, arg(node, 2, "start", None), arg(node, 3, "end", None),
+                                 arg(node, 4, "step", 1))
+    elif ctx.op_name(node) == "getitem" and len(_indexed_dims(ctx, node)) == 1:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        cut = [i for i in index if isinstance(i, slice) and i != slice(None)]
+        if len(cut) != 1:
+            return False
+        dim, (start, end, step) = _indexed_dims(ctx, node)[0], (cut[0].start, cut[0].stop, cut[0].step)
+    else:
+        return False
+    size = ctx.shape(node.args[0])[dim]
+    if narrowed != {dim} or step not in (None, 1) or any(e is not None and (type(e) is not int or e < 0)
+                                                          for e in (start, end)):
+        return False  # (an end counted from the back does not follow the parts before it)
+    return ctx.follows_parts(node, [e for e in (start, end) if e is not None and 0 < e < size])
 
 
 def check_roll(ctx: RuleContext, node, out):
