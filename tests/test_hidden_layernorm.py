@@ -200,6 +200,15 @@ def test_hugging_face_layernorm_streams_are_cut_approximately(build, norms, sets
     loaded = dg.load_slim(tmp_path / "slim.safetensors", model=build())
     assert loaded.approximate_cut == record
     assert torch.equal(loaded(UNSEEN_IDS, **kwargs).logits, slim(UNSEEN_IDS, **kwargs).logits)
+    slim.save_pretrained(tmp_path / "hf")  # the Hugging Face config carries the label too
+    again = type(slim).from_pretrained(tmp_path / "hf")
+    assert again.approximate_cut == record
+    torch.testing.assert_close(again(UNSEEN_IDS, **kwargs).logits, slim(UNSEEN_IDS, **kwargs).logits)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["dgating_surgery"]["approximate_cut"]["layer_norms"] = {"transformer.h.0.ln_1": [32]}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(dg.CheckpointError, match=r"config.json.*approximate_cut\.layer_norms"):
+        type(slim).from_pretrained(tmp_path / "hf")
 
 
 class TiedDecoder(nn.Module):

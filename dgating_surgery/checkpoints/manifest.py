@@ -268,7 +268,7 @@ OPTIONAL = {"approximate_cut"}
 # The key a slim Hugging Face config.json carries (``plugins.transformers.CONFIG_KEY``): field -> check,
 # the manifest's own where a field means what a manifest field means.
 CONFIG_KEY_FIELDS = {"shapes": _shapes, "attributes": _cut_attributes, "centered_layernorms": _centered_layernorms,
-                     "branches": _removed_branches}
+                     "branches": _removed_branches, "approximate_cut": _approximate_cut}
 # What a cut writes on a layer (``shrink.set_cut_attributes``), the only attributes a file may set: the counts
 # the normalization rules record where no tensor shows a width (``rules.normalization``), and the rescaled
 # epsilon of an RMS norm (a float attribute of a layer with a weight, whatever its name).

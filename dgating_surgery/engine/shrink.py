@@ -135,6 +135,7 @@ def shrink(model: nn.Module, threshold: float | None = None, example_inputs=None
         raise
     if approximate:
         _label_approximate(model, sets, approximate, change)
+        fix_attributes(model)  # again: a model-level fixer records the label too (a Hugging Face config)
     retire_replaced(before.parameters, model)  # an optimizer built before the cut now refuses to step
     return model
 

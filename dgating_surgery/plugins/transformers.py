@@ -26,6 +26,7 @@ from ..engine.constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, r
 from ..engine.fixers import (MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer,
                              register_part_boundaries)
 from ..engine.gates import GATES_ATTR, gate_set, primary
+from ..engine.shrink import APPROXIMATE_ATTR
 from ..engine.kinds import ATTRIBUTE_ROLES
 from ..engine.tensors import owner, replace_tensor, tied_holders
 from ..errors import CheckpointError, GatingError
@@ -458,9 +459,10 @@ def _record_widths(model) -> None:
         config.per_layer_config = per_layer or None
     swapped = getattr(model, SWAPPED_ATTR, [])
     branches = replaced_layers(model)  # the layers of removed residual branches
-    if differ or unstated or swapped or branches:
+    approximate = getattr(model, APPROXIMATE_ATTR, None)  # a loader must know the cut was approximate
+    if differ or unstated or swapped or branches or approximate:
         setattr(config, CONFIG_KEY, {"shapes": differ, "attributes": unstated, SWAPPED_ATTR: swapped,
-                                     "branches": branches})
+                                     "branches": branches, **({"approximate_cut": approximate} if approximate else {})})
     elif hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 
@@ -598,6 +600,8 @@ def restore_widths(model, path="config.json") -> None:
     _set_cut_attributes(model, {own: spec["attributes"][saved] for saved, own in attributes.items()},
                         field=f"{CONFIG_KEY}.attributes", **where)
     fix_attributes(model)
+    if spec.get("approximate_cut"):
+        setattr(model, APPROXIMATE_ATTR, spec["approximate_cut"])
 
 
 def _shown(value) -> str:
