@@ -19,10 +19,15 @@ slimmed model on the fixed 30% test split.
   that seed kept.
 - scratch: the slim architecture D-Gating found, trained from a fresh init for all STEPS.
 
-    python benchmarks/paper_target.py                # the table (5 seeds, about 20 minutes on one core)
-    python benchmarks/paper_target.py --task cnn     # the digits CNN, MACs kept (filter-norm magnitude)
-    python benchmarks/paper_target.py --task cnn --kept 0.25 0.1   # some of the size rows (run rows in parallel)
+- dense: the unpruned network trained for all STEPS (the plot's horizontal line).
+
+    python benchmarks/paper_target.py --plot docs/img/mlp_target.png            # 5 seeds, ~6 min on one core
+    python benchmarks/paper_target.py --task cnn --plot docs/img/cnn_target.png # the digits CNN, MACs kept
+    python benchmarks/paper_target.py --task cnn --kept 0.5 0.25 --rows a.json &     # size rows in parallel,
+    python benchmarks/paper_target.py --task cnn --kept 0.1 0.05 --rows b.json; wait  # then the table and plot:
+    python benchmarks/paper_target.py --task cnn --merge a.json b.json --plot docs/img/cnn_target.png
     python benchmarks/paper_target.py --splits       # the measurement behind the default split
+    python benchmarks/paper_target.py --steps 8 --seeds 0 --kept 0.25              # a smoke run
 """
 from __future__ import annotations
 

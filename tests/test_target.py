@@ -230,33 +230,6 @@ def test_a_strong_group_does_not_make_the_rest_of_its_layer_the_first_to_go():
         assert torch.count_nonzero(model.dgates[key].factors.detach()[:, mask]) == 0
 
 
-def test_groups_the_penalty_killed_are_held_before_living_ones():
-    """The hold takes the collapsed groups (norm below ``relative`` x the largest of their layer)
-    first, and ranks only the remainder by norm relative to the layer's typical group. Layer 1:
-    one dominant neuron (10x the others: its typical norm is 2.4) and 4 collapsed neurons (8e-4 of
-    the largest); layer 2: 4 weak but living neurons (1.1e-3 of its largest, typical norm 1.4).
-    Relative to the typical norm the living ones look weaker (1.5e-3 against 3.3e-3): ranked
-    by that alone, a 4-group target would hold them, keep the collapsed ones, and wait for
-    ``by_step`` instead of holding at the first measurement."""
-    from dgating_surgery.engine.gates import scale_groups_
-
-    X, _ = digits(8)
-    torch.manual_seed(0)
-    model = dg.gate_model(DigitsMLP(64, (32, 32), 10), {"D": 3, "groups": [{"kind": "neurons"}]}, X[:4])
-    spread = torch.linspace(1.0, 2.0, 32, dtype=torch.float64)[torch.randperm(32)]
-    wanted = {"fc1": spread.clone(), "fc2": spread.clone()}
-    wanted["fc1"][0], wanted["fc1"][1:5] = 10.0, 8e-3
-    wanted["fc2"][wanted["fc2"].argmax()], wanted["fc2"][10:14] = 2.0, 2.2e-3
-    for key, norm in dg.group_norms(model).items():
-        scale_groups_(model, model.dgates[key], wanted[key] / norm.detach().double())
-    sched = dg.LambdaScheduler(None, 1e-3, model=model, target=4 / 64, metric="groups", start_step=0, by_step=5)
-    sched.step()
-    assert sched.recovering  # at the first measurement: the collapsed groups make the target
-    held = sched.held_masks
-    assert set(held) == {"fc1"} and held["fc1"].nonzero().flatten().tolist() == [1, 2, 3, 4]
-    assert torch.count_nonzero(model.dgates["fc1"].factors.detach()[:, held["fc1"]]) == 0
-
-
 def test_per_kind_lambda_reaches_the_optimizer_and_the_penalty():
     """A recipe's per-kind lam: one param group per kind with 2*lam/D decay, the penalty weighs each
     kind's parameters with its own lambda, and a per-kind target drives each group separately."""

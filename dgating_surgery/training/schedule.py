@@ -9,10 +9,9 @@ the schedule's current value. With ``dg.penalty`` instead of weight decay, pass
 A size target (``target=0.9, metric="params", by_step=S``) runs in three phases:
 
 1. dense until ``start_step`` (lambda 0; optionally a ``warmup_steps`` ramp after it);
-2. penalty: every ``every`` steps the controller ranks the groups (those collapsed already first,
-   the rest by collapsed norm relative to a typical surviving group of their gate,
-   ``deadness.typical_norms``, so that layers compare by how weak a group is within its own
-   layer) and finds the weakest ones whose cut would remove
+2. penalty: every ``every`` steps the controller ranks the groups by collapsed norm relative to
+   a typical surviving group of their gate (``deadness.typical_norms``, so that layers compare by
+   how weak a group is within its own layer) and finds the weakest ones whose cut would remove
    the target fraction; the largest of their norms relative to the largest in their gate (the
    target quantile, ``deadness.scores``) must fall to ``relative`` by ``by_step``. Deaths lag lambda by hundreds of steps, so the controller steers
    the pace of that leading figure: lambda is multiplied by (the pace still needed / the pace
@@ -21,8 +20,7 @@ A size target (``target=0.9, metric="params", by_step=S``) runs in three phases:
    shrinks (the whole network collapsing: lambda is past the range where the loss defends what it
    needs), checked five times per measurement interval;
 3. recovery: as soon as the collapsed groups (score below ``relative``) reach the target, or at
-   ``by_step`` at the latest, the weakest groups that make the target (the collapsed first, then
-   the living by norm relative to their layer's typical group) are held at exactly zero
+   ``by_step`` at the latest, the weakest groups that make the target are held at exactly zero
    (``deadness.hold``), lambda goes to 0 and the remaining steps train the alive weights. A final
    ``dg.shrink`` removes exactly the held groups, so the size lands on the target by construction
    (to one group) and the cut is exact.
@@ -247,18 +245,15 @@ class LambdaScheduler:
         return bool(self.targets) and set(self.held) == set(self.targets)
 
     # -- measuring -----------------------------------------------------------------------------------
-    def _ranking(self, key: str) -> list[tuple[tuple, str, int, float]]:
-        """(order, gate key, group, score) of the groups a target may hold, weakest first; each
+    def _ranking(self, key: str) -> list[tuple[float, str, int, float]]:
+        """(rank, gate key, group, score) of the groups a target may hold, weakest first; each
         gate's strongest group is left out (a cut keeps one group per gate). ``score``: the norm
         relative to the largest in the gate (collapsed below ``relative``; the controller steers
-        its pace). The groups that have collapsed come first (weakest score first): a group the
-        penalty has killed is never kept while a living one is held, so the hold fires as soon as
-        the collapsed groups make the target. Only the remainder a forced hold (at ``by_step``)
-        needs is ranked by the norm relative to a typical surviving group of the gate
-        (``deadness.typical_norms``), what living groups of different layers are compared by:
-        relative to the largest, one strong group makes the rest of its layer look weak (on the
-        digits CNN the last conv layer's strongest channel is 3x its median, 1.2-1.3x in the other
-        layers; ranked that way the last layer lost 29 of its 32 channels at 25% of the MACs)."""
+        its pace). ``rank``: the norm relative to a typical surviving group of the gate
+        (``deadness.typical_norms``), what groups of different layers are compared by: relative
+        to the largest, one strong group makes the rest of its layer look weak (on the digits CNN
+        the last conv layer's strongest channel is 3x its median, 1.2-1.3x in the other layers;
+        ranked that way the last layer lost 29 of its 32 channels at 25% of the MACs)."""
         from ..engine.gates import gate_set
 
         dset = gate_set(self.model)
@@ -268,8 +263,7 @@ class LambdaScheduler:
             if key != ALL and dset[gate_key].kind != key:
                 continue
             strongest, rank = int(score.argmax()), ranks[gate_key].tolist()
-            out.extend(((0, s) if s < self.relative else (1, rank[j]), gate_key, j, s)
-                       for j, s in enumerate(score.tolist()) if j != strongest)
+            out.extend((rank[j], gate_key, j, s) for j, s in enumerate(score.tolist()) if j != strongest)
         return sorted(out)
 
     def _masks(self, chosen) -> dict[str, torch.Tensor]:
