@@ -307,11 +307,11 @@ def plot(rows, path) -> None:
     import plots
 
     plot_rows = [{"method": "dense" if r["method"] == "dense" else METHODS[r["method"]], "x": 100 * r["kept"],
-                  "y": 100 * r["acc"], "seed": r["seed"], "setting": r["asked"]} for r in rows]
+                  "y": 100 * r["acc"], "seed": r["seed"], "setting": 100 * r["asked"]} for r in rows]
     seeds = sorted({r["seed"] for r in rows})
     measure = {"params": "parameters", "macs": "MACs"}[TASK.metric]
     plots.plot(plot_rows, path, xlabel=f"{measure} kept (%, log scale)", ylabel="test accuracy of the slim model (%)",
-               title=f"{TASK.name} on digits, {rows[0].get('steps', TASK.steps)} SGD steps per method, {len(seeds)} seeds (mean ± std)",
+               title=f"{TASK.name if 'digits' in TASK.name else TASK.name + ' on digits'}, {rows[0].get('steps', TASK.steps)} SGD steps per method, {len(seeds)} seeds (mean ± std)",
                hline="dense", logx=True, spread=0.025)
 
 

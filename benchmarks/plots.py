@@ -39,7 +39,7 @@ def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False, spread=0.
     """Write a PNG of ``rows`` to ``path`` (matplotlib, the ``bench`` extra; a note without it).
     ``spread``: methods at the same x are drawn this fraction of the x range apart (with ``logx``:
     this fraction of x), so that their error bars do not hide each other; with ``logx`` the ticks
-    are the first method's sizes."""
+    are the rows' ``setting`` values where they are numbers, else the first method's sizes."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -64,7 +64,9 @@ def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False, spread=0.
                     color=f"C{i}")
     if logx:
         ax.set_xscale("log")
-        ticks = sorted({float(f"{x:.2g}") for x, _, _ in _series(rows, lines[0])})  # the first method's sizes
+        settings = {r.get("setting") for r in rows if r["method"] in lines}
+        ticks = sorted(settings) if all(isinstance(t, (int, float)) for t in settings) else sorted(
+            {float(f"{x:.2g}") for x, _, _ in _series(rows, lines[0])})  # the sizes asked, else the first method's
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
     ax.set_xlabel(xlabel)
