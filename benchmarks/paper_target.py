@@ -19,18 +19,25 @@ slimmed model on the fixed 30% test split.
   that seed kept.
 - scratch: the slim architecture D-Gating found, trained from a fresh init for all STEPS.
 
-    python benchmarks/paper_target.py                # the table (5 seeds, about 20 minutes on one core)
-    python benchmarks/paper_target.py --task cnn     # the digits CNN, MACs kept (filter-norm magnitude)
-    python benchmarks/paper_target.py --task cnn --kept 0.25 0.1   # some of the size rows (run rows in parallel)
+- dense: the unpruned network trained for all STEPS (the plot's horizontal line).
+
+    python benchmarks/paper_target.py --plot docs/img/mlp_target.png            # 5 seeds, ~6 min on one core
+    python benchmarks/paper_target.py --task cnn --plot docs/img/cnn_target.png # the digits CNN, MACs kept
+    python benchmarks/paper_target.py --task cnn --kept 0.5 0.25 --rows a.json &     # size rows in parallel,
+    python benchmarks/paper_target.py --task cnn --kept 0.1 0.05 --rows b.json; wait  # then the table and plot:
+    python benchmarks/paper_target.py --task cnn --merge a.json b.json --plot docs/img/cnn_target.png
     python benchmarks/paper_target.py --splits       # the measurement behind the default split
+    python benchmarks/paper_target.py --steps 8 --seeds 0 --kept 0.25              # a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -71,6 +78,7 @@ class Task:
     """What differs between the benchmarks: the network (from per-layer widths), its groups, the
     size measure, the steps, and how to read the per-layer widths off a slim network."""
 
+    key: str
     name: str
     make: Callable
     groups: list
@@ -84,20 +92,21 @@ class Task:
 
 
 TASKS = {
-    "mlp": Task("LeNet-300-100", lambda widths=(300, 100): MLP(hidden=tuple(widths)),
+    "mlp": Task("mlp", "LeNet-300-100", lambda widths=(300, 100): MLP(hidden=tuple(widths)),
                 [{"kind": "neurons", "names": ["hidden.*"]}], "params", 1500, False),
-    "cnn": Task("digits CNN", CNN, [{"kind": "channels"}], "macs", 600, True),
+    "cnn": Task("cnn", "digits CNN", CNN, [{"kind": "channels"}], "macs", 600, True),
 }
 TASK = TASKS["mlp"]
 
 
-def train(model, opt, X, y, steps, seed, after=None):
-    """``steps`` minibatch steps with lr x0.1 for the last quarter; ``after(step)`` after each."""
+def train(model, opt, X, y, steps, seed, after=None, batch=BATCH):
+    """``steps`` minibatch steps of ``batch`` examples with lr x0.1 for the last quarter;
+    ``after(step)`` after each."""
     gen = torch.Generator().manual_seed(seed)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 0.75 * steps else 0.1)
-    order = torch.cat([torch.randperm(len(X), generator=gen) for _ in range(steps * BATCH // len(X) + 1)])
+    order = torch.cat([torch.randperm(len(X), generator=gen) for _ in range(steps * batch // len(X) + 1)])
     for step in range(steps):
-        idx = order[step * BATCH:(step + 1) * BATCH]
+        idx = order[step * batch:(step + 1) * batch]
         model.train()
         loss = F.cross_entropy(model(X[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -222,52 +231,115 @@ def splits(seeds=(0, 1, 2)):
                   f"{mean_std([100 * r['kept'] for r in rows])} |", flush=True)
 
 
-def table(seeds=SEEDS, kept_rows=KEPT):
+METHODS = {"dg": "D-Gating target", "mag": "magnitude uniform", "mag_layers": "magnitude, D-Gating's layers",
+           "scratch": "scratch, D-Gating's layers"}
+
+
+def dense(data, seed):
+    """The unpruned network, trained for all the steps (the reference line)."""
+    Xtr, ytr, Xev, yev = data
+    torch.manual_seed(seed)
+    model = TASK.make()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=REST_WD)
+    train(model, opt, Xtr, ytr, TASK.steps, seed)
+    return {"acc": accuracy(model, Xev, yev), "kept": 1.0, "widths": TASK.widths(model)}
+
+
+def measure(seeds=SEEDS, kept_rows=KEPT, rows_path=None) -> list[dict]:
+    """Every method at every size and seed (and dense per seed): one row each, ``{"task", "method",
+    "asked", "seed", "acc", "kept", "widths"}`` (fractions), saved to ``rows_path`` as they come."""
     data = digits(TASK.images)
     started = time.time()
-    print(f"{TASK.name}, {TASK.steps} SGD steps per method, {TASK.metric} kept, test accuracy % (mean ± std over "
-          f"{len(seeds)} seeds)\n")
-    print(f"| {TASK.metric} kept | D-Gating target | magnitude uniform | magnitude, D-Gating's layers | scratch, D-Gating's "
-          "layers | D-Gating - magnitude uniform (paired) | wins / seeds |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
+
+    def add(method, asked, seed, result):
+        rows.append({"task": TASK.key, "steps": TASK.steps, "method": method, "asked": asked, "seed": seed, **result})
+        if rows_path:
+            Path(rows_path).write_text(json.dumps(rows))
+
+    for seed in seeds:
+        add("dense", 1.0, seed, dense(data, seed))
     for kept in kept_rows:
-        rows = {"dg": [], "mag": [], "mag_layers": [], "scratch": []}
         for seed in seeds:
             d = dgating(data, kept, seed)
-            rows["dg"].append(d)
-            rows["mag"].append(magnitude(data, kept, seed))
-            rows["mag_layers"].append(magnitude(data, kept, seed, d["widths"]))
-            rows["scratch"].append(scratch(data, d["widths"], seed))
-            print(f"<!-- {kept:.0%} seed {seed}: " + ", ".join(f"{k} {100 * v[-1]['acc']:.2f}" for k, v in rows.items())
-                  + " -->", flush=True)
+            add("dg", kept, seed, d)
+            add("mag", kept, seed, magnitude(data, kept, seed))
+            add("mag_layers", kept, seed, magnitude(data, kept, seed, d["widths"]))
+            add("scratch", kept, seed, scratch(data, d["widths"], seed))
+            print(f"<!-- {kept:.0%} seed {seed}: " + ", ".join(
+                f"{r['method']} {100 * r['acc']:.2f}" for r in rows[-4:]) + f"; {time.time() - started:.0f} s -->",
+                flush=True)
+    return rows
+
+
+def tables(rows) -> str:
+    """The markdown table of ``rows``: per size asked, each method's accuracy (mean ± std over the
+    seeds, size reached in brackets), the paired difference D-Gating - magnitude uniform, wins."""
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["method"], r["asked"], r["seed"]): r for r in rows}
+    lines = [f"{TASK.name}, {rows[0].get('steps', TASK.steps)} SGD steps per method, {TASK.metric} kept, test accuracy % (mean ± std over "
+             f"{len(seeds)} seeds: {', '.join(map(str, seeds))})", ""]
+    dense_accs = [100 * by[("dense", 1.0, s)]["acc"] for s in seeds if ("dense", 1.0, s) in by]
+    if dense_accs:
+        lines += [f"Dense (no pruning): {mean_std(dense_accs)}", ""]
+    lines += [f"| {TASK.metric} kept | " + " | ".join(METHODS.values()) +
+              " | D-Gating - magnitude uniform (paired) | wins / seeds |", "|---" * (len(METHODS) + 3) + "|"]
+    for kept in sorted({r["asked"] for r in rows} - {1.0}, reverse=True):
         cells = []
-        for key in ("dg", "mag", "mag_layers", "scratch"):
-            accs = [100 * r["acc"] for r in rows[key]]
-            sizes = [100 * r["kept"] for r in rows[key]]
-            cells.append(f"{mean_std(accs)} ({statistics.mean(sizes):.1f}% kept)")
-        diffs = [100 * (a["acc"] - b["acc"]) for a, b in zip(rows["dg"], rows["mag"])]
-        wins = sum(x > 0 for x in diffs)
-        ties = sum(x == 0 for x in diffs)
-        print(f"| {kept:.0%} | " + " | ".join(cells) + f" | {mean_std(diffs)} | {wins} (+{ties} ties) / {len(diffs)} |",
-              flush=True)
-        print(f"<!-- widths D-Gating: {[r['widths'] for r in rows['dg']]}; {time.time() - started:.0f} s -->",
-              flush=True)
+        for method in METHODS:
+            sel = [by[(method, kept, s)] for s in seeds if (method, kept, s) in by]
+            cells.append(f"{mean_std([100 * r['acc'] for r in sel])} ({statistics.mean(100 * r['kept'] for r in sel):.1f}% "
+                         "kept)" if sel else "-")
+        pairs = [(by[("dg", kept, s)], by[("mag", kept, s)]) for s in seeds if ("dg", kept, s) in by and ("mag", kept, s) in by]
+        diffs = [100 * (a["acc"] - b["acc"]) for a, b in pairs]
+        wins, ties = sum(x > 0 for x in diffs), sum(x == 0 for x in diffs)
+        lines.append(f"| {kept:.0%} | " + " | ".join(cells) + f" | {mean_std(diffs) if diffs else '-'} | "
+                     f"{wins} (+{ties} ties) / {len(diffs)} |")
+    widths = {kept: [by[("dg", kept, s)]["widths"] for s in seeds if ("dg", kept, s) in by]
+              for kept in sorted({r["asked"] for r in rows} - {1.0}, reverse=True)}
+    lines += ["", "D-Gating's widths per seed: " + "; ".join(f"{k:.0%} {w}" for k, w in widths.items())]
+    return "\n".join(lines)
+
+
+def plot(rows, path) -> None:
+    """Accuracy against the size kept (% of parameters, of MACs for the CNN), one line per method
+    (benchmarks/plots.py), dense as a horizontal line."""
+    import plots
+
+    plot_rows = [{"method": "dense" if r["method"] == "dense" else METHODS[r["method"]], "x": 100 * r["kept"],
+                  "y": 100 * r["acc"], "seed": r["seed"], "setting": 100 * r["asked"]} for r in rows]
+    seeds = sorted({r["seed"] for r in rows})
+    measure = {"params": "parameters", "macs": "MACs"}[TASK.metric]
+    plots.plot(plot_rows, path, xlabel=f"{measure} kept (%, log scale)", ylabel="test accuracy of the slim model (%)",
+               title=f"{TASK.name if 'digits' in TASK.name else TASK.name + ' on digits'}, {rows[0].get('steps', TASK.steps)} SGD steps per method, {len(seeds)} seeds (mean ± std)",
+               hline="dense", logx=True, spread=0.025)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", action="store_true", help="measure the dense/penalty/recovery split")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, or 3 for --splits)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0-4, or 0-2 for --splits)")
     parser.add_argument("--task", choices=sorted(TASKS), default="mlp")
     parser.add_argument("--kept", type=float, nargs="+", default=KEPT, help="the size rows (fractions kept)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the task's)")
+    parser.add_argument("--rows", help="save the measured rows (JSON), e.g. one file per process")
+    parser.add_argument("--merge", nargs="+", help="print the table (and plot) from saved rows, measuring nothing")
+    parser.add_argument("--plot", help="write a PNG of test accuracy against the size kept, per method")
     args = parser.parse_args(argv)
     global TASK
-    TASK = TASKS[args.task]
+    TASK = TASKS[args.task] if args.steps is None else replace(TASKS[args.task], steps=args.steps)
     setup()
     if args.splits:
-        splits(tuple(range(args.seeds or 3)))
+        splits(tuple(int(s) for s in (args.seeds or "0,1,2").split(",")))
+        return
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())]
     else:
-        table(tuple(range(args.seeds or len(SEEDS))), tuple(args.kept))
+        rows = measure(tuple(int(s) for s in (args.seeds or ",".join(map(str, SEEDS))).split(",")), tuple(args.kept),
+                       args.rows)
+    print(tables(rows))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -98,8 +98,7 @@ def net(n_in=N_FEATURES):
 
 
 def train(model, opt, X, y, seed, after=None):
-    paper_target.BATCH = BATCH  # paper_target.train reads its batch size from the module
-    paper_target.train(model, opt, X, y, STEPS, seed, after)
+    paper_target.train(model, opt, X, y, STEPS, seed, after, batch=BATCH)
 
 
 def weakest(model, k) -> dict[str, torch.Tensor]:

@@ -37,8 +37,9 @@ def _series(rows, method) -> list[tuple[float, float, float]]:
 
 def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False, spread=0.006) -> None:
     """Write a PNG of ``rows`` to ``path`` (matplotlib, the ``bench`` extra; a note without it).
-    ``spread``: methods at the same x are drawn this fraction of the x range apart, so that their
-    error bars do not hide each other."""
+    ``spread``: methods at the same x are drawn this fraction of the x range apart (with ``logx``:
+    this fraction of x), so that their error bars do not hide each other; with ``logx`` the ticks
+    are the rows' ``setting`` values where they are numbers, else the first method's sizes."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -56,12 +57,18 @@ def plot(rows, path, xlabel, ylabel, title="", hline=None, logx=False, spread=0.
             ax.axhline(statistics.mean(y for _, y, _ in series), color="gray", linestyle=":", label=method)
             continue
         xs, ys, sd = zip(*series)
-        xs = [x + (lines.index(method) - (len(lines) - 1) / 2) * width for x in xs]
+        offset = lines.index(method) - (len(lines) - 1) / 2
+        xs = [x * (1 + offset * spread) if logx else x + offset * width for x in xs]
         dashed = "no recovery" in method or "scratch" in method
         ax.errorbar(xs, ys, yerr=sd, marker="o", ms=4, capsize=3, label=method, linestyle="--" if dashed else "-",
                     color=f"C{i}")
     if logx:
         ax.set_xscale("log")
+        settings = {r.get("setting") for r in rows if r["method"] in lines}
+        ticks = sorted(settings) if all(isinstance(t, (int, float)) for t in settings) else sorted(
+            {float(f"{x:.2g}") for x, _, _ in _series(rows, lines[0])})  # the sizes asked, else the first method's
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

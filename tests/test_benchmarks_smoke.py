@@ -44,3 +44,25 @@ def test_gpt2_one_cell_lands_on_the_per_kind_sizes(tmp_path, capsys, one_thread)
     assert re.search(r"\| 50% \| 25% \| [^|]+ \| [^|]+ \| [^|]+ \| [01] / 1 \| 8, 256; 8, 256 \|", out), out
     pytest.importorskip("matplotlib")  # the table is checked above; the plot needs the bench extra
     assert png.read_bytes()[:8] == PNG
+
+
+def test_paper_target_rows_table_merge_and_plot(tmp_path, capsys, one_thread):
+    """paper_target.py on a few steps: every method lands on the size asked, the rows it saves
+    print the same table with --merge, and the plot of accuracy against size kept is a PNG."""
+    pytest.importorskip("sklearn")
+    import paper_target
+
+    rows_json, png = tmp_path / "mlp.json", tmp_path / "mlp.png"
+    paper_target.main(["--steps", "8", "--seeds", "0", "--kept", "0.25", "--rows", str(rows_json)])
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| 25% | "))
+    kept = [float(k) for k in re.findall(r"\(([\d.]+)% kept\)", row)]
+    assert len(kept) == len(paper_target.METHODS) and all(abs(k - 25) <= 3 for k in kept), row
+    rows = json.loads(rows_json.read_text())
+    assert sorted(r["method"] for r in rows) == sorted(["dense", *paper_target.METHODS])
+    assert all(r["steps"] == 8 and r["seed"] == 0 for r in rows)
+    paper_target.main(["--merge", str(rows_json), "--plot", str(png)])
+    merged = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("|", "Dense", "D-Gating"))]
+    assert merged == [line for line in table.splitlines() if line.startswith(("|", "Dense", "D-Gating"))]
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == PNG
