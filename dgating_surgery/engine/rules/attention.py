@@ -255,7 +255,7 @@ def _query_heads(ctx: RuleContext, node, operands, hdim: int, heads: int, kv_hea
         return None
     lines = [_head_line(ctx, t, hdim, node, kv_heads) for t in (k, v)]
     path = ctx.owner_module(node)[0]
-    if groups == 1 and any(line is None for line in lines):  # multi-query: the one kv head stays
+    if groups == 1:  # multi-query: the one kv head stays (it serves every query head)
         for line in lines:
             if line is not None:
                 ctx.taint(line.ids, f"the one key/value head of {repr(path) if path else ctx.where(node)} serves "
