@@ -278,3 +278,13 @@ def test_falcon_multi_query_heads_say_why():
     heads = [s for s in dg.analyze(model, *example(role)).sets if s.kind == "heads"]
     assert heads and not any(s.removable.any() for s in heads)
     assert "counted from the back of a grouped dim: its last 2 stay" in next(r for r in heads[0].reasons if r)
+
+
+@pytest.mark.parametrize("mode", ["multi_query=False", "new_decoder_architecture"])
+def test_falcon_alibi_heads_stay_with_the_reason(mode):
+    """With ALiBi, Falcon adds per-head slopes computed from the head count to the attention mask: a
+    per-head tensor of no group, so no head can go, and the reason says so."""
+    model, role = tiny("falcon", hidden_size=128, num_attention_heads=8, alibi=True, **FALCON[mode])
+    heads = [s for s in dg.analyze(model, *example(role)).sets if s.kind == "heads"]
+    assert heads and not any(s.removable.any() for s in heads)
+    assert "holds one slice per head (a per-head bias such as ALiBi's slopes" in next(r for r in heads[0].reasons if r)

@@ -190,6 +190,8 @@ def sdpa(ctx: RuleContext, node):
             value = mapped
     mask_size = (1,) * (nd - len(ctx.shape(mask))) + tuple(ctx.shape(mask)) if ctx.is_tensor(mask) else None
     if mask_size is not None and ctx.labels(mask) is None and mask_size[hdim] > 1:
+        ctx.taint(ids, f"the attention mask at {ctx.where(node)} holds one slice per head (a per-head bias such as "
+                       "ALiBi's slopes, computed from the head count) that belongs to no group, so no head can go")
         ctx.tie(ids.numpy(), torch.full((heads,), NONE).numpy(), node)  # a per-head mask of no group: heads stay
     if mask is not None and ctx.labels(mask) is not None:
         size = mask_size
