@@ -75,15 +75,16 @@ def register_model_fixer(cls: type, fix: Fixer) -> None:
 
 
 def kept_sizes(module: nn.Module) -> set[int]:
-    """The values of the int attributes that the layer's fixers keep up to date after a cut."""
+    """The values of the int attributes that the layer's fixers keep up to date after a cut, and the
+    sizes the layer computes from them (``register_derived_sizes``)."""
     sizes = set()
     for cls in type(module).__mro__:
         if cls in MODULE_FIXERS:
             names = KEPT.get(cls, vars(module))
             names = names(module) if callable(names) else names
             sizes |= {v for v in (getattr(module, n, None) for n in names) if type(v) is int}
-        if cls in DERIVED:
-            sizes |= set(DERIVED[cls](module))
+            if cls in DERIVED:
+                sizes |= set(DERIVED[cls](module))
     return sizes
 
 
