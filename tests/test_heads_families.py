@@ -177,13 +177,9 @@ def _padded(length: int, seed: int) -> dict:
     return {"input_ids": torch.randint(3, 100, (2, length), generator=gen), "attention_mask": mask, "use_cache": False}
 
 
-def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
-    """Phi-3 slices one fused projection at ``query_pos = config.num_attention_heads * head_dim`` and
-    ``query_pos + num_key_value_heads * head_dim``: positions where its parts meet, which the attention
-    fixer keeps (each layer's config view states its own head counts after the cut), so the slices
-    follow the cut and the key/value groups go (layer 0 loses one of two, layer 1 none). Exact on
-    padded inputs it never saw, with the same greedy generation and save/from_pretrained round trip."""
-    model, role = tiny("phi3")
+def _cut_second_kv_group_of_layer_0(model):
+    """Gate heads (two key/value groups per layer), zero layer 0's second and cut: (the slim model,
+    unseen padded inputs, the gated model's logits on them, a prompt, its greedy tokens with the cache)."""
     dg.expose_weights(model, 1)
     example, unseen = _padded(12, 0), _padded(9, 1)
     gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "heads"}]}, (), example)
@@ -194,7 +190,17 @@ def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
     reference = gated(**unseen).logits
     prompt = {k: example[k] for k in ("input_ids", "attention_mask")}
     tokens = gated.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
-    slim = dg.shrink(gated, example_kwargs=example)
+    return dg.shrink(gated, example_kwargs=example), unseen, reference, prompt, tokens
+
+
+def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
+    """Phi-3 slices one fused projection at ``query_pos = config.num_attention_heads * head_dim`` and
+    ``query_pos + num_key_value_heads * head_dim``: positions where its parts meet, which the attention
+    fixer keeps (each layer's config view states its own head counts after the cut), so the slices
+    follow the cut and the key/value groups go (layer 0 loses one of two, layer 1 none). Exact on
+    padded inputs it never saw, with the same greedy generation and save/from_pretrained round trip."""
+    model, role = tiny("phi3")
+    slim, unseen, reference, prompt, tokens = _cut_second_kv_group_of_layer_0(model)
     layers = [layer.self_attn for layer in slim.model.layers]
     assert [a.qkv_proj.out_features for a in layers] == [(2 + 2 * 1) * 16, (4 + 2 * 2) * 16]
     assert [(a.config.num_attention_heads, a.num_key_value_heads, a.num_key_value_groups) for a in layers] == \
@@ -238,17 +244,7 @@ def test_falcon_new_decoder_architecture_heads_cut_exactly_per_layer(tmp_path):
     ``[[-2]]``, ``[[-1]]``, broadcast to the queries: a whole kv group goes (layer 0 loses one of two,
     layer 1 none), exact on padded inputs it never saw, the same greedy generation, save/from_pretrained."""
     model, _ = _falcon("new_decoder_architecture")
-    dg.expose_weights(model, 1)
-    example, unseen = _padded(12, 0), _padded(9, 1)
-    gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "heads"}]}, (), example)
-    gates = dg.gates(gated)
-    assert [(g.kind, g.num_groups) for g in gates] == [("heads", 2)] * 2
-    with torch.no_grad():
-        gates[0].factors[0, 1] = 0
-    reference = gated(**unseen).logits
-    prompt = {k: example[k] for k in ("input_ids", "attention_mask")}
-    tokens = gated.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
-    slim = dg.shrink(gated, example_kwargs=example)
+    slim, unseen, reference, prompt, tokens = _cut_second_kv_group_of_layer_0(model)
     layers = [block.self_attention for block in slim.transformer.h]
     assert [(a.query_key_value.out_features, a.dense.in_features, a.num_heads, a.num_kv_heads) for a in layers] == \
         [((4 + 2) * 16, 4 * 16, 4, 1), ((8 + 2 * 2) * 16, 8 * 16, 8, 2)]

@@ -45,8 +45,8 @@ NOT_ZERO_KEEPING_FN = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "ex
                        "softplus", "logsigmoid", "log_sigmoid", "reciprocal", "rsqrt", "log", "log1p", "erfc",
                        "logical_not", "bitwise_not"]
 MOVEMENT_FN = ["flatten", "permute", "transpose", "transpose_", "t", "squeeze", "unsqueeze", "squeeze_",
-               "unsqueeze_", "expand", "broadcast_to", "repeat", "flip", "movedim", "moveaxis", "swapaxes", "swapdims", "unbind",
-               "_unsafe_view", "permute_copy", "view_copy", "transpose_copy", "repeat_interleave",
+               "unsqueeze_", "expand", "broadcast_to", "repeat", "flip", "movedim", "moveaxis", "swapaxes", "swapdims",
+               "unbind", "_unsafe_view", "permute_copy", "view_copy", "transpose_copy", "repeat_interleave",
                "pixel_unshuffle"]
 SPATIAL = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
