@@ -1,6 +1,6 @@
 """Query heads inside key/value groups (issue 19, item 2): grouped-query (8 query heads, 2 kv heads)
 and multi-query (1 kv head) decoders of five Hugging Face families, and two with one fused
-query/key/value projection (Phi-3, grouped; GPT-BigCode, multi-query), random weights that expose a
+query/key/value projection (Phi-3, grouped; GPT-BigCode and Falcon, multi-query), random weights that expose a
 wrong cut. Per seed, ``{kind: query_heads}`` gates each layer's query heads and kv groups, a random
 2 to 7 of the 8 query heads (uneven per kv group) and, at random, a kv group's own gate are zeroed, and
 the cut is checked: widths and removed parameters against the rule (every kept kv group keeps as
@@ -9,6 +9,7 @@ gate dead), outputs on padded inputs the cut never saw (relative to the output s
 tokens of ``generate`` with the cache.
 
     python benchmarks/query_heads.py [seeds]     # default 5 seeds; a few minutes on one core
+    python benchmarks/query_heads.py 2 falcon    # some families (every case of each)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 from test_query_heads import (FAMILIES, HEADS, QH, _batch, _expected, _fused_lm, _fused_widths,  # noqa: E402
                               _lm)  # (the tests' models)
 
-FUSED = {"phi3": 2, "gpt_bigcode": 1}  # family -> its kv heads
+FUSED = {"phi3": 2, "gpt_bigcode": 1, "falcon": 1}  # family -> its kv heads
 CASES = [(family, 2) for family in FAMILIES] + [("llama", 1), ("qwen2", 1)] + list(FUSED.items())
 
 
@@ -58,7 +59,10 @@ def run_case(family: str, kv: int, seed: int) -> dict:
 
 
 def main() -> int:
-    seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    numbers = [a for a in sys.argv[1:] if a.isdigit()]
+    seeds = int(numbers[0]) if numbers else 5
+    names = [a for a in sys.argv[1:] if not a.isdigit()]
+    cases = [(family, kv) for family, kv in CASES if not names or family in names]
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
     header = (f"{'family':11s} {'kv':>3s} {'seeds':>5s} {'q zeroed':>9s} {'q cut':>6s} {'kept by rule':>12s} "
@@ -66,7 +70,7 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     failed = 0
-    for family, kv in CASES:
+    for family, kv in cases:
         rows = [run_case(family, kv, seed) for seed in range(seeds)]
         zeroed, cut = sum(r["zeroed"] for r in rows), sum(r["cut"] for r in rows)
         ok = {k: all(r[k] for r in rows) for k in ("widths ok", "params ok", "generate ok")}
@@ -75,7 +79,7 @@ def main() -> int:
         print(f"{family:11s} {kv:3d} {seeds:5d} {zeroed:9d} {cut:6d} {zeroed - cut:12d} "
               f"{sum(r['kv cut'] for r in rows):7d} {'ok' if ok['widths ok'] else 'WRONG':>7s} "
               f"{'exact' if ok['params ok'] else 'WRONG':>7s} {diff:9.1e} {'same' if ok['generate ok'] else 'DIFF':>9s}")
-    print(f"\n{len(CASES) - failed}/{len(CASES)} cases exact ('kept by rule': zeroed query heads the cut kept to "
+    print(f"\n{len(cases) - failed}/{len(cases)} cases exact ('kept by rule': zeroed query heads the cut kept to "
           "leave every kept kv group as many query heads as the others)")
     return 1 if failed else 0
 

@@ -177,13 +177,9 @@ def _padded(length: int, seed: int) -> dict:
     return {"input_ids": torch.randint(3, 100, (2, length), generator=gen), "attention_mask": mask, "use_cache": False}
 
 
-def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
-    """Phi-3 slices one fused projection at ``query_pos = config.num_attention_heads * head_dim`` and
-    ``query_pos + num_key_value_heads * head_dim``: positions where its parts meet, which the attention
-    fixer keeps (each layer's config view states its own head counts after the cut), so the slices
-    follow the cut and the key/value groups go (layer 0 loses one of two, layer 1 none). Exact on
-    padded inputs it never saw, with the same greedy generation and save/from_pretrained round trip."""
-    model, role = tiny("phi3")
+def _cut_second_kv_group_of_layer_0(model):
+    """Gate heads (two key/value groups per layer), zero layer 0's second and cut: (the slim model,
+    unseen padded inputs, the gated model's logits on them, a prompt, its greedy tokens with the cache)."""
     dg.expose_weights(model, 1)
     example, unseen = _padded(12, 0), _padded(9, 1)
     gated = dg.gate_model(model, {"D": 3, "groups": [{"kind": "heads"}]}, (), example)
@@ -194,7 +190,17 @@ def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
     reference = gated(**unseen).logits
     prompt = {k: example[k] for k in ("input_ids", "attention_mask")}
     tokens = gated.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
-    slim = dg.shrink(gated, example_kwargs=example)
+    return dg.shrink(gated, example_kwargs=example), unseen, reference, prompt, tokens
+
+
+def test_phi3_fused_qkv_heads_cut_exactly_per_layer(tmp_path):
+    """Phi-3 slices one fused projection at ``query_pos = config.num_attention_heads * head_dim`` and
+    ``query_pos + num_key_value_heads * head_dim``: positions where its parts meet, which the attention
+    fixer keeps (each layer's config view states its own head counts after the cut), so the slices
+    follow the cut and the key/value groups go (layer 0 loses one of two, layer 1 none). Exact on
+    padded inputs it never saw, with the same greedy generation and save/from_pretrained round trip."""
+    model, role = tiny("phi3")
+    slim, unseen, reference, prompt, tokens = _cut_second_kv_group_of_layer_0(model)
     layers = [layer.self_attn for layer in slim.model.layers]
     assert [a.qkv_proj.out_features for a in layers] == [(2 + 2 * 1) * 16, (4 + 2 * 2) * 16]
     assert [(a.config.num_attention_heads, a.num_key_value_heads, a.num_key_value_groups) for a in layers] == \
@@ -219,3 +225,62 @@ def test_phi3_heads_under_a_random_cut_are_exact():
     assert heads and all(s.removable.all() for s in heads), [(s.name, set(s.reasons)) for s in heads]
     check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
     assert check.groups_cut >= 1
+
+
+FALCON = {"new_decoder_architecture": dict(new_decoder_architecture=True, num_kv_heads=2),
+          "multi_query=False": dict(multi_query=False)}
+
+
+def _falcon(mode: str):
+    """Falcon with 8 heads of width 16 (no head size equal to a head count) in the given mode."""
+    model, role = tiny("falcon", hidden_size=128, num_attention_heads=8, **FALCON[mode])
+    return model, role
+
+
+def test_falcon_new_decoder_architecture_heads_cut_exactly_per_layer(tmp_path):
+    """Falcon's new decoder architecture views its fused projection per key/value group,
+    ``(B, T, kv, num_heads // num_kv_heads + 2, head_dim)`` (the group's query heads, its key, its
+    value), takes the queries ``[:, :, :, :-2]`` and key and value with constant index tensors
+    ``[[-2]]``, ``[[-1]]``, broadcast to the queries: a whole kv group goes (layer 0 loses one of two,
+    layer 1 none), exact on padded inputs it never saw, the same greedy generation, save/from_pretrained."""
+    model, _ = _falcon("new_decoder_architecture")
+    slim, unseen, reference, prompt, tokens = _cut_second_kv_group_of_layer_0(model)
+    layers = [block.self_attention for block in slim.transformer.h]
+    assert [(a.query_key_value.out_features, a.dense.in_features, a.num_heads, a.num_kv_heads) for a in layers] == \
+        [((4 + 2) * 16, 4 * 16, 4, 1), ((8 + 2 * 2) * 16, 8 * 16, 8, 2)]
+    assert dg.max_rel_diff(reference, slim(**unseen).logits) < 1e-5
+    assert torch.equal(slim.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True), tokens)
+    slim.save_pretrained(tmp_path)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(**unseen).logits, slim(**unseen).logits)
+
+
+@pytest.mark.parametrize("mode", list(FALCON))
+def test_falcon_heads_under_a_random_cut_are_exact(mode):
+    model, role = _falcon(mode)
+    args, kwargs = example(role)
+    heads = [s for s in dg.analyze(model, args, kwargs).sets if s.kind == "heads"]
+    assert [len(s.removable) for s in heads] == [2 if mode == "new_decoder_architecture" else 8] * 2
+    assert all(s.removable.all() for s in heads), [(s.name, set(s.reasons)) for s in heads]
+    check = assert_exact_cut(model, args, {"D": 3, "groups": [{"kind": "heads"}]}, fraction=0.5, example_kwargs=kwargs)
+    assert check.groups_cut >= 2
+
+
+def test_falcon_multi_query_heads_say_why():
+    """Falcon's multi-query attention: every query head reads the one key and value, which stay (the
+    slice ``[..., :-2, :]`` counts them from the back), so ``heads`` (whole key/value groups) has
+    nothing to cut; ``query_heads`` cuts its query heads (``test_query_heads``)."""
+    model, role = tiny("falcon")
+    heads = [s for s in dg.analyze(model, *example(role)).sets if s.kind == "heads"]
+    assert heads and not any(s.removable.any() for s in heads)
+    assert "counted from the back of a grouped dim: its last 2 stay" in next(r for r in heads[0].reasons if r)
+
+
+@pytest.mark.parametrize("mode", ["multi_query=False", "new_decoder_architecture"])
+def test_falcon_alibi_heads_stay_with_the_reason(mode):
+    """With ALiBi, Falcon adds per-head slopes computed from the head count to the attention mask: a
+    per-head tensor of no group, so no head can go, and the reason says so."""
+    model, role = tiny("falcon", hidden_size=128, num_attention_heads=8, alibi=True, **FALCON[mode])
+    heads = [s for s in dg.analyze(model, *example(role)).sets if s.kind == "heads"]
+    assert heads and not any(s.removable.any() for s in heads)
+    assert "holds one slice per head (a per-head bias such as ALiBi's slopes" in next(r for r in heads[0].reasons if r)

@@ -252,8 +252,13 @@ def test_the_constraint_only_keeps_dead_groups():
 def _fused_lm(family: str):
     """8 query heads of width 8 in one fused projection: Phi-3 (grouped, 2 kv heads; sliced at
     ``config.num_attention_heads * head_dim``) or GPT-BigCode (multi-query, split at ``(embed_dim,
-    kv_dim, kv_dim)``)."""
-    if family == "phi3":
+    kv_dim, kv_dim)``), or Falcon (multi-query: viewed ``(B, T, num_heads + 2, head_dim)``, the queries
+    ``[..., :-2, :]``, key and value ``[..., [-2], :]`` and ``[..., [-1], :]``)."""
+    if family == "falcon":
+        model = T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2,
+                                                   num_attention_heads=HEADS, ffn_hidden_size=96, multi_query=True,
+                                                   max_position_embeddings=64))
+    elif family == "phi3":
         model = T.Phi3ForCausalLM(T.Phi3Config(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2,
                                                num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=96,
                                                pad_token_id=0))
@@ -266,13 +271,13 @@ def _fused_lm(family: str):
 def _fused_widths(slim, family):
     """(query heads, kv heads) per layer, off the fused projection and the output projection."""
     layers = [layer.self_attn for layer in slim.model.layers] if family == "phi3" else \
-        [block.attn for block in slim.transformer.h]
-    out = [a.o_proj if family == "phi3" else a.c_proj for a in layers]
-    fused = [a.qkv_proj if family == "phi3" else a.c_attn for a in layers]
+        [block.self_attention if family == "falcon" else block.attn for block in slim.transformer.h]
+    names = {"phi3": ("o_proj", "qkv_proj"), "falcon": ("dense", "query_key_value")}.get(family, ("c_proj", "c_attn"))
+    out, fused = ([getattr(a, name) for a in layers] for name in names)
     return [(o.in_features // HEAD_DIM, (f.out_features - o.in_features) // (2 * HEAD_DIM)) for o, f in zip(out, fused)]
 
 
-@pytest.mark.parametrize("family", ["phi3", "gpt_bigcode"])
+@pytest.mark.parametrize("family", ["phi3", "gpt_bigcode", "falcon"])
 def test_query_heads_of_a_fused_qkv_projection_cut_exactly(family, tmp_path):
     """Fused query/key/value projections sliced or split where their parts meet: the query heads go
     one by one (equal per kv group; under multi-query the one kv head stays), exact on padded inputs

@@ -14,6 +14,7 @@ from dgating_surgery.engine import fixers, groups, tracing
 from dgating_surgery.engine.rules import register_module_rule
 from dgating_surgery.engine.rules.elementwise import unary
 
+from conftest import assert_exact_cut
 from models import conv_bn
 
 
@@ -273,3 +274,34 @@ def test_plugins_load_only_with_their_library():
     code = code.replace("import sys,", "import sys, transformers,")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "dgating_surgery.plugins.transformers" in out
+
+
+class Tail(nn.Module):
+    """A producer of 6 neurons whose consumers read it by positions counted from the back:
+    ``y[..., :-2]`` and ``y[..., [-1]]`` (``back``), or a position counted from the front (``[1]``)."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+        self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(4, 3), nn.Linear(1, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(y[..., :-2]) + self.c(y[..., self.index])
+
+
+@pytest.mark.parametrize("index", [[-1], [1]])
+def test_positions_counted_from_the_back_follow_a_cut_when_the_tail_stays(index):
+    """A slice end or list index counted from the back of a grouped dim still finds the same entries
+    after a cut when the positions behind it never go: they stay, with the reason, and the others are
+    cut exactly. A position counted from the front is fixed by the code: every neuron stays."""
+    model = Tail(index)
+    x = torch.randn(5, 8)
+    (neurons,) = [s for s in dg.analyze(model, (x,)).sets if s.kind == "neurons" and s.name == "a"]
+    if index == [1]:
+        assert not neurons.removable.any()
+        return
+    assert neurons.removable.tolist() == [True] * 4 + [False] * 2
+    assert "counted from the back of a grouped dim: its last 2 stay" in next(r for r in neurons.reasons if r)
+    check = assert_exact_cut(model, (x,), {"D": 3, "groups": [{"kind": "neurons"}]}, fraction=0.5)
+    assert check.groups_cut == 2 and model.b.in_features == 2

@@ -26,6 +26,9 @@ KEPT: dict[type, "tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]"] = {
 # class -> the positions along a fused projection's output at which the layer's forward cuts it into parts
 # (Phi-3's ``qkv[..., :query_pos]``: query | key | value), as its fixer re-derives them after a cut
 PARTS: dict[type, Callable[[nn.Module], set[int]]] = {}
+# class -> sizes the layer's forward computes from the counts its fixer keeps, beside those counts (Falcon
+# views its fused projection as ``num_heads + 2`` head slots: the query heads, one key and one value)
+DERIVED: dict[type, Callable[[nn.Module], set[int]]] = {}
 
 
 def register_module_fixer(cls: type, fix: Fixer,
@@ -50,6 +53,13 @@ def register_part_boundaries(cls: type, boundaries: Callable[[nn.Module], set[in
     PARTS[cls] = boundaries
 
 
+def register_derived_sizes(cls: type, sizes: Callable[[nn.Module], set[int]]) -> None:
+    """``sizes(module)``: sizes that layers of class ``cls`` compute in forward from the counts their
+    fixer keeps (a fused projection's head slots, heads + 2 * key/value heads), as the fixer's counts
+    give them after a cut; a view of such a size follows the cut (``kept_sizes``)."""
+    DERIVED[cls] = sizes
+
+
 def part_boundaries(module: nn.Module) -> set[int]:
     """The positions ``register_part_boundaries`` gives for this layer (empty: none follows a cut)."""
     found = set()
@@ -65,13 +75,16 @@ def register_model_fixer(cls: type, fix: Fixer) -> None:
 
 
 def kept_sizes(module: nn.Module) -> set[int]:
-    """The values of the int attributes that the layer's fixers keep up to date after a cut."""
+    """The values of the int attributes that the layer's fixers keep up to date after a cut, and the
+    sizes the layer computes from them (``register_derived_sizes``)."""
     sizes = set()
     for cls in type(module).__mro__:
         if cls in MODULE_FIXERS:
             names = KEPT.get(cls, vars(module))
             names = names(module) if callable(names) else names
             sizes |= {v for v in (getattr(module, n, None) for n in names) if type(v) is int}
+            if cls in DERIVED:
+                sizes |= set(DERIVED[cls](module))
     return sizes
 
 

@@ -193,6 +193,13 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
         if why is None and spec.kind == "hidden" and not spec.layernorm and not spec.center_layernorm:
             why = ("its residual stream", "a hidden set is made by the RMS norms reading the stream; under LayerNorm "
                                           f"a recipe may opt in with {LAYERNORM_OPT_INS}")
+        if why is None and spec.kind == "query_heads" and any(s.kind == "heads" for s in plan.sets):
+            why = ("its attention layers", "no key/value head is read by several query heads in a form the query-heads "
+                                           "rule reads (`enable_gqa`, one key/value head broadcast to all, repeat_kv's "
+                                           "expand and merge, a fused projection sliced where its parts meet), or the "
+                                           "query heads of a group are tied before the attention (Falcon's new decoder "
+                                           "architecture views each group's query heads, key and value together): "
+                                           "kind heads gates whole key/value groups")
         hint = (f"exactly removable {spec.kind} sets here: {', '.join(available[:8])}"
                 f"{' ...' if len(available) > 8 else ''}" if available else
                 f"{model_name} has no exactly removable {spec.kind}"

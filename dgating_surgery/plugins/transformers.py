@@ -24,7 +24,7 @@ from ..engine.branches import ZeroBranch, register_layer_dropper, register_zero_
 from ..engine.centering import SWAPPED_ATTR, register_writer
 from ..engine.constraints import WIDTH_SET_FINDERS, Slot, WidthSet, WidthSets, register_width_sets
 from ..engine.fixers import (MODEL_FIXERS, MODULE_FIXERS, fix_attributes, register_model_fixer, register_module_fixer,
-                             register_part_boundaries)
+                             register_derived_sizes, register_part_boundaries)
 from ..engine.gates import GATES_ATTR, gate_set, primary
 from ..engine.shrink import APPROXIMATE_ATTR
 from ..engine.kinds import ATTRIBUTE_ROLES
@@ -146,6 +146,16 @@ def _fused_parts(m) -> set[int]:
     return {heads * size, (heads + kv_heads) * size}
 
 
+def _fused_slots(m) -> set[int]:
+    """The head slots of a layer's fused query/key/value projection, heads + 2 * key/value heads, where
+    ``_fused_parts`` finds the counts the layer states (Falcon's multi-query attention views the
+    projection as ``(B, T, num_heads + 2, head_dim)``): a view of that many slots follows the cut."""
+    if not _fused_parts(m):
+        return set()
+    _, heads, kv_heads = _heads_of(m)
+    return {heads + 2 * kv_heads}
+
+
 class LayerConfig:
     """An attention layer's view of its model's config with its own head counts: every field is the
     model config's (read through, so that ``set_attn_implementation`` and other changes reach it) but
@@ -246,6 +256,7 @@ def refresh() -> None:
         if cls not in MODULE_FIXERS:
             register_module_fixer(cls, _attention_counts, keeps=_attention_kept)
             register_part_boundaries(cls, _fused_parts)
+            register_derived_sizes(cls, _fused_slots)
 
 
 _SCANNED: set[str] = set()  # modeling modules whose attention classes are registered

@@ -190,6 +190,8 @@ def sdpa(ctx: RuleContext, node):
             value = mapped
     mask_size = (1,) * (nd - len(ctx.shape(mask))) + tuple(ctx.shape(mask)) if ctx.is_tensor(mask) else None
     if mask_size is not None and ctx.labels(mask) is None and mask_size[hdim] > 1:
+        ctx.taint(ids, f"the attention mask at {ctx.where(node)} holds one slice per head (a per-head bias such as "
+                       "ALiBi's slopes, computed from the head count) that belongs to no group, so no head can go")
         ctx.tie(ids.numpy(), torch.full((heads,), NONE).numpy(), node)  # a per-head mask of no group: heads stay
     if mask is not None and ctx.labels(mask) is not None:
         size = mask_size
@@ -255,7 +257,7 @@ def _query_heads(ctx: RuleContext, node, operands, hdim: int, heads: int, kv_hea
         return None
     lines = [_head_line(ctx, t, hdim, node, kv_heads) for t in (k, v)]
     path = ctx.owner_module(node)[0]
-    if groups == 1 and any(line is None for line in lines):  # multi-query: the one kv head stays
+    if groups == 1:  # multi-query: the one kv head stays (it serves every query head)
         for line in lines:
             if line is not None:
                 ctx.taint(line.ids, f"the one key/value head of {repr(path) if path else ctx.where(node)} serves "

@@ -9,6 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..fixers import kept_sizes
 from ..labels import Labels
 from ..tensors import along
 from .context import RuleContext, SizeRef, unknown
@@ -274,8 +275,10 @@ def check_index(ctx: RuleContext, node, out):
 
 
 def _part_slice(ctx: RuleContext, node, narrowed: set[int]) -> bool:
-    """Whether ``node`` is a step-1 slice of the one grouped dim it narrows, its ends inside the dim
-    at positions that follow a cut (``ctx.follows_parts``)."""
+    """Whether ``node`` is a step-1 slice of the one grouped dim it narrows whose ends follow a cut: an
+    end inside the dim at a position where the parts of a fused projection meet (``ctx.follows_parts``),
+    or an end counted from the back (Falcon's ``fused_qkv[..., :-2, :]``) when the positions behind it
+    stay (``_keep_tail``)."""
     nd = len(ctx.shape(node.args[0]))
     if ctx.op_name(node) == "slice":
         dim, start, end, step = (arg(node, 1, "dim", 0) % nd, arg(node, 2, "start", None), arg(node, 3, "end", None),
@@ -284,15 +287,91 @@ def _part_slice(ctx: RuleContext, node, narrowed: set[int]) -> bool:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         cut = [i for i in index if isinstance(i, slice) and i != slice(None)]
         if len(cut) != 1:
-            return False
+            return _list_index(ctx, node, narrowed, index)
         dim, (start, end, step) = _indexed_dims(ctx, node)[0], (cut[0].start, cut[0].stop, cut[0].step)
     else:
         return False
     size = ctx.shape(node.args[0])[dim]
-    if narrowed != {dim} or step not in (None, 1) or any(e is not None and (type(e) is not int or e < 0)
-                                                          for e in (start, end)):
-        return False  # (an end counted from the back does not follow the parts before it)
-    return ctx.follows_parts(node, [e for e in (start, end) if e is not None and 0 < e < size])
+    ends = [e for e in (start, end) if e is not None]
+    if narrowed != {dim} or step not in (None, 1) or any(type(e) is not int for e in ends):
+        return False
+    back = [e for e in ends if -size <= e < 0]
+    inside = [e for e in ends if 0 < e < size]
+    if not back and not inside or back and not _keep_tail(ctx, node, dim, -min(back)):
+        return False
+    return not inside or ctx.follows_parts(node, inside)
+
+
+def _keep_tail(ctx: RuleContext, node, dim: int, count: int) -> bool:
+    """A selection counted from the back of grouped dim ``dim`` (its last ``count`` positions, or an
+    end before them) follows a cut when those positions never go: they stay (tainted), so that after
+    the cut the same count from the back finds the same entries, and everything before them keeps its
+    order. Refused (False) when ``count`` is a size the layer's fixer changes: the code may compute it
+    from that count (``self.num_kv_heads``), which a cut would then move (not the last position alone:
+    a cut only lowers a count, and a count of 1 lowered is none of what it counted)."""
+    _, module = ctx.owner_module(node)
+    if count > 1 and module is not None and count in kept_sizes(module):
+        return False
+    lab = ctx.labels(node.args[0])
+    size = ctx.shape(node.args[0])[dim]
+    ids = lab.ids.expand(ctx.shape(node.args[0])).narrow(dim, size - count, count)
+    ctx.taint(ids, f"{ctx.where(node)} selects positions counted from the back of a grouped dim: its last {count} "
+                   "stay, so that the same count from the back still finds them")
+    return True
+
+
+def _list_index(ctx: RuleContext, node, narrowed: set[int], index: tuple) -> bool:
+    """``x[..., [-2], :]``: positions of one grouped dim written as a list of ints counted from the back
+    (symbolic tracing keeps the list): they follow a cut when the positions from the first of them to
+    the end stay (``_keep_tail``)."""
+    lists = [i for i in index if isinstance(i, (list, tuple))]
+    if len(lists) != 1 or len(narrowed) != 1 or not lists[0] \
+            or not all(type(p) is int and p < 0 for p in lists[0]):
+        return False
+    dim = next(iter(narrowed))
+    size = ctx.shape(node.args[0])[dim]
+    return -min(lists[0]) <= size and _keep_tail(ctx, node, dim, -min(lists[0]))
+
+
+def _constant(ctx: RuleContext, node) -> torch.Tensor | None:
+    """The value of a tensor the code wrote as a constant (torch.export lifts ``[-2]`` in an index to a
+    constant of the graph, read through ``lift_fresh_copy``), or None: a model parameter or buffer, or
+    anything computed in the forward."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" \
+            and ctx.op_name(node) in ("lift_fresh_copy", "clone", "detach", "alias"):
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr" or ctx.tensor_name(node.target) is not None:
+        return None
+    value = ctx.gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def constant_index(ctx: RuleContext, node):
+    """``aten.index`` with one constant index tensor (``fused_qkv[..., [-2], :]`` under torch.export):
+    labels move as the data does; on a grouped dim only positions counted from the back, which follow
+    a cut when the positions from the first of them to the end stay (``_keep_tail``). Anything else
+    (an index computed in the forward, positions counted from the front) has no rule."""
+    x, indices = node.args[0], node.args[1] if len(node.args) > 1 else None
+    lab = ctx.labels(x)
+    if lab is None or not isinstance(indices, (list, tuple)):
+        return unknown(ctx, node)
+    picked = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(picked) != 1:
+        return unknown(ctx, node)
+    dim, index = picked[0]
+    value = _constant(ctx, index)
+    if value is None or value.ndim != 1 or value.dtype not in (torch.int64, torch.int32) or not value.numel() \
+            or ctx.labels(index) is not None:
+        return unknown(ctx, node)
+    size = ctx.shape(x)[dim]
+    if dim in lab.varying_dims():
+        if not bool((value < 0).all()) or int(-value.min()) > size or not _keep_tail(ctx, node, dim, int(-value.min())):
+            ctx.taint(lab.ids, f"{ctx.where(node)} selects positions of a grouped dim that the code fixes")
+            return None
+    positions = value.clone()
+    return movement(ctx, node, call=lambda t, *_, **__: t[(slice(None),) * dim + (positions,)])
 
 
 def check_roll(ctx: RuleContext, node, out):

@@ -28,9 +28,9 @@ def op_name(node) -> str:
 
 # ops whose result shares memory with their first argument: an in-place op on the result changes it
 ALIASING_OPS = {"view", "reshape", "_unsafe_view", "getitem", "slice", "select", "narrow", "transpose", "permute", "t",
-                "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as", "reshape_as",
-                "chunk", "split", "split_with_sizes", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims",
-                "as_strided", "alias", "detach", "contiguous", "diagonal"}
+                "expand", "broadcast_to", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as",
+                "reshape_as", "chunk", "split", "split_with_sizes", "unbind", "movedim", "moveaxis", "swapaxes",
+                "swapdims", "as_strided", "alias", "detach", "contiguous", "diagonal"}
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv"}
 
 

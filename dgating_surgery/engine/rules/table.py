@@ -17,7 +17,7 @@ from .context import RuleContext, unknown
 from .elementwise import (add, clamp, clamp_min_max, compare, div, glu, like, masked_fill, mul, power, prelu,
                           unary, where)
 from .movement import (check_as, check_cat, check_chunk, check_index, check_pixel_shuffle, check_roll, check_split,
-                       check_unflatten, check_view, getitem, movement, pack, pad, take_along)
+                       check_unflatten, check_view, constant_index, getitem, movement, pack, pad, take_along)
 from .names import op_name
 from .normalization import (batch_norm_call, batch_norm_functional, batch_norm_module, group_norm_call,
                             group_norm_module, layer_norm_call, layer_norm_module, register_rms_norm,
@@ -45,8 +45,8 @@ NOT_ZERO_KEEPING_FN = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "ex
                        "softplus", "logsigmoid", "log_sigmoid", "reciprocal", "rsqrt", "log", "log1p", "erfc",
                        "logical_not", "bitwise_not"]
 MOVEMENT_FN = ["flatten", "permute", "transpose", "transpose_", "t", "squeeze", "unsqueeze", "squeeze_",
-               "unsqueeze_", "expand", "repeat", "flip", "movedim", "moveaxis", "swapaxes", "swapdims", "unbind",
-               "_unsafe_view", "permute_copy", "view_copy", "transpose_copy", "repeat_interleave",
+               "unsqueeze_", "expand", "broadcast_to", "repeat", "flip", "movedim", "moveaxis", "swapaxes", "swapdims",
+               "unbind", "_unsafe_view", "permute_copy", "view_copy", "transpose_copy", "repeat_interleave",
                "pixel_unshuffle"]
 SPATIAL = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -129,7 +129,7 @@ NAME_RULES = {
     **{name: partial(movement, check=check_index) for name in ("slice", "narrow", "select")},
     "roll": partial(movement, check=check_roll),
     **{name: partial(movement, check=check_cat) for name in ("cat", "concat", "stack")},
-    "getitem": partial(gather, otherwise=getitem), "index": partial(gather, otherwise=unknown),
+    "getitem": partial(gather, otherwise=getitem), "index": partial(gather, otherwise=constant_index),
     # a weight transposed or broadcast for a hand-written linear stays that weight (``structural.param_view``)
     **{name: partial(param_view, otherwise=movement)
        for name in ("t", "numpy_T", "mT", "transpose", "swapaxes", "swapdims", "permute", "unsqueeze", "expand")},
