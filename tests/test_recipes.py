@@ -82,7 +82,7 @@ def _gated_modules(model):
 
 @pytest.mark.parametrize("recipe, factory, size, excluded", [
     ("resnet", torchvision.models.resnet18, 64, "conv1"),
-    ("vgg", torchvision.models.vgg11_bn, 32, None),
+    pytest.param("vgg", torchvision.models.vgg11_bn, 32, None, marks=pytest.mark.slow),  # vgg: the test below
     ("mobilenet", torchvision.models.mobilenet_v3_small, 64, "features.0.0"),
     ("efficientnet", torchvision.models.efficientnet_b0, 64, "features.0.0"),
     ("densenet", torchvision.models.densenet121, 64, "features.conv0"),

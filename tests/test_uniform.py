@@ -261,6 +261,7 @@ PINNED = {  # family -> (config fields the uniform cut must leave as they were, 
 }
 
 
+@pytest.mark.slow  # five families built, cut and reloaded; benchmarks/hf_families.py --uniform runs all 44
 def test_uniform_pins_a_field_that_sizes_a_tensor_out_of_proportion_or_shares_an_epsilon(tmp_path):
     """A config field that also sizes a tensor out of proportion (a fused query/key/value projection's
     rows, a head width derived from the hidden size) can state no other value, nor can an epsilon field

@@ -23,7 +23,9 @@ FAMILIES = {
 }
 
 
-SLOW = {"densenet121", "efficientnet_b0", "resnext50_32x4d", "googlenet", "vgg11_bn"}  # their rules: test_recipes, mobilenet, regnet, inception
+# their rules run in the default suite elsewhere: test_recipes (densenet, efficientnet), mobilenet, regnet,
+# inception below, test_heads' two-layer torchvision VisionTransformer
+SLOW = {"densenet121", "efficientnet_b0", "resnext50_32x4d", "googlenet", "vgg11_bn", "vit_b_32"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FAMILIES])
