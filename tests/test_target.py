@@ -87,6 +87,32 @@ def test_mlp_lands_on_a_parameter_target(opt_kind, lam):
     assert_cut_is_the_held_groups(model, sched, (X[:32],))
 
 
+def test_the_controller_raises_lambda_at_most_three_times_its_start():
+    """Issue 17 (notes/mlp10.md): uncapped, the controller took lambda on LeNet-300-100 to 30-90x its
+    start and held at by_step all the same, and the survivors paid for it. By default lambda stays
+    within MAX_SCALE = 3 times its start (the controller still raises it there); the size lands
+    all the same, by the hold; an explicit ``max_lam`` still sets the ceiling."""
+    X, y = digits()
+    batches = [(X[i:i + 64], y[i:i + 64]) for i in range(0, len(X), 64)]
+    torch.manual_seed(0)
+    model = dg.gate_model(DigitsMLP(64, (64, 32), 10), {"D": 3, "groups": [{"kind": "neurons"}]}, X[:4])
+    opt = optimizer(model, "sgd", 1e-3)
+    sched = dg.LambdaScheduler(opt, model=model, target=0.9, metric="params", start_step=100, by_step=250, every=10)
+    assert sched.max_lam == pytest.approx(3e-3)
+    assert dg.LambdaScheduler(None, 1e-3, model=model, target=0.5, by_step=10, max_lam=1e-1).max_lam == 1e-1
+    lams = []
+    model.train()
+    for step in range(400):
+        loss = classify(model, batches[step % len(batches)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lams.append(sched.step())
+    assert 1e-3 < max(lams) <= 3e-3 * (1 + 1e-9), max(lams)
+    assert abs(dg.removed_fraction(model, "params") - 0.9) <= TOL
+    assert_cut_is_the_held_groups(model, sched, (X[:32],))
+
+
 def small_mobilenet():
     """torchvision's MobileNetV2 at test size: three short stages, a 64-channel head, 4 classes."""
     torchvision = pytest.importorskip("torchvision")
