@@ -61,7 +61,7 @@ def test_the_front_page():
     assert len(README.splitlines()) < 200
     first = blocks(ROOT / "README.md")[0]
     assert first.code == TWO_COMMANDS and README.index("```bash") < README.index("\n## ")
-    assert re.search(r"about \d+ minutes of CPU time \(the\s+user time of `time bash .ci/run`\)", README)
+    assert re.search(r"about \d+ minutes of CPU time \(the\s+user time of `time bash .ci/run`", README)
     assert "python -m pytest -m slow" in README
     demo = README.split("## The demo")[1].split("\n## ")[0]
     assert len(re.findall(r"\b\d+(?:\.\d+)? s\b", demo)) == 1 and "`time dgate demo`" in demo  # one time, measured
