@@ -181,14 +181,13 @@ def select(plan: groups_mod.Plan, recipe: Recipe, model_name: str = "the model")
     """
     chosen, unmatched = [], []
     for i, spec in enumerate(recipe.groups):
-        hits = [s for s in plan.sets if spec.matches(s.kind, s.modules, s.module_types) and s.removable.any()
-                and (s.approximate is None or spec.layernorm == "approximate")]  # approximate: only when asked
+        hits = [s for s in plan.sets if spec.matches(s.kind, s.modules, s.module_types) and _offered(spec, s)]
         if not hits:
             unmatched.append((i, spec))
         chosen.extend(s for s in hits if not any(s is c for c in chosen))
     for i, spec in unmatched:
         of_kind = [s for s in plan.sets if s.kind == spec.kind]
-        available = [s.name for s in of_kind if s.removable.any() and (s.approximate is None or spec.layernorm)]
+        available = [s.name for s in of_kind if _offered(spec, s)]
         why = next(((s.name, r) for s in of_kind for r in s.reasons if r is not None), None)
         if why is None and spec.kind == "hidden" and not spec.layernorm and not spec.center_layernorm:
             why = ("its residual stream", "a hidden set is made by the RMS norms reading the stream; under LayerNorm "
@@ -458,6 +457,12 @@ def _build_gates(plan, chosen, D) -> dict[str, DGate]:
                            cuts[k], positions, gset.width, gset.per_group, branches, gset.kv_of,
                            approximate=gset.approximate, experts=gset.experts)
     return built
+
+
+def _offered(spec, gset) -> bool:
+    """Whether recipe entry ``spec`` may take set ``gset``: it has removable groups, and an approximate
+    set (a LayerNorm's statistics) only where the entry opted in."""
+    return bool(gset.removable.any()) and (gset.approximate is None or spec.layernorm == "approximate")
 
 
 def _per_expert(along_dim: torch.Tensor, experts: int, groups: int) -> torch.Tensor:
