@@ -15,8 +15,9 @@ Protocol (every method, every cell, every seed):
 - no method is tuned (one trial each); the validation loss is the mean next-byte cross-entropy
   over 1,024 fixed windows of the validation files (never trained on).
 
-- D-Gating target: D = 3, recipe ``groups: [{kind: heads}, {kind: neurons}]``, lambda 1e-3 per
-  kind to start, ``LambdaScheduler.for_run(opt, gated, target={"heads": 1 - h, "neurons": 1 - n},
+- D-Gating target: D = 3, recipe ``groups: [{kind: heads}, {kind: neurons}]``, lambda 1e-4 per
+  kind to start (``--lam``; chosen for Adam on the tiny Llama's validation split, paper_target_lm.py,
+  not on this model), ``LambdaScheduler.for_run(opt, gated, target={"heads": 1 - h, "neurons": 1 - n},
   total_steps=STEPS, metric="params")``: dense for the first quarter, one controller per kind
   until 5/8 of the run at the latest, the chosen groups held at exactly zero and the rest of the
   steps train what is left (recovery); ``dg.shrink`` cuts exactly the held groups.
@@ -57,8 +58,9 @@ STEPS, WARMUP, LR = 800, 50, 3e-3
 INIT_RANGE = 0.02  # GPT-2's own: made for Adam
 HEADS_KEPT = (1.0, 0.5, 0.25)
 NEURONS_KEPT = (0.5, 0.25, 0.1)
-LAM0 = 1e-3  # per kind, to start; the controllers move it
+LAM0 = 1e-4  # per kind, to start (the controllers move it): with Adam, chosen on paper_target_lm.py's validation split
 D = 3
+METHODS = ("D-Gating target", "magnitude uniform")
 CUT = 1e-12  # shrink threshold: only the exactly zero (held) groups are cut
 EXAMPLE_KWARGS = {"use_cache": False}
 
@@ -109,10 +111,10 @@ def targets_of(heads, neurons) -> dict[str, float]:
     return {kind: 1 - kept for kind, kept in (("heads", heads), ("neurons", neurons)) if kept < 1}
 
 
-def dgating(data, val, example, heads, neurons, seed) -> dict:
+def dgating(data, val, example, heads, neurons, seed, lam=LAM0, init="balanced") -> dict:
     targets = targets_of(heads, neurons)
-    gated = gate(list(targets), seed, example)
-    opt = torch.optim.Adam(dg.param_groups(gated, dict.fromkeys(targets, LAM0)), lr=LR)
+    gated = gate(list(targets), seed, example, init=init)
+    opt = torch.optim.Adam(dg.param_groups(gated, dict.fromkeys(targets, lam)), lr=LR)
     sched = LambdaScheduler.for_run(opt, gated, targets, STEPS, "params")
     train(gated, opt, data, seed, 0, STEPS, lambda step: sched.step())
     return result(gated, val, example)
@@ -143,8 +145,9 @@ def magnitude(data, val, example, cells, seed) -> dict:
         model = copy.deepcopy(gated)
         params = [p for p in model.parameters() if p.requires_grad]
         opt_cell = torch.optim.Adam(params, lr=LR)
-        state = opt.state_dict()  # Adam's moments carry over to the copy (same parameter order)
-        opt_cell.load_state_dict(state)
+        # Adam's moments carry over to the copy (same parameter order); copied, since load_state_dict
+        # keeps the very tensors, which each cell's steps would otherwise update for the next cells
+        opt_cell.load_state_dict(copy.deepcopy(opt.state_dict()))
         if cell != "dense":
             Hold(model, uniform_masks(model, {"heads": cell[0], "neurons": cell[1]}), opt_cell)
         train(model, opt_cell, data, seed, prune_at, STEPS)
@@ -167,6 +170,8 @@ def table(rows, cells, dense_params) -> str:
     for cell in cells:
         dgr = {r["seed"]: r for r in rows if r["method"] == "D-Gating target" and r["cell"] == cell}
         mag = {r["seed"]: r for r in rows if r["method"] == "magnitude uniform" and r["cell"] == cell}
+        if not dgr or not mag:  # a run of one method: the table is a --merge with the other's rows
+            continue
         diffs = [dgr[s]["loss"] - mag[s]["loss"] for s in seeds]
         size = lambda rs, key: statistics.mean(r[key] for r in rs.values())  # noqa: E731
         lines.append(
@@ -186,6 +191,10 @@ def main(argv=None):
     parser.add_argument("--neurons", type=float, nargs="+", default=list(NEURONS_KEPT),
                         help="fractions of MLP neurons kept")
     parser.add_argument("--val-windows", type=int, default=1024)
+    parser.add_argument("--lam", type=float, default=LAM0, help="D-Gating's starting lambda per kind")
+    parser.add_argument("--init", choices=("balanced", "ones"), default="balanced", help="D-Gating's gate initialization")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="what to run (magnitude uniform brings the dense row)")
     parser.add_argument("--rows", help="save the measured rows (JSON), e.g. one file per seed run in parallel")
     parser.add_argument("--merge", nargs="+", help="print the table (and plot) from saved rows, measuring nothing")
     parser.add_argument("--plot", help="write a PNG of validation loss against parameters kept")
@@ -201,7 +210,8 @@ def main(argv=None):
                 for r in json.loads(Path(path).read_text())]
         cells = list(dict.fromkeys(r["cell"] for r in rows if r["cell"]))
     else:
-        rows = measure(cells, [int(s) for s in args.seeds.split(",")], args.val_windows, dense_params, args.rows)
+        rows = measure(cells, [int(s) for s in args.seeds.split(",")], args.val_windows, dense_params, args.rows, args.lam,
+                       args.init, args.methods)
     if args.rows:
         Path(args.rows).write_text(json.dumps(rows))
     print(table(rows, cells, dense_params))
@@ -215,19 +225,19 @@ def main(argv=None):
                    hline="dense")
 
 
-def measure(cells, seeds, n_val, dense_params, save=None) -> list[dict]:
+def measure(cells, seeds, n_val, dense_params, save=None, lam=LAM0, init="balanced", methods=METHODS) -> list[dict]:
     train_bytes, val_bytes, info = load_bytes()
     val = val_windows(val_bytes, n_val)
     example = val[:2, :-1]
     print(f"GPT-2 4x4 heads, width 64, MLP 256 ({dense_params:,} parameters) on {info['train_bytes']:,} bytes of "
-          f"{info['root']}; {STEPS} Adam steps per method; {len(cells)} cells; seeds {seeds}\n", flush=True)
+          f"{info['root']}; {STEPS} Adam steps per method; D-Gating from lambda {lam:g}, gates {init}; {len(cells)} cells; seeds {seeds}\n", flush=True)
     rows, started = [], time.time()
     for seed in seeds:
-        for cell in cells:
-            r = dgating(train_bytes, val, example, *cell, seed)
+        for cell in cells if "D-Gating target" in methods else []:
+            r = dgating(train_bytes, val, example, *cell, seed, lam, init)
             rows.append({"method": "D-Gating target", "cell": cell, "seed": seed, **r})
             print(f"<!-- seed {seed} D-Gating {cell}: {r}, {time.time() - started:.0f} s -->", flush=True)
-        for cell, r in magnitude(train_bytes, val, example, cells, seed).items():
+        for cell, r in magnitude(train_bytes, val, example, cells, seed).items() if "magnitude uniform" in methods else []:
             method = "dense" if cell == "dense" else "magnitude uniform"
             rows.append({"method": method, "cell": None if cell == "dense" else cell, "seed": seed, **r})
             print(f"<!-- seed {seed} {method} {cell}: {r}, {time.time() - started:.0f} s -->", flush=True)

@@ -4,9 +4,11 @@ each feature's first-layer column after dense training) and proximal group lasso
 at exactly k features with its own knob, equal steps, equal tuning.
 
 Protocol (every method, every seed):
-- data: the 178 samples, a fixed stratified 70/30 split (the 54 test samples of
-  paper_wine_features.py); the 124 training samples split again 80/20 (99 to fit, 25 to validate),
-  standardized with the fit part's statistics; the test split is used once, for the chosen trial;
+- data: the 178 samples, a stratified 70/30 split drawn per seed (seed 0's is the fixed split of
+  paper_wine_features.py: its 54 test samples), so that the seeds sample which samples are tested
+  on as well as the training's noise; the 124 training samples split again 80/20 (99 to fit, 25 to
+  validate), standardized with the fit part's statistics; the test split is used once, for the
+  chosen trial;
 - model: a 13-32-3 MLP (paper_common.MLP), the 13 input features gated (``kind: features``);
 - training: STEPS minibatch SGD steps (batch 16, momentum 0.9, lr x0.1 for the last quarter:
   paper_target.train), L2 5e-4 on the weights no method regularizes by group;
@@ -66,6 +68,8 @@ KEPT = (8, 5, 3, 2)
 SEEDS = 10
 GROUPS = [{"kind": "features"}]
 LAM0 = 1e-2  # D-Gating's starting lambda; the controller moves it
+D = 3
+PENALTY_END = PENALTY_END_FRACTION  # D-Gating with recovery: held by this fraction of the run at the latest
 PROX_LAM0, PROX_GROWTH, PROX_EVERY = 0.1, 1.2, 10
 CUT = 1e-12  # shrink threshold: only the exactly zero (held) features are cut
 GAP_LAMBDAS = (3.0, 3.2, 3.4, 3.6, 3.8, 4.0)  # paper_wine_features.py's proximal sweep had none between 3 and 4
@@ -81,13 +85,14 @@ class Split:
     yte: torch.Tensor
 
 
-def wine_splits() -> Split:
-    """Fit / validation / test, standardized with the fit part's statistics."""
+def wine_splits(seed: int = 0) -> Split:
+    """Fit / validation / test drawn with ``seed`` (stratified), standardized with the fit part's
+    statistics."""
     from sklearn.datasets import load_wine
     from sklearn.model_selection import train_test_split
     X, y = load_wine(return_X_y=True)
-    rest, test = train_test_split(np.arange(len(y)), test_size=0.3, random_state=0, stratify=y)
-    fit, val = train_test_split(rest, test_size=0.2, random_state=0, stratify=y[rest])
+    rest, test = train_test_split(np.arange(len(y)), test_size=0.3, random_state=seed, stratify=y)
+    fit, val = train_test_split(rest, test_size=0.2, random_state=seed, stratify=y[rest])
     mu, sd = X[fit].mean(0), X[fit].std(0) + 1e-8
     parts = [(torch.tensor((X[i] - mu) / sd, dtype=torch.float32), torch.tensor(y[i])) for i in (fit, val, test)]
     return Split(*(t for part in parts for t in part))
@@ -112,10 +117,10 @@ def weakest(model, k) -> dict[str, torch.Tensor]:
 
 
 def dgating(d, k, lr, seed, recovery):
-    model = dg.gate_model(net(), {"D": 3, "groups": GROUPS}, d.Xfit[:2])
+    model = dg.gate_model(net(), {"D": D, "groups": GROUPS}, d.Xfit[:2])
     opt = torch.optim.SGD(dg.param_groups(model, LAM0, weight_decay=REST_WD), lr=lr, momentum=0.9)
     sched = LambdaScheduler.for_run(opt, model, 1 - k / N_FEATURES, STEPS, "groups",
-                                    **({} if recovery else {"penalty_end": 1.0}))
+                                    penalty_end=PENALTY_END if recovery else 1.0)
     train(model, opt, d.Xfit, d.yfit, seed, lambda step: sched.step())
     return model
 
@@ -210,16 +215,20 @@ METHODS = {  # name -> (run(d, k, lr, seed, recovery), recovery): the sized meth
 BASELINES = ("magnitude", "proximal", "scratch")  # what the paired differences compare D-Gating with
 
 
-def measure(d, kept, seeds, save=None) -> list[dict]:
+def measure(kept, seeds, save=None, methods=tuple(METHODS)) -> list[dict]:
     rows, started = [], time.time()
     for seed in seeds:
+        d = wine_splits(seed)
         best = tuned(lambda lr, s: dense(d, lr, s), d, seed)
         rows.append({"method": "dense", "k": N_FEATURES, "seed": seed, **best})
         for k in kept:
-            for method, (run, recovery) in METHODS.items():
+            for method in methods:
+                run, recovery = METHODS[method]
                 best = tuned(lambda lr, s: run(d, k, lr, s, recovery), d, seed)
                 rows.append({"method": method, "k": k, "seed": seed, **best})
-            chosen = next(r for r in rows if r["method"] == "D-Gating target" and r["k"] == k and r["seed"] == seed)
+            chosen = next((r for r in rows if r["method"] == "D-Gating target" and r["k"] == k and r["seed"] == seed), None)
+            if chosen is None:
+                continue
             best = tuned(lambda lr, s: scratch(d, chosen["features"], lr, s), d, seed)
             rows.append({"method": "scratch", "k": k, "seed": seed, **best})
         if save:
@@ -232,10 +241,10 @@ def mean_std(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
 
 
-def paired(rows, k, method, baseline) -> str:
-    """D-Gating's test accuracy minus the baseline's, seed by seed: mean ± std, wins (+ties)."""
-    a = {r["seed"]: r["test_acc"] for r in rows if r["method"] == method and r["k"] == k}
-    b = {r["seed"]: r["test_acc"] for r in rows if r["method"] == baseline and r["k"] == k}
+def paired(rows, k, method, baseline, split="test") -> str:
+    """D-Gating's accuracy minus the baseline's on ``split``, seed by seed: mean ± std, wins (+ties)."""
+    a = {r["seed"]: r[f"{split}_acc"] for r in rows if r["method"] == method and r["k"] == k}
+    b = {r["seed"]: r[f"{split}_acc"] for r in rows if r["method"] == baseline and r["k"] == k}
     diffs = [100 * (a[s] - b[s]) for s in sorted(a)]
     wins, ties = sum(x > 1e-9 for x in diffs), sum(abs(x) <= 1e-9 for x in diffs)
     return f"{statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0:.1f}, {wins} (+{ties}) / {len(diffs)}"
@@ -243,7 +252,8 @@ def paired(rows, k, method, baseline) -> str:
 
 def tables(rows, kept) -> str:
     seeds = sorted({r["seed"] for r in rows})
-    methods = [*METHODS, "scratch"]
+    methods = [m for m in [*METHODS, "scratch"] if any(r["method"] == m for r in rows)]
+    baselines = [b for b in BASELINES if b in methods]
     dense_acc = mean_std([100 * r["test_acc"] for r in rows if r["method"] == "dense"])
     out = [f"Test accuracy (%) of the slim model, mean ± std over {len(seeds)} seeds (54 test samples: one = "
            f"1.85 points); dense (13 features): {dense_acc}\n",
@@ -253,11 +263,15 @@ def tables(rows, kept) -> str:
                                                        if r["method"] == m and r["k"] == k]) for m in methods) + " |")
     out += ["\nPaired per seed, D-Gating target (with recovery) minus each: mean ± std of the difference in test "
             "points, seeds where D-Gating is higher (+ ties) / seeds\n",
-            "| features kept | " + " | ".join(f"− {b}" for b in BASELINES) + " | no recovery: D-Gating − magnitude |",
-            "|---|" + "---|" * (len(BASELINES) + 1)]
+            "| features kept | " + " | ".join(f"− {b}" for b in baselines) + " |", "|---|" + "---|" * len(baselines)]
     for k in kept:
-        out.append(f"| {k} | " + " | ".join(paired(rows, k, "D-Gating target", b) for b in BASELINES) +
-                   f" | {paired(rows, k, 'D-Gating, no recovery', 'magnitude, no recovery')} |")
+        out.append(f"| {k} | " + " | ".join(paired(rows, k, "D-Gating target", b) for b in baselines) + " |")
+    if {"D-Gating, no recovery", "magnitude, no recovery"} <= set(methods):
+        out.append("\nNo recovery, D-Gating − magnitude: " + "; ".join(
+            f"{k} features {paired(rows, k, 'D-Gating, no recovery', 'magnitude, no recovery')}" for k in kept))
+    out.append("\nD-Gating target − magnitude on the validation split, for the chosen trials (25 samples: one = 4 "
+               "points; the best of 3 trials, so biased upward for every method): " +
+               "; ".join(f"{k} features {paired(rows, k, 'D-Gating target', 'magnitude', 'val')}" for k in kept))
     off = [f"{r['method']} (k {r['k']}, seed {r['seed']}: {len(r['features'])})" for r in rows
            if r["method"] != "dense" and len(r["features"]) != r["k"]]
     out.append(f"\nRuns that did not end at exactly k features: {', '.join(off) or 'none'}")
@@ -293,7 +307,7 @@ def prox_gap(d, seeds) -> str:
 
 
 def main(argv=None):
-    global STEPS
+    global STEPS, D, LAM0, PENALTY_END
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default=",".join(map(str, range(SEEDS))), help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run, every method")
@@ -303,10 +317,16 @@ def main(argv=None):
     parser.add_argument("--plot", help="write a PNG of test accuracy against features kept")
     parser.add_argument("--json", help="write the plot's rows as JSON (python benchmarks/plots.py plots them)")
     parser.add_argument("--no-gap", action="store_true", help="skip the proximal sweep across lambda 3-4")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="the sized methods to run (scratch follows D-Gating target)")
+    parser.add_argument("--D", type=int, default=D, help="D-Gating's depth")
+    parser.add_argument("--lam", type=float, default=LAM0, help="D-Gating's starting lambda")
+    parser.add_argument("--penalty-end", type=float, default=PENALTY_END,
+                        help="D-Gating's latest hold, a fraction of the run")
     args = parser.parse_args(argv)
-    STEPS = args.steps
+    STEPS, D, LAM0, PENALTY_END = args.steps, args.D, args.lam, args.penalty_end
     setup()
-    d, seeds = wine_splits(), [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
     if args.merge:
         rows = [r for path in args.merge for r in json.loads(Path(path).read_text())]
@@ -314,7 +334,7 @@ def main(argv=None):
     else:
         print(f"Wine, 13-32-3 MLP, {STEPS} SGD steps per run, {len(LRS)} lr trials per method chosen on validation, "
               f"seeds {args.seeds}\n", flush=True)
-        rows, kept = measure(d, args.kept, seeds, args.rows), args.kept
+        rows, kept = measure(args.kept, seeds, args.rows, args.methods), args.kept
     if args.rows:
         Path(args.rows).write_text(json.dumps(rows))
     print(tables(rows, kept))
@@ -323,7 +343,7 @@ def main(argv=None):
     if not args.no_gap:
         print("\nProximal group lasso across the lambda gap of paper_wine_features.py (constant lambda, 150 epochs, "
               "no size target):\n")
-        print(prox_gap(d, seeds))
+        print(prox_gap(wine_splits(0), seeds))
     print(f"\n(total time {time.time() - started:.0f} s)")
     plot_rows = [{"method": r["method"], "x": r["k"], "y": 100 * r["test_acc"], "seed": r["seed"]} for r in rows]
     labels = dict(xlabel="input features kept (of 13)", ylabel="test accuracy of the slim model (%)",

@@ -66,3 +66,33 @@ def test_paper_target_rows_table_merge_and_plot(tmp_path, capsys, one_thread):
     assert merged == [line for line in table.splitlines() if line.startswith(("|", "Dense", "D-Gating"))]
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == PNG
+
+
+def test_lm_target_every_method_lands_on_the_same_size(capsys, one_thread):
+    pytest.importorskip("transformers")
+    import paper_target_lm
+
+    paper_target_lm.main(["--steps", "8", "--seeds", "0", "--split", "val",
+                          "--methods", "D-Gating", "D-Gating, no recovery", "magnitude", "scratch"])
+    out = capsys.readouterr().out
+    # half the heads' and 70% of the neurons' parameters gone: 48.1% of the model kept, whoever cut it
+    for method in ("D-Gating", "D-Gating, no recovery", "magnitude", "scratch"):
+        assert re.search(rf"\| {method} \| [\d.]+ ± 0\.000 \| 48\.1% \| ", out), (method, out)
+    assert re.search(r"\| magnitude \| [\d.]+ ± 0\.000 \| 48\.1% \| 0\.000 ± 0\.000 \| 0 / 1 \|", out), out
+
+
+def test_gpt2_magnitude_cells_do_not_share_adam_state(monkeypatch, one_thread):
+    """Every cell fine-tunes a copy of the dense run with a copy of its Adam state: a cell's result
+    does not depend on which cells ran before it (load_state_dict keeps the very moment tensors)."""
+    pytest.importorskip("transformers")
+    import paper_target_gpt2 as G
+    from paper_heads_gpt2 import load_bytes, val_windows
+
+    monkeypatch.setattr(G, "STEPS", 8)
+    train_bytes, val_bytes, _ = load_bytes()
+    val = val_windows(val_bytes, 8)
+    example = val[:2, :-1]
+    after_another = G.magnitude(train_bytes[:200_000], val, example, [(0.5, 0.5), (0.25, 0.25)], 0)
+    alone = G.magnitude(train_bytes[:200_000], val, example, [(0.25, 0.25)], 0)
+    assert after_another[(0.25, 0.25)]["loss"] == alone[(0.25, 0.25)]["loss"]
+    assert after_another["dense"]["loss"] == alone["dense"]["loss"]
