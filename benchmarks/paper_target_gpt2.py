@@ -210,8 +210,8 @@ def main(argv=None):
                 for r in json.loads(Path(path).read_text())]
         cells = list(dict.fromkeys(r["cell"] for r in rows if r["cell"]))
     else:
-        rows = measure(cells, [int(s) for s in args.seeds.split(",")], args.val_windows, dense_params, args.rows, args.lam,
-                       args.init, args.methods)
+        rows = measure(cells, [int(s) for s in args.seeds.split(",")], args.val_windows, dense_params, args.rows,
+                       args.lam, args.init, args.methods)
     if args.rows:
         Path(args.rows).write_text(json.dumps(rows))
     print(table(rows, cells, dense_params))
@@ -230,14 +230,16 @@ def measure(cells, seeds, n_val, dense_params, save=None, lam=LAM0, init="balanc
     val = val_windows(val_bytes, n_val)
     example = val[:2, :-1]
     print(f"GPT-2 4x4 heads, width 64, MLP 256 ({dense_params:,} parameters) on {info['train_bytes']:,} bytes of "
-          f"{info['root']}; {STEPS} Adam steps per method; D-Gating from lambda {lam:g}, gates {init}; {len(cells)} cells; seeds {seeds}\n", flush=True)
+          f"{info['root']}; {STEPS} Adam steps per method; D-Gating from lambda {lam:g}, gates {init}; "
+          f"{len(cells)} cells; seeds {seeds}\n", flush=True)
     rows, started = [], time.time()
     for seed in seeds:
         for cell in cells if "D-Gating target" in methods else []:
             r = dgating(train_bytes, val, example, *cell, seed, lam, init)
             rows.append({"method": "D-Gating target", "cell": cell, "seed": seed, **r})
             print(f"<!-- seed {seed} D-Gating {cell}: {r}, {time.time() - started:.0f} s -->", flush=True)
-        for cell, r in magnitude(train_bytes, val, example, cells, seed).items() if "magnitude uniform" in methods else []:
+        magnitude_rows = magnitude(train_bytes, val, example, cells, seed) if "magnitude uniform" in methods else {}
+        for cell, r in magnitude_rows.items():
             method = "dense" if cell == "dense" else "magnitude uniform"
             rows.append({"method": method, "cell": None if cell == "dense" else cell, "seed": seed, **r})
             print(f"<!-- seed {seed} {method} {cell}: {r}, {time.time() - started:.0f} s -->", flush=True)

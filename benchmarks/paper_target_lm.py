@@ -13,8 +13,8 @@ the test bytes (``--split test``, the default: used once, for the table).
 - D-Gating, no recovery: the same with the hold at the last step (``penalty_end=1``).
 - D-Gating + distill: as D-Gating, with a KL term to the model as it was at the penalty's start.
 - magnitude: the plain weights (gates frozen at one: no penalty, no reparametrization); at 5/8 of
-  the run, in every layer the same per-kind fraction
-  of heads and neurons with the smallest norm held at zero; the rest fine-tuned to the end.
+  the run, in every layer the same per-kind fraction of heads and neurons with the smallest norm
+  held at zero; the rest fine-tuned to the end.
 - magnitude, no recovery: the same pruning after the last step.
 - magnitude, D-Gating's parametrization: as magnitude, with the gates frozen where D-Gating's
   balanced initialization puts them (a group's weights stored as theta = w / ||w||^(2/3) times two
@@ -25,6 +25,7 @@ the test bytes (``--split test``, the default: used once, for the table).
 
     python benchmarks/paper_target_lm.py                                # the table, test split, seeds 0-4
     python benchmarks/paper_target_lm.py --split val --lam 1e-3 --methods D-Gating magnitude   # a trial
+    python benchmarks/paper_target_lm.py --split val --init ones --methods D-Gating   # gates starting at one
 """
 from __future__ import annotations
 
@@ -159,12 +160,15 @@ def table(rows, steps, split, lam, lr, init) -> str:
     mean_std = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"  # noqa: E731
     seeds = sorted(next(iter(rows.values())))
     lines = [f"{split} loss (nats/byte) of the slim model, {steps} Adam steps (lr {lr:g}), D-Gating from lambda "
-             f"{lam:g} (gates initialized {init}), targets {TARGETS}, mean ± std over seeds {', '.join(map(str, seeds))}\n",
+             f"{lam:g} (gates initialized {init}), targets {TARGETS}, mean ± std over seeds "
+             f"{', '.join(map(str, seeds))}\n",
              "| method | loss | params kept | − magnitude (paired) | seeds below magnitude |", "|---|---|---|---|---|"]
     for method, per_seed in rows.items():
         losses = [per_seed[s][0] for s in seeds]
-        paired = "" if "magnitude" not in rows else mean_std([per_seed[s][0] - rows["magnitude"][s][0] for s in seeds])
-        below = "" if "magnitude" not in rows else f"{sum(per_seed[s][0] < rows['magnitude'][s][0] for s in seeds)} / {len(seeds)}"
+        paired = below = ""
+        if "magnitude" in rows:
+            diffs = [per_seed[s][0] - rows["magnitude"][s][0] for s in seeds]
+            paired, below = mean_std(diffs), f"{sum(d < 0 for d in diffs)} / {len(seeds)}"
         lines.append(f"| {method} | {mean_std(losses)} | {statistics.mean(per_seed[s][1] for s in seeds):.1%} | "
                      f"{paired} | {below} |")
     return "\n".join(lines)

@@ -226,7 +226,8 @@ def measure(kept, seeds, save=None, methods=tuple(METHODS)) -> list[dict]:
                 run, recovery = METHODS[method]
                 best = tuned(lambda lr, s: run(d, k, lr, s, recovery), d, seed)
                 rows.append({"method": method, "k": k, "seed": seed, **best})
-            chosen = next((r for r in rows if r["method"] == "D-Gating target" and r["k"] == k and r["seed"] == seed), None)
+            chosen = next((r for r in rows if r["method"] == "D-Gating target" and r["k"] == k and r["seed"] == seed),
+                          None)
             if chosen is None:
                 continue
             best = tuned(lambda lr, s: scratch(d, chosen["features"], lr, s), d, seed)
