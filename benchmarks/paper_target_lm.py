@@ -16,6 +16,8 @@ the test bytes (``--split test``, the default: used once, for the table).
   the run, in every layer the same per-kind fraction of heads and neurons with the smallest norm
   held at zero; the rest fine-tuned to the end.
 - magnitude, no recovery: the same pruning after the last step.
+- magnitude, D-Gating's layers: as magnitude, with as many heads and neurons held in each layer as
+  D-Gating held there (its allocation over the layers, magnitude's choice within each).
 - magnitude, D-Gating's parametrization: as magnitude, with the gates frozen where D-Gating's
   balanced initialization puts them (a group's weights stored as theta = w / ||w||^(2/3) times two
   gates ||w||^(1/3)): the same function, but Adam steps theta, so each group trains at its own
@@ -50,7 +52,9 @@ LAM = 1e-4  # chosen on the validation split among 1e-2, 1e-3, 1e-4 (docs/result
 INIT = "balanced"
 RECIPE = {"D": 3, "groups": [{"kind": "heads"}, {"kind": "neurons"}]}
 METHODS = ("dense", "D-Gating", "D-Gating, no recovery", "D-Gating + distill", "magnitude",
-           "magnitude, no recovery", "magnitude, D-Gating's parametrization", "scratch")
+           "magnitude, no recovery", "magnitude, D-Gating's layers", "magnitude, D-Gating's parametrization",
+           "scratch")
+AFTER_DGATING = ("magnitude, D-Gating's layers", "scratch")  # they take what D-Gating found for the seed
 SPLITS = {"train": (0, 500_000), "val": (500_000, 600_000), "test": (600_000, 700_000)}
 
 
@@ -88,39 +92,44 @@ def train(model, opt, data, steps, seed, after=None):
             after(step)
 
 
-def magnitude_masks(gated):
-    """Per gate, the same fraction as D-Gating's per-kind target: its smallest-norm groups."""
+def magnitude_masks(gated, counts=None):
+    """Per gate, its smallest-norm groups: ``counts[gate]`` of them, or (no counts) the same
+    fraction as D-Gating's per-kind target."""
     out = {}
     for key, norm in dg.group_norms(gated).items():
+        n = counts.get(key, 0) if counts is not None else round(TARGETS[gated.dgates[key].kind] * norm.numel())
         mask = torch.zeros_like(norm, dtype=torch.bool)
-        mask[norm.detach().argsort()[:round(TARGETS[gated.dgates[key].kind] * norm.numel())]] = True
+        mask[norm.detach().argsort()[:n]] = True
         out[key] = mask
     return out
 
 
-def run(method, train_data, steps, seed, lam, lr, init, slim_of_dgating=None):
-    """The slim (or dense) model one method gives. ``init``: D-Gating's gate initialization (the
-    magnitude baselines' gates are frozen at one, or at D-Gating's balanced start)."""
-    if method == "dense":
-        model = make(seed)
+def run(method, train_data, steps, seed, lam, lr, init, found=None):
+    """(the slim or dense model one method gives, the groups D-Gating held per gate or None).
+    ``init``: D-Gating's gate initialization (the magnitude baselines' gates are frozen at one, or
+    at D-Gating's balanced start); ``found``: what D-Gating gave for this seed (AFTER_DGATING)."""
+    if method in ("dense", "scratch"):
+        if method == "dense":
+            model = make(seed)
+        else:
+            model = copy.deepcopy(found[0])
+            torch.manual_seed(seed)
+            model.apply(model._init_weights)
         train(model, torch.optim.Adam(model.parameters(), lr=lr), train_data, steps, seed)
-        return model
-    if method == "scratch":
-        model = copy.deepcopy(slim_of_dgating)
-        torch.manual_seed(seed)
-        model.apply(model._init_weights)
-        train(model, torch.optim.Adam(model.parameters(), lr=lr), train_data, steps, seed)
-        return model
-    plain = method in ("magnitude", "magnitude, no recovery")
-    recipe = {**RECIPE, "init": "ones" if plain else "balanced" if method.startswith("magnitude") else init}
-    gated = dg.gate_model(make(seed), recipe, example_kwargs={"input_ids": train_data[:SEQ].unsqueeze(0)})
+        return model, None
+    if method.startswith("magnitude"):
+        init = "balanced" if method == "magnitude, D-Gating's parametrization" else "ones"
+    gated = dg.gate_model(make(seed), {**RECIPE, "init": init},
+                          example_kwargs={"input_ids": train_data[:SEQ].unsqueeze(0)})
+    held = None
     if method.startswith("magnitude"):
         for g in dg.gates(gated):
             g.factors.requires_grad_(False)
         opt = torch.optim.Adam([p for p in gated.parameters() if p.requires_grad], lr=lr)
         prune_at = steps if method == "magnitude, no recovery" else int(PENALTY_END_FRACTION * steps)
+        counts = found[1] if method == "magnitude, D-Gating's layers" else None
         train(gated, opt, train_data, steps, seed,
-              lambda step: Hold(gated, magnitude_masks(gated), opt) if step == prune_at else None)
+              lambda step: Hold(gated, magnitude_masks(gated, counts), opt) if step == prune_at else None)
     else:
         opt = torch.optim.Adam(dg.param_groups(gated, lam), lr=lr)
         end = 1.0 if method == "D-Gating, no recovery" else PENALTY_END_FRACTION
@@ -135,7 +144,8 @@ def run(method, train_data, steps, seed, lam, lr, init, slim_of_dgating=None):
         train(gated, opt, train_data, steps, seed, after)
         if distiller is not None:
             distiller.detach()
-    return dg.shrink(gated, threshold=1e-12, verify=False)
+        held = {key: int(mask.sum()) for key, mask in sched.held_masks.items()}
+    return dg.shrink(gated, threshold=1e-12, verify=False), held
 
 
 def measure(methods, seeds, steps, split, lam, lr, init):
@@ -144,13 +154,13 @@ def measure(methods, seeds, steps, split, lam, lr, init):
     dense_params = dg.model_params(make(0))
     rows = {}
     for seed in seeds:
-        slim_of_dgating = None
+        found = None
         for method in methods:
-            if method == "scratch" and slim_of_dgating is None:
-                slim_of_dgating = run("D-Gating", train_data, steps, seed, lam, lr, init)
-            model = run(method, train_data, steps, seed, lam, lr, init, slim_of_dgating)
+            if method in AFTER_DGATING and found is None:
+                found = run("D-Gating", train_data, steps, seed, lam, lr, init)
+            model, held = run(method, train_data, steps, seed, lam, lr, init, found)
             if method == "D-Gating":
-                slim_of_dgating = model
+                found = (model, held)
             rows.setdefault(method, {})[seed] = (eval_loss(model, scored), dg.model_params(model) / dense_params)
             print(f"<!-- {method} seed {seed}: {rows[method][seed][0]:.4f} -->", flush=True)
     return rows

@@ -73,10 +73,11 @@ def test_lm_target_every_method_lands_on_the_same_size(capsys, one_thread):
     import paper_target_lm
 
     paper_target_lm.main(["--steps", "8", "--seeds", "0", "--split", "val",
-                          "--methods", "D-Gating", "D-Gating, no recovery", "magnitude", "scratch"])
+                          "--methods", "D-Gating", "D-Gating, no recovery", "magnitude", "magnitude, D-Gating's layers",
+                          "scratch"])
     out = capsys.readouterr().out
     # half the heads' and 70% of the neurons' parameters gone: 48.1% of the model kept, whoever cut it
-    for method in ("D-Gating", "D-Gating, no recovery", "magnitude", "scratch"):
+    for method in ("D-Gating", "D-Gating, no recovery", "magnitude", "magnitude, D-Gating's layers", "scratch"):
         assert re.search(rf"\| {method} \| [\d.]+ ± 0\.000 \| 48\.1% \| ", out), (method, out)
     assert re.search(r"\| magnitude \| [\d.]+ ± 0\.000 \| 48\.1% \| 0\.000 ± 0\.000 \| 0 / 1 \|", out), out
 
