@@ -60,7 +60,7 @@ HEADS_KEPT = (1.0, 0.5, 0.25)
 NEURONS_KEPT = (0.5, 0.25, 0.1)
 LAM0 = 1e-4  # per kind, to start (the controllers move it): with Adam, chosen on paper_target_lm.py's validation split
 D = 3
-METHODS = ("D-Gating target", "magnitude uniform")
+METHODS = ("D-Gating target", "magnitude uniform", "magnitude, D-Gating's layers")  # the last needs both others
 CUT = 1e-12  # shrink threshold: only the exactly zero (held) groups are cut
 EXAMPLE_KWARGS = {"use_cache": False}
 
@@ -117,41 +117,52 @@ def dgating(data, val, example, heads, neurons, seed, lam=LAM0, init="balanced")
     opt = torch.optim.Adam(dg.param_groups(gated, dict.fromkeys(targets, lam)), lr=LR)
     sched = LambdaScheduler.for_run(opt, gated, targets, STEPS, "params")
     train(gated, opt, data, seed, 0, STEPS, lambda step: sched.step())
-    return result(gated, val, example)
+    held = {key: int(mask.sum()) for key, mask in sched.held_masks.items()}
+    return {**result(gated, val, example), "held": held}
 
 
-def uniform_masks(gated, kept: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Per gate (one layer's heads or neurons), all but the round(kept * n) groups of largest norm."""
+def smallest(gated, n_held) -> dict[str, torch.Tensor]:
+    """Per gate (one layer's heads or neurons), its ``n_held(key, n)`` groups of smallest norm."""
     masks = {}
     with torch.no_grad():
         for key, norm in dg.group_norms(gated).items():
-            mask = torch.ones_like(norm, dtype=torch.bool)
-            mask[norm.argsort(descending=True)[:max(round(kept[gated.dgates[key].kind] * norm.numel()), 1)]] = False
+            mask = torch.zeros_like(norm, dtype=torch.bool)
+            mask[norm.argsort()[:n_held(key, norm.numel())]] = True
             masks[key] = mask
     return masks
 
 
-def magnitude(data, val, example, cells, seed) -> dict:
+def uniform_masks(gated, kept: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per gate, all but the round(kept * n) groups of largest norm (at least one kept)."""
+    return smallest(gated, lambda key, n: n - max(round(kept[gated.dgates[key].kind] * n), 1))
+
+
+def magnitude(data, val, example, cells, seed, allocations=None) -> dict:
     """One dense run to 5/8 of the steps; per cell a copy pruned uniformly and fine-tuned to the
-    end; and the dense run continued unpruned. Returns {cell or "dense": result}."""
+    end; per cell of ``allocations`` (cell -> groups D-Gating held per gate) a copy pruned with those
+    counts per layer; and the dense run continued unpruned. Returns {(method, cell): result}."""
     gated = gate(["heads", "neurons"], seed, example, init="ones")
     for g in dg.gates(gated):
         g.factors.requires_grad_(False)
     opt = torch.optim.Adam([p for p in gated.parameters() if p.requires_grad], lr=LR)
     prune_at = int(PENALTY_END_FRACTION * STEPS)
     train(gated, opt, data, seed, 0, prune_at)
+    runs = [("magnitude uniform", cell, lambda m, c=cell: uniform_masks(m, {"heads": c[0], "neurons": c[1]}))
+            for cell in cells]
+    runs += [("magnitude, D-Gating's layers", cell, lambda m, h=held: smallest(m, lambda key, n: h.get(key, 0)))
+             for cell, held in (allocations or {}).items()]
     out = {}
-    for cell in [*cells, "dense"]:
+    for method, cell, masks in [*runs, ("dense", None, None)]:
         model = copy.deepcopy(gated)
         params = [p for p in model.parameters() if p.requires_grad]
         opt_cell = torch.optim.Adam(params, lr=LR)
         # Adam's moments carry over to the copy (same parameter order); copied, since load_state_dict
         # keeps the very tensors, which each cell's steps would otherwise update for the next cells
         opt_cell.load_state_dict(copy.deepcopy(opt.state_dict()))
-        if cell != "dense":
-            Hold(model, uniform_masks(model, {"heads": cell[0], "neurons": cell[1]}), opt_cell)
+        if masks is not None:
+            Hold(model, masks(model), opt_cell)
         train(model, opt_cell, data, seed, prune_at, STEPS)
-        out[cell] = result(model, val, example)
+        out[method, cell] = result(model, val, example)
     return out
 
 
@@ -165,20 +176,25 @@ def table(rows, cells, dense_params) -> str:
     lines = [f"Validation loss (nats/byte) of the slim model, mean ± std over seeds {', '.join(map(str, seeds))}; "
              f"dense: {fmt(dense)}\n",
              "| heads kept | neurons kept | D-Gating target | magnitude uniform | D-Gating − magnitude (paired) | "
-             "D-Gating lower / seeds | heads, neurons kept (D-Gating; magnitude) | params kept (D-Gating; magnitude) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "D-Gating lower / seeds | heads, neurons kept (D-Gating; magnitude) | params kept (D-Gating; magnitude) | "
+             "magnitude, D-Gating's layers (D-Gating − it) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         dgr = {r["seed"]: r for r in rows if r["method"] == "D-Gating target" and r["cell"] == cell}
         mag = {r["seed"]: r for r in rows if r["method"] == "magnitude uniform" and r["cell"] == cell}
         if not dgr or not mag:  # a run of one method: the table is a --merge with the other's rows
             continue
         diffs = [dgr[s]["loss"] - mag[s]["loss"] for s in seeds]
+        lay = {r["seed"]: r for r in rows if r["method"] == "magnitude, D-Gating's layers" and r["cell"] == cell}
+        layers = (f"{fmt([r['loss'] for r in lay.values()])} ({fmt([dgr[s]['loss'] - lay[s]['loss'] for s in seeds], '+')})"
+                  if lay else "—")
         size = lambda rs, key: statistics.mean(r[key] for r in rs.values())  # noqa: E731
         lines.append(
             f"| {cell[0]:.0%} | {cell[1]:.0%} | {fmt([r['loss'] for r in dgr.values()])} | "
             f"{fmt([r['loss'] for r in mag.values()])} | {fmt(diffs, '+')} | {sum(x < 0 for x in diffs)} / {len(diffs)} | "
             f"{size(dgr, 'heads'):.0f}, {size(dgr, 'neurons'):.0f}; {size(mag, 'heads'):.0f}, {size(mag, 'neurons'):.0f} | "
-            f"{100 * size(dgr, 'params') / dense_params:.1f}%; {100 * size(mag, 'params') / dense_params:.1f}% |")
+            f"{100 * size(dgr, 'params') / dense_params:.1f}%; {100 * size(mag, 'params') / dense_params:.1f}% | "
+            f"{layers} |")
     return "\n".join(lines)
 
 
@@ -219,7 +235,8 @@ def main(argv=None):
     if args.plot:
         import plots
         plots.plot([{"method": "dense" if r["method"] == "dense" else f"{r['method']}, heads {r['cell'][0]:.0%}",
-                     "x": round(100 * r["params"] / dense_params, 1), "y": r["loss"], "seed": r["seed"]} for r in rows],
+                     "x": round(100 * r["params"] / dense_params, 1), "y": r["loss"], "seed": r["seed"]} for r in rows
+                    if r["method"] != "magnitude, D-Gating's layers"],
                    args.plot, xlabel="parameters kept (%)", ylabel="validation loss of the slim model (nats/byte)",
                    title=f"byte-level GPT-2, heads x neurons kept, {len({r['seed'] for r in rows})} seeds",
                    hline="dense")
@@ -234,14 +251,18 @@ def measure(cells, seeds, n_val, dense_params, save=None, lam=LAM0, init="balanc
           f"{len(cells)} cells; seeds {seeds}\n", flush=True)
     rows, started = [], time.time()
     for seed in seeds:
+        allocations = {}
         for cell in cells if "D-Gating target" in methods else []:
             r = dgating(train_bytes, val, example, *cell, seed, lam, init)
+            allocations[cell] = r["held"]
             rows.append({"method": "D-Gating target", "cell": cell, "seed": seed, **r})
             print(f"<!-- seed {seed} D-Gating {cell}: {r}, {time.time() - started:.0f} s -->", flush=True)
-        magnitude_rows = magnitude(train_bytes, val, example, cells, seed) if "magnitude uniform" in methods else {}
-        for cell, r in magnitude_rows.items():
-            method = "dense" if cell == "dense" else "magnitude uniform"
-            rows.append({"method": method, "cell": None if cell == "dense" else cell, "seed": seed, **r})
+        if "magnitude, D-Gating's layers" not in methods:
+            allocations = {}
+        magnitude_rows = (magnitude(train_bytes, val, example, cells, seed, allocations)
+                          if "magnitude uniform" in methods else {})
+        for (method, cell), r in magnitude_rows.items():
+            rows.append({"method": method, "cell": cell, "seed": seed, **r})
             print(f"<!-- seed {seed} {method} {cell}: {r}, {time.time() - started:.0f} s -->", flush=True)
         if save:
             Path(save).write_text(json.dumps(rows))  # what is done so far survives an interrupted run

@@ -37,11 +37,16 @@ def test_gpt2_one_cell_lands_on_the_per_kind_sizes(tmp_path, capsys, one_thread)
 
     png = tmp_path / "gpt2.png"
     paper_target_gpt2.main(["--seeds", "0", "--steps", "5", "--heads", "0.5", "--neurons", "0.25",
-                            "--val-windows", "8", "--plot", str(png)])
+                            "--val-windows", "8", "--plot", str(png), "--rows", str(tmp_path / "rows.json")])
     out = capsys.readouterr().out
     # 8 of 16 heads and 256 of 1024 neurons for both methods: D-Gating by its per-kind targets,
     # magnitude by the same fraction in every layer
     assert re.search(r"\| 50% \| 25% \| [^|]+ \| [^|]+ \| [^|]+ \| [01] / 1 \| 8, 256; 8, 256 \|", out), out
+    # magnitude with D-Gating's counts per layer lands on D-Gating's size exactly
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    dgr, = (r for r in rows if r["method"] == "D-Gating target")
+    lay, = (r for r in rows if r["method"] == "magnitude, D-Gating's layers")
+    assert (lay["heads"], lay["neurons"], lay["params"]) == (dgr["heads"], dgr["neurons"], dgr["params"])
     pytest.importorskip("matplotlib")  # the table is checked above; the plot needs the bench extra
     assert png.read_bytes()[:8] == PNG
 
@@ -95,5 +100,6 @@ def test_gpt2_magnitude_cells_do_not_share_adam_state(monkeypatch, one_thread):
     example = val[:2, :-1]
     after_another = G.magnitude(train_bytes[:200_000], val, example, [(0.5, 0.5), (0.25, 0.25)], 0)
     alone = G.magnitude(train_bytes[:200_000], val, example, [(0.25, 0.25)], 0)
-    assert after_another[(0.25, 0.25)]["loss"] == alone[(0.25, 0.25)]["loss"]
-    assert after_another["dense"]["loss"] == alone["dense"]["loss"]
+    cell = ("magnitude uniform", (0.25, 0.25))
+    assert after_another[cell]["loss"] == alone[cell]["loss"]
+    assert after_another["dense", None]["loss"] == alone["dense", None]["loss"]
