@@ -26,6 +26,17 @@ THRESHOLD = 1e-4  # absolute collapsed-group L2 norm under which a group is cut,
 REST_WD = 5e-4  # plain L2 on the parameters no method regularizes by group, equal for all methods
 
 
+def smallest_masks(norms: dict, n_held) -> dict[str, torch.Tensor]:
+    """Per gate (``norms``: gate key -> norm per group), a mask holding its ``n_held(key, n)`` groups
+    of smallest norm: the magnitude baselines' choice within a layer, whatever sets the count."""
+    masks = {}
+    for key, norm in norms.items():
+        mask = torch.zeros(norm.shape, dtype=torch.bool)
+        mask[norm.detach().argsort()[:n_held(key, norm.numel())]] = True
+        masks[key] = mask
+    return masks
+
+
 def setup() -> None:
     torch.set_num_threads(1)  # the machine is shared; timings are single-thread
     # the baselines' gates are frozen at 1 on purpose (``frozen_ones``): shrink's warning is for users

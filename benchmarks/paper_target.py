@@ -51,7 +51,7 @@ from dgating_surgery.demo import accuracy
 from dgating_surgery.training.regularizer import gated_parameters
 from dgating_surgery.training.schedule import LambdaScheduler
 
-from paper_common import MLP, REST_WD, digits, setup
+from paper_common import MLP, REST_WD, digits, setup, smallest_masks
 
 LR, BATCH = 0.05, 64
 KEPT = (0.5, 0.25, 0.1, 0.05)
@@ -184,12 +184,8 @@ def smallest(model, kept, example, widths=None):
     norms = filter_norms(model)
 
     def masks(keep_counts):
-        out = {}
-        for (key, norm), n in zip(norms.items(), keep_counts):
-            mask = torch.ones_like(norm, dtype=torch.bool)
-            mask[norm.argsort(descending=True)[:max(n, 1)]] = False
-            out[key] = mask
-        return out
+        kept = dict(zip(norms, keep_counts))
+        return smallest_masks(norms, lambda key, n: n - max(kept[key], 1))
 
     if widths is not None:
         return masks(widths)

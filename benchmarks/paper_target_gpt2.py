@@ -51,7 +51,7 @@ import dgating_surgery as dg
 from dgating_surgery.engine.deadness import Hold
 from dgating_surgery.training.schedule import PENALTY_END_FRACTION, LambdaScheduler
 
-from paper_common import setup
+from paper_common import setup, smallest_masks
 from paper_heads_gpt2 import batches, load_bytes, lm_loss, make_gpt2, val_loss, val_windows
 
 STEPS, WARMUP, LR = 800, 50, 3e-3
@@ -121,20 +121,9 @@ def dgating(data, val, example, heads, neurons, seed, lam=LAM0, init="balanced")
     return {**result(gated, val, example), "held": held}
 
 
-def smallest(gated, n_held) -> dict[str, torch.Tensor]:
-    """Per gate (one layer's heads or neurons), its ``n_held(key, n)`` groups of smallest norm."""
-    masks = {}
-    with torch.no_grad():
-        for key, norm in dg.group_norms(gated).items():
-            mask = torch.zeros_like(norm, dtype=torch.bool)
-            mask[norm.argsort()[:n_held(key, norm.numel())]] = True
-            masks[key] = mask
-    return masks
-
-
 def uniform_masks(gated, kept: dict[str, float]) -> dict[str, torch.Tensor]:
     """Per gate, all but the round(kept * n) groups of largest norm (at least one kept)."""
-    return smallest(gated, lambda key, n: n - max(round(kept[gated.dgates[key].kind] * n), 1))
+    return smallest_masks(dg.group_norms(gated), lambda key, n: n - max(round(kept[gated.dgates[key].kind] * n), 1))
 
 
 def magnitude(data, val, example, cells, seed, allocations=None) -> dict:
@@ -149,7 +138,8 @@ def magnitude(data, val, example, cells, seed, allocations=None) -> dict:
     train(gated, opt, data, seed, 0, prune_at)
     runs = [("magnitude uniform", cell, lambda m, c=cell: uniform_masks(m, {"heads": c[0], "neurons": c[1]}))
             for cell in cells]
-    runs += [("magnitude, D-Gating's layers", cell, lambda m, h=held: smallest(m, lambda key, n: h.get(key, 0)))
+    runs += [("magnitude, D-Gating's layers", cell,
+              lambda m, h=held: smallest_masks(dg.group_norms(m), lambda key, n: h.get(key, 0)))
              for cell, held in (allocations or {}).items()]
     out = {}
     for method, cell, masks in [*runs, ("dense", None, None)]:

@@ -43,7 +43,7 @@ from dgating_surgery.engine.deadness import Hold
 from dgating_surgery.training.distill import Distiller
 from dgating_surgery.training.schedule import DENSE_FRACTION, PENALTY_END_FRACTION, LambdaScheduler
 
-from paper_common import setup
+from paper_common import setup, smallest_masks
 from uniform import stdlib_bytes
 
 TARGETS = {"heads": 0.5, "neurons": 0.7}
@@ -95,13 +95,9 @@ def train(model, opt, data, steps, seed, after=None):
 def magnitude_masks(gated, counts=None):
     """Per gate, its smallest-norm groups: ``counts[gate]`` of them, or (no counts) the same
     fraction as D-Gating's per-kind target."""
-    out = {}
-    for key, norm in dg.group_norms(gated).items():
-        n = counts.get(key, 0) if counts is not None else round(TARGETS[gated.dgates[key].kind] * norm.numel())
-        mask = torch.zeros_like(norm, dtype=torch.bool)
-        mask[norm.detach().argsort()[:n]] = True
-        out[key] = mask
-    return out
+    if counts is not None:
+        return smallest_masks(dg.group_norms(gated), lambda key, n: counts.get(key, 0))
+    return smallest_masks(dg.group_norms(gated), lambda key, n: round(TARGETS[gated.dgates[key].kind] * n))
 
 
 def run(method, train_data, steps, seed, lam, lr, init, found=None):

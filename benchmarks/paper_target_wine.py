@@ -59,7 +59,7 @@ from dgating_surgery.engine.measure import forward
 from dgating_surgery.training.schedule import DENSE_FRACTION, PENALTY_END_FRACTION, LambdaScheduler
 
 import paper_target
-from paper_common import MLP, REST_WD, frozen_ones, group_scale_, plain_groups, run_prox, setup
+from paper_common import MLP, REST_WD, frozen_ones, group_scale_, plain_groups, run_prox, setup, smallest_masks
 
 N_FEATURES = 13
 STEPS, BATCH = 600, 16
@@ -109,11 +109,7 @@ def train(model, opt, X, y, seed, after=None):
 def weakest(model, k) -> dict[str, torch.Tensor]:
     """The features gate's mask of all but the k features whose first-layer columns (collapsed
     weights) have the largest L2 norm."""
-    with torch.no_grad():
-        (key, norm), = dg.group_norms(model).items()
-    mask = torch.ones_like(norm, dtype=torch.bool)
-    mask[norm.argsort(descending=True)[:k]] = False
-    return {key: mask}
+    return smallest_masks(dg.group_norms(model), lambda key, n: n - k)
 
 
 def dgating(d, k, lr, seed, recovery):
